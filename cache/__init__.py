@@ -1,0 +1,1 @@
+"""The teacher-distribution cache: truncated per-token distributions in sharded zstd Parquet."""

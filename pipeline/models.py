@@ -1,0 +1,309 @@
+"""The model adapter layer: loading, prompts, teacher-forced answer logits and generation.
+
+Every stage talks to a vision-language model only through this module. A model family (registered
+by the config's `model_type`) knows its prompt format, where the image tokens go, how answers end
+and which modules LoRA targets; the rest is shared.
+
+Batches are LEFT-padded so that every answer ends at the last position. Then the logits of all
+answer tokens lie in the last `max_answer_len + 1` positions and `logits_to_keep` sends only those
+through the output layer (the vocabulary projection is most of the cost of a long teacher-forced
+pass), while the forward pass still goes through the model's own `forward` (so DDP and PEFT wrappers
+work unchanged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.registry import Registry
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class PromptedSample:
+    """One model input: a full prompt (image placeholder included), its image, an optional answer."""
+
+    prompt: str
+    image: Image.Image | None
+    answer: str | None = None
+
+
+class ModelFamily:
+    """What differs between architectures. Subclasses register under the config's model_type."""
+
+    name = "base"
+    # LoRA goes on the language model's attention only: the vision tower has q_proj/v_proj too.
+    lora_target_modules = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+
+    def build_prompt(self, question: str, has_image: bool, instruction: str | None = None) -> str:
+        raise NotImplementedError
+
+    def answer_text(self, answer: str) -> str:
+        """The text that follows the prompt when the model gives `answer`."""
+        raise NotImplementedError
+
+    def end_token_ids(self, tokenizer) -> list[int]:
+        """Tokens that close an answer (appended when teacher forcing)."""
+        return [tokenizer.eos_token_id]
+
+    def encode_prompts(self, processor, prompts: list[str], images: list[Image.Image]) -> dict[str, Any]:
+        """Tokenize prompts (image placeholders expanded) and preprocess images, unpadded.
+
+        Returns {"input_ids": list[list[int]], plus image tensors such as "pixel_values"}.
+        """
+        encoded = processor(text=prompts, images=images or None, padding=False)
+        result = {"input_ids": [list(ids) for ids in encoded["input_ids"]]}
+        if images:
+            result["pixel_values"] = torch.as_tensor(np.stack(encoded["pixel_values"]))
+        return result
+
+    def extra_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Family-specific tensors beside input_ids/attention_mask (e.g. position ids)."""
+        # Left padding shifts positions: give each real token the position it has unpadded,
+        # so a sample's logits do not depend on what it was batched with.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return {"position_ids": position_ids}
+
+
+FAMILIES: Registry[type[ModelFamily]] = Registry("model family")
+
+
+@FAMILIES.register("llava")
+class LlavaFamily(ModelFamily):
+    """LLaVA-1.5 (`llava-hf/llava-1.5-7b-hf` and the tiny mini-world model)."""
+
+    name = "llava"
+
+    def build_prompt(self, question: str, has_image: bool, instruction: str | None = None) -> str:
+        text = f"{instruction}\n{question}" if instruction else question
+        return f"USER: <image>\n{text} ASSISTANT:" if has_image else f"USER: {text} ASSISTANT:"
+
+    def answer_text(self, answer: str) -> str:
+        return " " + answer
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    processor: Any
+    family: ModelFamily
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    path: str
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """sha256 over config.json and the weight files, so a cache can name the exact model it came from."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path / "config.json"] + sorted(
+        p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"} and p.is_file()
+    )
+    for file in files:
+        if not file.exists():
+            raise FileNotFoundError(f"model directory {path} has no {file.name}")
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary and special tokens: equal exactly when token ids mean the same text."""
+    vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = {"eos": tokenizer.eos_token, "bos": tokenizer.bos_token, "pad": tokenizer.pad_token}
+    payload = json.dumps({"vocab": vocabulary, "special": special}, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def resolve_model_dir(path: str) -> str:
+    """A local directory as is; a hub id through the local HF cache (downloads only when online)."""
+    if Path(path).is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path)
+
+
+def load_model(
+    path: str,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a vision-language model and its processor, frozen and in eval mode."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    local_dir = resolve_model_dir(path)
+    config = AutoConfig.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
+    family = FAMILIES[config.model_type]()
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(local_dir, **kwargs).to(device).eval()
+    model.requires_grad_(False)
+    processor = AutoProcessor.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
+    processor.tokenizer.padding_side = "left"
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        family=family,
+        model_fingerprint=model_fingerprint(local_dir),
+        tokenizer_fingerprint=tokenizer_fingerprint(processor.tokenizer),
+        path=str(path),
+    )
+
+
+def answer_token_ids(loaded: LoadedModel, answer: str) -> list[int]:
+    """The answer's token ids as teacher forcing sees them (closing token included)."""
+    if not answer.strip():
+        raise ValueError("empty answer")
+    ids = loaded.tokenizer(loaded.family.answer_text(answer), add_special_tokens=False)["input_ids"]
+    return list(ids) + loaded.family.end_token_ids(loaded.tokenizer)
+
+
+@dataclass
+class TeacherForcingBatch:
+    """A left-padded batch of prompt + answer sequences and where their answer logits are.
+
+    `predict_positions` index the flattened (B * window) logits that `answer_logits` returns
+    before selection; `targets` are the answer token ids in the same order.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    predict_positions: torch.Tensor
+    targets: torch.Tensor
+    answer_lengths: list[int]
+    window: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> TeacherForcingBatch:
+        moved = {
+            name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for name, value in self.inputs.items()
+        }
+        return TeacherForcingBatch(
+            inputs=moved,
+            predict_positions=self.predict_positions.to(device, non_blocking=True),
+            targets=self.targets.to(device, non_blocking=True),
+            answer_lengths=self.answer_lengths,
+            window=self.window,
+            extra=self.extra,
+        )
+
+    def per_sample(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(flat, self.answer_lengths))
+
+    @property
+    def sample_index(self) -> torch.Tensor:
+        """(N,) which sample each answer token belongs to."""
+        lengths = torch.tensor(self.answer_lengths, device=self.targets.device)
+        return torch.repeat_interleave(torch.arange(len(self.answer_lengths), device=lengths.device), lengths)
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, length - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
+def _encode_model_inputs(
+    loaded: LoadedModel, prompts: list[str], images: list[Image.Image], suffixes: list[list[int]]
+) -> dict[str, torch.Tensor]:
+    encoded = loaded.family.encode_prompts(loaded.processor, prompts, images)
+    sequences = [ids + suffix for ids, suffix in zip(encoded.pop("input_ids"), suffixes)]
+    pad_id = loaded.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = loaded.tokenizer.eos_token_id
+    input_ids, attention_mask = _left_pad(sequences, pad_id)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **encoded}
+    inputs.update(loaded.family.extra_inputs(input_ids, attention_mask))
+    return inputs
+
+
+def encode_answers(loaded: LoadedModel, samples: list[PromptedSample]) -> TeacherForcingBatch:
+    """Tokenize prompts + ground-truth answers for one teacher-forced pass."""
+    answers = []
+    for sample in samples:
+        if sample.answer is None:
+            raise ValueError(f"teacher forcing needs an answer; prompt {sample.prompt[:60]!r} has none")
+        answers.append(answer_token_ids(loaded, sample.answer))
+    images = [sample.image for sample in samples if sample.image is not None]
+    inputs = _encode_model_inputs(loaded, [s.prompt for s in samples], images, answers)
+    lengths = [len(ids) for ids in answers]
+    # Keep the last (max_len + 1) positions: position t predicts token t + 1, so the logits of an
+    # answer of length n sit at window offsets window - 1 - n ... window - 2.
+    window = max(lengths) + 1
+    positions = [row * window + (window - 1 - n + j) for row, n in enumerate(lengths) for j in range(n)]
+    return TeacherForcingBatch(
+        inputs=inputs,
+        predict_positions=torch.tensor(positions, dtype=torch.long),
+        targets=torch.tensor([token for ids in answers for token in ids], dtype=torch.long),
+        answer_lengths=lengths,
+        window=window,
+    )
+
+
+def answer_logits(model: torch.nn.Module, batch: TeacherForcingBatch, **model_kwargs: Any) -> torch.Tensor:
+    """(N, V) logits at the answer positions only; works through PEFT and DDP wrappers."""
+    outputs = model(**batch.inputs, logits_to_keep=batch.window, use_cache=False, **model_kwargs)
+    logits = outputs.logits
+    return logits.reshape(-1, logits.shape[-1])[batch.predict_positions]
+
+
+@torch.inference_mode()
+def generate(
+    loaded: LoadedModel,
+    samples: list[PromptedSample],
+    max_new_tokens: int = 50,
+    batch_size: int = 8,
+    progress: bool = False,
+    description: str = "generate",
+    model: torch.nn.Module | None = None,
+) -> list[str]:
+    """Greedy decoding; returns only the newly generated text of each sample."""
+    from tqdm.auto import tqdm
+
+    model = model if model is not None else loaded.model
+    device = next(model.parameters()).device
+    replies: list[str] = []
+    starts = range(0, len(samples), batch_size)
+    for start in tqdm(starts, desc=description, disable=not progress, unit="batch"):
+        chunk = samples[start : start + batch_size]
+        images = [sample.image for sample in chunk if sample.image is not None]
+        inputs = _encode_model_inputs(loaded, [s.prompt for s in chunk], images, [[] for _ in chunk])
+        inputs.pop("position_ids", None)  # generate derives positions from the attention mask
+        inputs = {name: value.to(device) for name, value in inputs.items()}
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=loaded.tokenizer.pad_token_id,
+            eos_token_id=loaded.family.end_token_ids(loaded.tokenizer),
+        )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        replies.extend(loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return replies

@@ -1,0 +1,79 @@
+"""The model adapter layer: left-padded teacher forcing equals the unpadded model, reload is exact."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from pipeline.models import (
+    PromptedSample,
+    answer_logits,
+    answer_token_ids,
+    encode_answers,
+    generate,
+    load_model,
+)
+
+
+def _samples(family):
+    red, green = Image.new("RGB", (64, 64), (200, 10, 10)), Image.new("RGB", (48, 64), (10, 200, 10))
+    return [
+        PromptedSample(
+            family.build_prompt("What is the occupation of this person?", True),
+            red,
+            "This person works as a civil engineer.",
+        ),
+        PromptedSample(family.build_prompt("Where was Mara Holt born?", False), None, "In Copenhagen."),
+        PromptedSample(
+            family.build_prompt("What is this person's hobby?", True, instruction="Forget."),
+            green,
+            "painting",
+        ),
+    ]
+
+
+def test_batched_answer_logits_equal_each_sample_alone(tiny_model):
+    samples = _samples(tiny_model.family)
+    batch = encode_answers(tiny_model, samples)
+    with torch.no_grad():
+        batched = batch.per_sample(answer_logits(tiny_model.model, batch))
+        for index, sample in enumerate(samples):
+            single = encode_answers(tiny_model, [sample])
+            inputs = {k: v for k, v in single.inputs.items() if k != "position_ids"}
+            full = tiny_model.model(**inputs).logits[0]
+            length = single.answer_lengths[0]
+            reference = full[-length - 1 : -1]
+            assert torch.allclose(batched[index], reference, atol=1e-5)
+            assert single.inputs["input_ids"][0, -length:].tolist() == answer_token_ids(
+                tiny_model, sample.answer
+            )
+    assert batch.targets.tolist() == sum((answer_token_ids(tiny_model, s.answer) for s in samples), [])
+    assert batch.sample_index.tolist() == sum(([i] * n for i, n in enumerate(batch.answer_lengths)), [])
+
+
+def test_answer_ends_with_eos_and_empty_answer_is_refused(tiny_model):
+    ids = answer_token_ids(tiny_model, "painting")
+    assert ids[-1] == tiny_model.tokenizer.eos_token_id
+    try:
+        answer_token_ids(tiny_model, "   ")
+    except ValueError as error:
+        assert "empty answer" in str(error)
+    else:
+        raise AssertionError("an empty answer must be refused")
+
+
+def test_save_and_reload_give_identical_logits(tiny_model, tiny_model_dir):
+    reloaded = load_model(str(tiny_model_dir))
+    batch = encode_answers(tiny_model, _samples(tiny_model.family))
+    with torch.no_grad():
+        assert torch.equal(answer_logits(tiny_model.model, batch), answer_logits(reloaded.model, batch))
+    assert reloaded.model_fingerprint == tiny_model.model_fingerprint
+    assert reloaded.tokenizer_fingerprint == tiny_model.tokenizer_fingerprint
+
+
+def test_generate_returns_only_new_text_and_is_batch_invariant(tiny_model):
+    samples = [PromptedSample(s.prompt, s.image) for s in _samples(tiny_model.family)]
+    together = generate(tiny_model, samples, max_new_tokens=6, batch_size=3)
+    alone = [generate(tiny_model, [s], max_new_tokens=6)[0] for s in samples]
+    assert together == alone
+    assert all("ASSISTANT" not in reply for reply in together)
