@@ -234,7 +234,7 @@ def _encode_model_inputs(
     loaded: LoadedModel, prompts: list[str], images: list[Image.Image], suffixes: list[list[int]]
 ) -> dict[str, torch.Tensor]:
     encoded = loaded.family.encode_prompts(loaded.processor, prompts, images)
-    sequences = [ids + suffix for ids, suffix in zip(encoded.pop("input_ids"), suffixes)]
+    sequences = [ids + suffix for ids, suffix in zip(encoded.pop("input_ids"), suffixes, strict=True)]
     pad_id = loaded.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = loaded.tokenizer.eos_token_id
