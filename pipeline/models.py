@@ -30,17 +30,27 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class PromptedSample:
-    """One model input: a full prompt (image placeholder included), its image, an optional answer."""
+    """One model input: a full prompt (image placeholders included), its images, an optional answer.
+
+    `context_images` belong to placeholders that come before the main image's in the prompt
+    (few-shot exemplars precede the query), so the images go in as [*context_images, image].
+    """
 
     prompt: str
     image: Image.Image | None
     answer: str | None = None
+    context_images: tuple[Image.Image, ...] = ()
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [*self.context_images, *([self.image] if self.image is not None else [])]
 
 
 class ModelFamily:
     """What differs between architectures. Subclasses register under the config's model_type."""
 
     name = "base"
+    image_placeholder = "<image>"
     # LoRA goes on the language model's attention only: the vision tower has q_proj/v_proj too.
     lora_target_modules = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 
@@ -251,7 +261,7 @@ def encode_answers(loaded: LoadedModel, samples: list[PromptedSample]) -> Teache
         if sample.answer is None:
             raise ValueError(f"teacher forcing needs an answer; prompt {sample.prompt[:60]!r} has none")
         answers.append(answer_token_ids(loaded, sample.answer))
-    images = [sample.image for sample in samples if sample.image is not None]
+    images = [image for sample in samples for image in sample.images]
     inputs = _encode_model_inputs(loaded, [s.prompt for s in samples], images, answers)
     lengths = [len(ids) for ids in answers]
     # Keep the last (max_len + 1) positions: position t predicts token t + 1, so the logits of an
@@ -293,7 +303,7 @@ def generate(
     starts = range(0, len(samples), batch_size)
     for start in tqdm(starts, desc=description, disable=not progress, unit="batch"):
         chunk = samples[start : start + batch_size]
-        images = [sample.image for sample in chunk if sample.image is not None]
+        images = [image for sample in chunk for image in sample.images]
         inputs = _encode_model_inputs(loaded, [s.prompt for s in chunk], images, [[] for _ in chunk])
         inputs.pop("position_ids", None)  # generate derives positions from the attention mask
         inputs = {name: value.to(device) for name, value in inputs.items()}
