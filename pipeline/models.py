@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,11 @@ from PIL import Image
 from pipeline.registry import Registry
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# The command line's --attn-implementation / --trust-remote-code reach every stage's load_model
+# through these variables (pipeline.cli sets them), so no stage config has to carry them.
+ATTN_IMPLEMENTATION_ENV = "PIPELINE_ATTN_IMPLEMENTATION"
+TRUST_REMOTE_CODE_ENV = "PIPELINE_TRUST_REMOTE_CODE"
 
 
 @dataclass
@@ -53,6 +59,15 @@ class ModelFamily:
     image_placeholder = "<image>"
     # LoRA goes on the language model's attention only: the vision tower has q_proj/v_proj too.
     lora_target_modules = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+
+    def __init__(self, config: Any = None) -> None:
+        # The model's config (load_model passes it): token ids some families need, e.g. Qwen's image pad.
+        self.config = config
+
+    def load_processor(self, model_dir: str, trust_remote_code: bool = False) -> Any:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
     def build_prompt(self, question: str, has_image: bool, instruction: str | None = None) -> str:
         raise NotImplementedError
@@ -158,20 +173,24 @@ def load_model(
     dtype: str = "fp32",
     device: str = "cpu",
     attn_implementation: str | None = None,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool | None = None,
 ) -> LoadedModel:
     """Load a vision-language model and its processor, frozen and in eval mode."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
+    if attn_implementation is None:
+        attn_implementation = os.environ.get(ATTN_IMPLEMENTATION_ENV) or None
+    if trust_remote_code is None:
+        trust_remote_code = os.environ.get(TRUST_REMOTE_CODE_ENV) == "1"
     local_dir = resolve_model_dir(path)
     config = AutoConfig.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
-    family = FAMILIES[config.model_type]()
+    family = FAMILIES[config.model_type](config)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(local_dir, **kwargs).to(device).eval()
     model.requires_grad_(False)
-    processor = AutoProcessor.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
+    processor = family.load_processor(local_dir, trust_remote_code=trust_remote_code)
     processor.tokenizer.padding_side = "left"
     return LoadedModel(
         model=model,
@@ -317,3 +336,7 @@ def generate(
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         replies.extend(loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return replies
+
+
+# Families defined in their own modules register on import.
+from pipeline import qwen_family  # noqa: E402,F401
