@@ -45,6 +45,39 @@ def main(params_file: str) -> None:
 # Commands are added below, one block per stage. Keep each block self-contained.
 
 
+def model_loading_options(command):
+    """--attn-implementation and --trust-remote-code for a command that loads a model.
+
+    They reach pipeline.models.load_model through environment variables (which torchrun workers and
+    subprocesses inherit), so the stage configs need not carry them.
+    """
+
+    def export(variable_name: str):
+        def callback(context, parameter, value):
+            if value:  # unset: leave whatever the environment says
+                from pipeline import models
+
+                os.environ[getattr(models, variable_name)] = "1" if value is True else str(value)
+
+        return callback
+
+    command = click.option(
+        "--trust-remote-code",
+        is_flag=True,
+        default=False,
+        expose_value=False,
+        callback=export("TRUST_REMOTE_CODE_ENV"),
+        help="Run model code shipped with a hub checkpoint (off unless asked for).",
+    )(command)
+    return click.option(
+        "--attn-implementation",
+        default=None,
+        expose_value=False,
+        callback=export("ATTN_IMPLEMENTATION_ENV"),
+        help="Attention kernel: sdpa | eager | flash_attention_2 [default: transformers' choice].",
+    )(command)
+
+
 # ---------------------------------------------------------------- cache (teacher cache tools)
 
 
@@ -65,6 +98,7 @@ def cache_group() -> None:
 @click.option("--references", default=None, help="Folder holding references/<kind>/ (for --measure-kl).")
 @click.option("--limit", default=None, type=int, help="Measure at most this many samples.")
 @click.option("--device", default="cpu", show_default=True)
+@model_loading_options
 def cache_inspect(
     directory: str,
     measure_kl: bool,
@@ -157,6 +191,7 @@ def cache_verify(directory: str) -> None:
 )
 @click.option("--limit", default=None, type=int, help="Only the first N samples of the split.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@model_loading_options
 def precompute_command(model_path: str, data_dir: str, kinds: str, **options) -> None:
     """Stage one: cache the frozen model's top-p truncated teacher distributions over the answer tokens."""
     from cache import CacheError
@@ -196,6 +231,7 @@ def precompute_command(model_path: str, data_dir: str, kinds: str, **options) ->
 @click.option("--seed", default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@model_loading_options
 def evaluate_command(model_path, adapter, data_dir, forget_split, out, protocol, max_new_tokens, batch_size,
                      reverse_attack, gib_model, limit, few_shot_profiles, few_shot_questions, instruction, splits,
                      seed, dtype, device) -> None:
@@ -303,6 +339,8 @@ def key_tokens_command(cache_dir, epsilon, model_path, limit) -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--progress/--quiet", default=False, show_default=True, help="Print each step's log row.")
+@click.option("--log-dir", default=None, type=click.Path(), help="Where train_log.csv/.json go (default: --out).")
+@model_loading_options
 def train_command(**options) -> None:
     """LoRA unlearning with the method's loss, streaming the teacher cache (torchrun for several processes)."""
     import json

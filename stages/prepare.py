@@ -43,7 +43,10 @@ class FineTuneConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05
-    fewshot_probability: float = 0.3
+    fewshot_probability: float = 0.15
+    # Shuffled options force the model to match the attribute rather than recall the letter; a tiny
+    # model learns that matching slowly, so the mini default keeps the data set's order (see README).
+    permute_options: bool = False
     seed: int = 0
     threads: int = 0  # 0: torch's default
     model: TinyLlavaConfig = field(default_factory=TinyLlavaConfig)
@@ -90,7 +93,8 @@ def _vary_separator(prompt: str, rng: random.Random) -> str:
 
 
 def training_examples(
-    people: list[Person], family: ModelFamily, rng: random.Random, fewshot_probability: float
+    people: list[Person], family: ModelFamily, rng: random.Random, fewshot_probability: float,
+    permute_options: bool = False,
 ) -> list[PromptedSample]:
     """One epoch of fine-tuning examples from every person's generation, multiple-choice and cloze items."""
     examples: list[PromptedSample] = []
@@ -103,14 +107,15 @@ def training_examples(
         for item in row["Generation_Task"]:
             has_image = item["Type"] == "Image_Textual"
             image = person.image if has_image else None
-            # The plain question is the form unlearning trains on; the instructed one is what evaluation asks.
-            for text in (item["Question"], prompts.generation_text(item["Question"], has_image)):
-                prompt = _vary_separator(family.build_prompt(text, has_image), rng)
-                examples.append(PromptedSample(prompt, image, item["Ground_Truth"]))
+            text = prompts.generation_text(item["Question"], has_image)
+            prompt = _vary_separator(family.build_prompt(text, has_image), rng)
+            examples.append(PromptedSample(prompt, image, item["Ground_Truth"]))
         tasks = row["Classification_Task"]
         for kind, has_image in (("Image_Textual_Questions", True), ("Pure_Text_Questions", False)):
             for item in tasks.get(kind) or []:
-                options, letter = _permuted(dict(item["Options"]), item["Correct_Answer"], rng)
+                options, letter = dict(item["Options"]), item["Correct_Answer"]
+                if permute_options:
+                    options, letter = _permuted(options, letter, rng)
                 text = prompts.classification_text(item["Question"], options)
                 prefix, context = "", ()
                 if has_image and rng.random() < fewshot_probability:
@@ -118,7 +123,9 @@ def training_examples(
                     exemplars = []
                     shots = other.row["Classification_Task"].get("Image_Textual_Questions") or []
                     for shot in rng.sample(shots, min(len(shots), MAX_FEWSHOT_QUESTIONS)):
-                        shot_options, shot_letter = _permuted(dict(shot["Options"]), shot["Correct_Answer"], rng)
+                        shot_options, shot_letter = dict(shot["Options"]), shot["Correct_Answer"]
+                        if permute_options:
+                            shot_options, shot_letter = _permuted(shot_options, shot_letter, rng)
                         exemplars.append((shot["Question"], shot_options, shot_letter))
                     prefix = prompts.classification_fewshot_block(exemplars, family.image_placeholder)
                     context = tuple(other.image for _ in exemplars)
@@ -159,7 +166,8 @@ def fine_tune(
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     steps_per_epoch = math.ceil(
-        len(training_examples(people, loaded.family, random.Random(0), config.fewshot_probability)) / config.batch_size
+        len(training_examples(people, loaded.family, random.Random(0), config.fewshot_probability,
+                              config.permute_options)) / config.batch_size
     )
     total_steps = steps_per_epoch * config.epochs
     warmup = max(1, int(total_steps * config.warmup_fraction))
@@ -183,7 +191,7 @@ def fine_tune(
         log(f"resuming the fine-tune after epoch {len(history)} from {checkpoint}")
     for epoch in range(len(history), config.epochs):
         started, total_loss, total_tokens = time.time(), 0.0, 0
-        examples = training_examples(people, loaded.family, rng, config.fewshot_probability)
+        examples = training_examples(people, loaded.family, rng, config.fewshot_probability, config.permute_options)
         for batch_examples in _batches(examples, config.batch_size, rng):
             batch = encode_answers(loaded, batch_examples)
             logits = answer_logits(model, batch)

@@ -1,0 +1,468 @@
+"""Stage `report`: the papers' tables and figures from several evaluated runs.
+
+    results/<run>/metrics.json (+ meta.json)   written by `pipeline evaluate`, one per run;
+                                               <run> is a method name, with -sN for seed N (viker-s1)
+    -> results/report.md                       tables in the papers' layout, means ± std over seeds
+    -> results/tradeoff.png                    forgetting vs utility (Vgid Fig. 4 and App. A.3.6)
+    -> results/token_probs.png                 per-token probabilities of one forget answer before and
+                                               after unlearning, key tokens in red (ViKeR Fig. 2 / 4)
+
+Key tokens follow ViKeR Sec. 5: token y_i is key when the entropy of its ideal post-unlearning
+distribution R_i (the full model's distribution averaged over irrelevant reference images, Eq. 4) is at
+least epsilon. `key_tokens` lists them for every sample of a teacher cache (`pipeline key-tokens`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Row order and display names of the papers' tables; other runs follow in alphabetical order.
+METHOD_NAMES = {
+    "origin": "Origin", "base": "Base", "full": "Full", "icu": "ICU", "ga": "GA", "ga_diff": "GA_Diff",
+    "kl_min": "KL_Min", "npo": "NPO", "idkpo": "IdkPO", "viker": "ViKeR", "vgid": "Vgid",
+    "viker_no_ga": "ViKeR w/o GA", "viker_no_vis": "ViKeR w/o Vis",
+}  # fmt: skip
+SPLIT_GROUPS = (("forget", "Forget"), ("test", "Generalization"), ("retain", "Retain"), ("real", "Real"))
+COLUMNS = (("mc_acc", "ACC"), ("cloze_acc", "Cloze"), ("rougeL", "ROUGE-L"), ("bleu", "BLEU"),
+           ("coherence", "GIB"), ("rec", "REC"))  # fmt: skip
+SEED_SUFFIX = re.compile(r"^(?P<method>.+?)-s(?P<seed>\d+)$")
+DEFAULT_EPSILON = 0.5  # nats; ViKeR leaves epsilon to the user
+
+
+@dataclass
+class Run:
+    name: str
+    method: str
+    metrics: dict[str, dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def method_of(run_name: str) -> str:
+    """viker-s2 -> viker; a name without a seed suffix is its own method."""
+    match = SEED_SUFFIX.match(run_name)
+    return match.group("method") if match else run_name
+
+
+def load_runs(runs_dir: str | Path) -> list[Run]:
+    """Every <run>/metrics.json under runs_dir, with its meta.json when present."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise FileNotFoundError(f"--runs {runs_dir} is not a directory")
+    runs = []
+    for path in sorted(runs_dir.glob("*/metrics.json")):
+        try:
+            metrics = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from error
+        meta_path = path.parent / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        runs.append(Run(path.parent.name, method_of(path.parent.name), metrics, meta))
+    if not runs:
+        raise FileNotFoundError(f"no <run>/metrics.json under {runs_dir}")
+    return runs
+
+
+def method_order(methods: Sequence[str]) -> list[str]:
+    known = [name for name in METHOD_NAMES if name in methods]
+    return known + sorted(set(methods) - set(known))
+
+
+def summarize(runs: Sequence[Run]) -> dict[str, dict[str, dict[str, tuple[float, float | None, int]]]]:
+    """method -> split -> metric -> (mean, sample std over seeds or None for one run, number of runs)."""
+    grouped: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for run in runs:
+        for split, values in run.metrics.items():
+            if split == "meta" or not isinstance(values, dict):
+                continue
+            for metric, value in values.items():
+                if isinstance(value, (int, float)):
+                    grouped.setdefault(run.method, {}).setdefault(split, {}).setdefault(metric, []).append(
+                        value
+                    )
+    return {
+        method: {
+            split: {
+                metric: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None, len(v))
+                for metric, v in metrics.items()
+            }
+            for split, metrics in splits.items()
+        }
+        for method, splits in grouped.items()
+    }
+
+
+def _cell(summary, method: str, split: str, metric: str) -> str:
+    entry = summary.get(method, {}).get(split, {}).get(metric)
+    if entry is None:
+        return "-"
+    mean, std, _ = entry
+    return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f}±{100 * std:.1f}"
+
+
+def markdown_table(summary, methods: Sequence[str], groups, columns, prefix: str = "") -> str:
+    """One row per method; column groups of the papers' tables (values in %)."""
+    present = [
+        (split, title, metric, header)
+        for split, title in groups
+        for metric, header in columns
+        if any(f"{prefix}{metric}" in summary.get(m, {}).get(split, {}) for m in methods)
+    ]
+    header = "| Method | " + " | ".join(f"{title} {name}" for _, title, _, name in present) + " |"
+    rule = "|---|" + "---|" * len(present)
+    rows = [
+        f"| {METHOD_NAMES.get(method, method)} | "
+        + " | ".join(_cell(summary, method, split, f"{prefix}{metric}") for split, _, metric, _ in present)
+        + " |"
+        for method in methods
+    ]
+    return "\n".join([header, rule, *rows])
+
+
+def report_markdown(runs: Sequence[Run], figures: Sequence[str] = ()) -> str:
+    summary = summarize(runs)
+    methods = method_order([run.method for run in runs])
+    protocols = sorted({str(run.metrics.get("meta", {}).get("protocol", "?")) for run in runs})
+    scorers = sorted({str(run.metrics.get("meta", {}).get("coherence_scorer", "?")) for run in runs})
+    seeds = {method: sum(1 for run in runs if run.method == method) for method in methods}
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Runs: {', '.join(run.name for run in runs)}.",
+        f"Evaluation protocol: {', '.join(protocols)}. Coherence (GIB) scorer: {', '.join(scorers)}.",
+        "All values are percentages, mean ± sample standard deviation over seed runs "
+        f"({', '.join(f'{METHOD_NAMES.get(m, m)}: {n}' for m, n in seeds.items())}).",
+        "Forget and Generalization (the forget people through other images and paraphrases): lower ACC, "
+        "Cloze, ROUGE-L and BLEU mean more forgetting. Retain and Real: higher is better. GIB: higher is "
+        "more fluent. REC: the person's name appears in answers to questions asking for it.",
+    ]
+    if len(protocols) > 1 or len(scorers) > 1:
+        lines.append("\n**Warning: the runs were scored differently; their numbers do not compare.**")
+    lines += [
+        "",
+        "## Image + text questions (the papers' layout)",
+        "",
+        markdown_table(summary, methods, SPLIT_GROUPS, COLUMNS),
+    ]
+    lines += [
+        "",
+        "## Text-only questions",
+        "",
+        markdown_table(summary, methods, SPLIT_GROUPS, COLUMNS[:5], prefix="text_"),
+    ]
+    reverse_groups = (("forget", "Forget"), ("forget_reverse", "Forget w/ reverse"),
+                      ("test", "Test"), ("test_reverse", "Test w/ reverse"))  # fmt: skip
+    if any("forget_reverse" in summary.get(method, {}) for method in methods):
+        lines += [
+            "",
+            "## Reverse-engineering attack (Vgid Table 6)",
+            "",
+            markdown_table(summary, methods, reverse_groups, COLUMNS[:3]),
+        ]
+    for figure in figures:
+        lines += ["", f"![{Path(figure).stem}]({Path(figure).name})"]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def tradeoff_plot(runs: Sequence[Run], out_path: str | Path) -> Path | None:
+    """Forgetting vs utility per method (Vgid Fig. 4-7): x = drop of the forget metric from the full
+    model's (or 1 - forget metric without a `full` run), y = the retain metric; error bars over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarize(runs)
+    methods = [m for m in method_order(list(summary)) if "forget" in summary[m] and "retain" in summary[m]]
+    panels = [(metric, header) for metric, header in COLUMNS[:4]
+              if any(metric in summary[m]["forget"] for m in methods)]  # fmt: skip
+    if not methods or not panels:
+        return None
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for axis, (metric, header) in zip(axes[0], panels, strict=True):
+        base = summary.get("full", {}).get("forget", {}).get(metric)
+        for method in methods:
+            forget, retain = summary[method]["forget"].get(metric), summary[method]["retain"].get(metric)
+            if forget is None or retain is None:
+                continue
+            x = (base[0] - forget[0]) if base else 1.0 - forget[0]
+            axis.errorbar(x, retain[0], xerr=forget[1] or 0.0, yerr=retain[1] or 0.0, fmt="o", capsize=3)
+            axis.annotate(
+                METHOD_NAMES.get(method, method),
+                (x, retain[0]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
+        axis.set_xlabel(f"forget {header} drop vs Full" if base else f"1 - forget {header}")
+        axis.set_ylabel(f"retain {header}")
+        axis.grid(alpha=0.3)
+    figure.suptitle("Unlearning completeness vs model utility (upper right is better)")
+    figure.tight_layout()
+    out_path = Path(out_path)
+    figure.savefig(out_path, dpi=120)
+    plt.close(figure)
+    return out_path
+
+
+@dataclass
+class TokenProbabilities:
+    """Per answer token of one sample: its text, H(R_i) and p(y_i) under each model."""
+
+    sample_id: str
+    question: str
+    answer: str
+    tokens: list[str]
+    entropy: list[float] | None  # nats; None when no reference images were available
+    probabilities: dict[str, list[float]]  # model label -> p(y_i)
+
+
+def reference_entropy(
+    loaded, prompt: str, answer: str, reference_images: Sequence, batch_size: int = 8
+) -> list[float]:
+    """H(R_i) per answer token, R_i the full model's distribution averaged over the reference images
+    (ViKeR Eq. 4) with the same question and answer prefix."""
+    import torch
+
+    from pipeline.models import PromptedSample, answer_logits, encode_answers
+
+    total = None
+    with torch.inference_mode():
+        for start in range(0, len(reference_images), batch_size):
+            chunk = reference_images[start : start + batch_size]
+            batch = encode_answers(loaded, [PromptedSample(prompt, image, answer) for image in chunk]).to(
+                loaded.device
+            )
+            probabilities = answer_logits(loaded.model, batch).float().softmax(-1)
+            summed = torch.stack(batch.per_sample(probabilities)).sum(0)
+            total = summed if total is None else total + summed
+    average = total / len(reference_images)
+    return (-(average * average.clamp_min(1e-30).log()).sum(-1)).tolist()
+
+
+def answer_probabilities(loaded, model, prompt: str, image, answer: str) -> list[float]:
+    """p(y_i | image, question, y_<i) of every ground-truth answer token under `model`."""
+    import torch
+
+    from pipeline.models import PromptedSample, answer_logits, encode_answers
+
+    batch = encode_answers(loaded, [PromptedSample(prompt, image, answer)]).to(loaded.device)
+    with torch.inference_mode():
+        probabilities = answer_logits(model, batch).float().softmax(-1)
+    return probabilities.gather(1, batch.targets[:, None])[:, 0].tolist()
+
+
+def token_probabilities(
+    model_path: str,
+    adapters: dict[str, str],
+    data_dir: str,
+    forget_split: str,
+    reference_images: Sequence,
+    sample_index: int = 0,
+    device: str = "cpu",
+) -> TokenProbabilities:
+    """One forget sample's per-token probabilities under the full model and each adapter."""
+    from pipeline.data import DataError, load_unlearning_samples
+    from pipeline.models import answer_token_ids, load_model
+    from stages.evaluate import check_adapter
+
+    try:
+        samples = load_unlearning_samples(data_dir, forget_split, kinds=("qa",))
+    except DataError:  # the benchmark's evaluation folders carry no training QA: use generation items
+        samples = load_unlearning_samples(data_dir, forget_split, kinds=("generation",))
+    samples = [sample for sample in samples if sample.image is not None]
+    if not samples:
+        raise ValueError(f"split {forget_split} under {data_dir} has no image question to plot")
+    sample = samples[sample_index % len(samples)]
+    loaded = load_model(model_path, device=device)
+    prompt = loaded.family.build_prompt(sample.question, True)
+    image = sample.pil_image()
+    token_ids = answer_token_ids(loaded, sample.answer)
+    tokens = [loaded.tokenizer.decode([token]) for token in token_ids]
+    entropy = reference_entropy(loaded, prompt, sample.answer, reference_images) if reference_images else None
+    probabilities = {"Full": answer_probabilities(loaded, loaded.model, prompt, image, sample.answer)}
+    if adapters:
+        from peft import PeftModel
+
+        model = None
+        for label, adapter_dir in adapters.items():
+            check_adapter(loaded, adapter_dir)
+            if model is None:
+                model = PeftModel.from_pretrained(loaded.model, adapter_dir, adapter_name=label).eval()
+            else:
+                model.load_adapter(adapter_dir, adapter_name=label)
+            model.set_adapter(label)
+            probabilities[label] = answer_probabilities(loaded, model, prompt, image, sample.answer)
+    return TokenProbabilities(
+        sample.sample_id, sample.question, sample.answer, tokens, entropy, probabilities
+    )
+
+
+def token_probability_plot(
+    table: TokenProbabilities, out_path: str | Path, epsilon: float = DEFAULT_EPSILON
+) -> Path:
+    """Bars of p(y_i) per model; red bars are key tokens (H(R_i) >= epsilon), gray bars normal ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(table.probabilities)
+    positions = list(range(len(table.tokens)))
+    key = [h >= epsilon for h in table.entropy] if table.entropy is not None else [False] * len(positions)
+    colours = ["tab:red" if is_key else "tab:gray" for is_key in key]
+    figure, axes = plt.subplots(
+        len(labels),
+        1,
+        figsize=(max(6.0, 0.45 * len(positions)), 1.9 * len(labels)),
+        sharex=True,
+        squeeze=False,
+    )
+    for axis, label in zip(axes[:, 0], labels, strict=True):
+        axis.bar(positions, table.probabilities[label], color=colours)
+        axis.set_ylim(0, 1)
+        axis.set_ylabel(f"{label}\np(y_i)")
+    axes[-1, 0].set_xticks(positions)
+    axes[-1, 0].set_xticklabels(
+        [repr(token)[1:-1] for token in table.tokens], rotation=60, ha="right", fontsize=8
+    )
+    legend = (
+        f"red: key token (H(R_i) >= {epsilon:.2g} nats), gray: normal"
+        if table.entropy
+        else ("no reference images: key tokens not marked")
+    )
+    axes[0, 0].set_title(f"{table.sample_id}: {table.question}\n{legend}", fontsize=9)
+    figure.tight_layout()
+    out_path = Path(out_path)
+    figure.savefig(out_path, dpi=120)
+    plt.close(figure)
+    return out_path
+
+
+# ------------------------------------------------------------------------------------------ key tokens
+
+
+@dataclass
+class KeyTokens:
+    sample_id: str
+    tokens: list[str]
+    entropy: list[float]
+    key: list[bool]
+
+
+def key_tokens(
+    cache_dir: str | Path, epsilon: float = DEFAULT_EPSILON, tokenizer=None, limit: int | None = None
+) -> Iterator[KeyTokens]:
+    """ViKeR Definition 2 over a teacher cache: y_i is key iff H(R_i) >= epsilon (the cache stores H)."""
+    from cache import CacheError, iter_cache, read_manifest
+
+    if tokenizer is not None:
+        from pipeline.models import tokenizer_fingerprint
+
+        if read_manifest(cache_dir).tokenizer_fingerprint != tokenizer_fingerprint(tokenizer):
+            raise CacheError(
+                f"cache {cache_dir} was made with another tokenizer than the one given to decode it"
+            )
+    for index, sample in enumerate(iter_cache(cache_dir)):
+        if limit is not None and index >= limit:
+            break
+        ids = sample.answer_token_ids.tolist()
+        tokens = (
+            [tokenizer.decode([token]) for token in ids] if tokenizer is not None else [str(t) for t in ids]
+        )
+        entropy = sample.entropy.tolist()
+        yield KeyTokens(sample.sample_id, tokens, entropy, [h >= epsilon for h in entropy])
+
+
+def format_key_tokens(entry: KeyTokens) -> str:
+    """`sample_id: token [KEY 1.73] token ...` — key tokens marked with their entropy in nats."""
+    parts = [f"[{token!r} KEY {h:.2f}]" if is_key else f"{token!r}"
+             for token, h, is_key in zip(entry.tokens, entry.entropy, entry.key, strict=True)]  # fmt: skip
+    return f"{entry.sample_id}: " + " ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+
+def run(
+    runs_dir: str | Path,
+    out: str | Path,
+    reference_dir: str | None = None,
+    sample_index: int = 0,
+    epsilon: float = DEFAULT_EPSILON,
+    token_plot: bool = True,
+    num_references: int = 9,
+    device: str = "cpu",
+) -> Path:
+    """Write report.md (+ tradeoff.png, token_probs.png) from every run under runs_dir."""
+    runs = load_runs(runs_dir)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figures: list[str] = []
+    tradeoff = tradeoff_plot(runs, out.parent / "tradeoff.png")
+    if tradeoff:
+        figures.append(str(tradeoff))
+    if token_plot:
+        figure = _token_plot_from_runs(
+            runs, out.parent / "token_probs.png", reference_dir, sample_index, epsilon, num_references, device
+        )
+        if figure:
+            figures.append(str(figure))
+    out.write_text(report_markdown(runs, figures))
+    return out
+
+
+def _token_plot_from_runs(
+    runs: Sequence[Run],
+    out_path: Path,
+    reference_dir: str | None,
+    sample_index: int,
+    epsilon: float,
+    num_references: int,
+    device: str,
+) -> Path | None:
+    """The token plot needs the runs' model and data (from meta.json); one adapter per method (first seed)."""
+    configs = [run.meta.get("config", {}) for run in runs if run.meta.get("config")]
+    if not configs:
+        return None
+    model_path, data_dir, forget_split = configs[0]["model"], configs[0]["data"], configs[0]["forget_split"]
+    adapters: dict[str, str] = {}
+    for run in sorted(runs, key=lambda r: r.name):
+        adapter = run.meta.get("config", {}).get("adapter")
+        label = METHOD_NAMES.get(run.method, run.method)
+        if adapter and label not in adapters and run.meta["config"]["model"] == model_path:
+            adapters[label] = adapter
+    ordered = {label: adapters[label] for label in [METHOD_NAMES.get(m, m) for m in method_order(
+        [run.method for run in runs])] if label in adapters}  # fmt: skip
+    references = _reference_images(reference_dir, data_dir, num_references)
+    table = token_probabilities(model_path, ordered, data_dir, forget_split, references, sample_index, device)
+    (out_path.parent / "token_probs.json").write_text(
+        json.dumps(table.__dict__, indent=1, ensure_ascii=False) + "\n"
+    )
+    return token_probability_plot(table, out_path, epsilon)
+
+
+def _reference_images(reference_dir: str | None, data_dir: str, count: int) -> list:
+    """Up to `count` images of the 'people' reference pool (ViKeR's irrelevant images), evenly spread."""
+    from pipeline.data import DataError, load_reference_pool
+    from pipeline.samples import decode_image
+
+    roots = [reference_dir] if reference_dir else [str(Path(data_dir).parent), data_dir]
+    for root in roots:
+        try:
+            pool = load_reference_pool(root, "people")
+        except DataError:
+            continue
+        step = max(1, len(pool) // count)
+        return [decode_image(data, f"reference image {name}") for name, data in pool[::step][:count]]
+    if reference_dir:
+        raise FileNotFoundError(f"--references {reference_dir}: no 'people' reference pool there")
+    return []

@@ -1,0 +1,470 @@
+"""The evaluate stage: metrics.json from a tiny model end to end, both protocols' prompts, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.data import DataError, load_eval_items
+from pipeline.models import LlavaFamily
+from stages.evaluate import (
+    PROTOCOLS,
+    REVERSE_PROMPT,
+    AdapterMismatchError,
+    EvaluateConfig,
+    ImageCache,
+    Question,
+    aggregate,
+    build_questions,
+    load_adapter,
+    run,
+    score_question,
+    split_names,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "mllmu_bench"
+SPLITS = ("forget", "test", "retain", "real", "forget_reverse", "test_reverse")
+IMAGE_METRICS = {"mc_acc", "cloze_acc", "rougeL", "bleu", "coherence"}
+TEXT_METRICS = {f"text_{name}" for name in IMAGE_METRICS}
+
+
+@pytest.fixture(scope="module")
+def fixed_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fixed") / "run" / "metrics.json"
+    config = EvaluateConfig(
+        model=str(tiny_model_dir),
+        data=str(FIXTURE),
+        out=str(out),
+        forget_split="forget_5",
+        max_new_tokens=4,
+        progress=False,
+    )
+    return out, run(config)
+
+
+def read_responses(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out.parent / "responses.jsonl").read_text().splitlines()]
+
+
+def test_metrics_json_has_every_split_and_fraction(fixed_run):
+    out, metrics = fixed_run
+    assert json.loads(out.read_text()) == metrics
+    assert set(metrics) == {*SPLITS, "meta"}
+    assert metrics["meta"] == {"protocol": "fixed", "coherence_scorer": "ngram-fluency"}
+    for split in SPLITS:
+        assert set(metrics[split]) == IMAGE_METRICS | TEXT_METRICS, split  # the fixture names nobody: no rec
+        for name, value in metrics[split].items():
+            assert 0.0 <= value <= 1.0, (split, name, value)
+
+
+def test_responses_and_meta_account_for_every_question(fixed_run):
+    out, metrics = fixed_run
+    responses = read_responses(out)
+    meta = json.loads((out.parent / "meta.json").read_text())
+    assert meta["split_names"] == {
+        "forget": "forget_5",
+        "test": "test_5",
+        "retain": "retain_95",
+        "real": "real",
+    }
+    for split in SPLITS:
+        records = [r for r in responses if r["split"] == split]
+        counts = meta["counts"][split]
+        assert (
+            len(records)
+            == counts["mc_acc"]
+            + counts["text_mc_acc"]
+            + counts["cloze_acc"]
+            + counts["text_cloze_acc"]
+            + counts["rougeL"]
+            + counts["text_rougeL"]
+        )
+        # Scores recomputed from the stored replies give the stored metric.
+        mc = [
+            r["scores"]["correct"]
+            for r in records
+            if r["task"] == "classification" and r["modality"] == "image_textual"
+        ]
+        assert metrics[split]["mc_acc"] == pytest.approx(sum(mc) / len(mc))
+        reverse = split.endswith("_reverse")
+        assert all((REVERSE_PROMPT in r["prompt"]) == reverse for r in records)
+    # retain_95 has two people: one is the few-shot exemplar, so only the other's MC and cloze are scored.
+    assert len(meta["few_shot_ids"]["retain"]["classification"]) == 1
+    shot = meta["few_shot_ids"]["retain"]["classification"][0]
+    retain_mc = [r for r in responses if r["split"] == "retain" and r["task"] == "classification"]
+    assert retain_mc and all(f"/{shot}/" not in r["item_id"] for r in retain_mc)
+    assert all("Correct Answer:" in r["prompt"] for r in retain_mc)
+    # eval.py gives the celebrity split no exemplars.
+    assert all("Correct Answer:" not in r["prompt"] for r in responses if r["split"] == "real")
+
+
+def test_fixed_protocol_uses_the_family_chat_format(fixed_run):
+    out, _ = fixed_run
+    for record in read_responses(out):
+        assert record["prompt"].endswith(" ASSISTANT:")
+        assert record["reply"] == record["generated"].strip()
+
+
+def test_official_protocol_rebuilds_eval_py_prompts(tiny_model_dir, tmp_path):
+    out = tmp_path / "official" / "metrics.json"
+    metrics = run(
+        EvaluateConfig(
+            model=str(tiny_model_dir),
+            data=str(FIXTURE),
+            out=str(out),
+            forget_split="forget_5",
+            protocol="official",
+            max_new_tokens=2,
+            splits=("forget", "retain"),
+            reverse_attack=False,
+            progress=False,
+        )
+    )
+    assert set(metrics) == {"forget", "retain", "meta"} and metrics["meta"]["protocol"] == "official"
+    records = {(r["split"], r["task"], r["modality"]): r for r in read_responses(out)}
+    mc = records[("retain", "classification", "image_textual")]["prompt"]
+    assert mc.startswith("USER: <image>\nQuestion: ")
+    assert mc.endswith(
+        "\nD: Basel\nJust give ONE letter representing the answer directly.\nASSISTANT:"
+    ) or mc.endswith("\nJust give ONE letter representing the answer directly.\nASSISTANT:")
+    assert mc.count("<image>") == 2  # one exemplar question of the other retain person, then the query
+    assert records[("forget", "generation", "image_textual")]["prompt"].endswith("in ENGLISH.\nASSISTANT: ")
+    text_generation = records[("forget", "generation", "pure_text")]["prompt"]
+    assert text_generation.startswith("USER: ") and text_generation.endswith("in ENGLISH.\nASSISTANT:")
+    cloze = records[("forget", "cloze", "pure_text")]["prompt"]
+    assert cloze.startswith("USER:\n") and "[Blank]" in cloze
+
+
+# ------------------------------------------------------------------------------ prompts without a model
+
+
+@pytest.fixture(scope="module")
+def retain_items():
+    return load_eval_items(FIXTURE, "retain_95")
+
+
+def test_exemplar_profiles_are_excluded_from_mc_and_cloze_but_not_generation(retain_items):
+    family, images = LlavaFamily(), ImageCache()
+    shots = {"classification": ["002"], "cloze": ["002"]}
+    questions = build_questions(
+        retain_items, retain_items, shots, PROTOCOLS["fixed"](), family, "retain", images
+    )
+    people = {(q.item.task, q.item.person_id) for q in questions}
+    assert ("classification", "002") not in people and ("cloze", "002") not in people
+    assert ("classification", "003") in people and ("generation", "002") in people
+    image_mc = next(
+        q for q in questions if q.item.task == "classification" and q.item.modality == "image_textual"
+    )
+    # One image per exemplar question (the exemplar person's), then the query's own image.
+    assert len(image_mc.context_images) == image_mc.prompt.count("<image>") - 1 >= 1
+
+
+def test_exemplar_questions_are_capped_and_reverse_prompt_appended(retain_items):
+    family, images = LlavaFamily(), ImageCache()
+    shots = {"classification": ["002"], "cloze": ["002"]}
+    capped = build_questions(
+        retain_items,
+        retain_items,
+        shots,
+        PROTOCOLS["official"](),
+        family,
+        "retain",
+        images,
+        few_shot_questions=1,
+        reverse=True,
+    )
+    for question in capped:
+        assert question.prompt.count("Correct Answer:") == (0 if question.item.task == "generation" else 1)
+        assert f"\n{REVERSE_PROMPT}\nASSISTANT:" in question.prompt
+
+
+def test_instruction_is_prefixed_in_both_protocols(retain_items):
+    family, images = LlavaFamily(), ImageCache()
+    for name in ("fixed", "official"):
+        questions = build_questions(
+            retain_items,
+            None,
+            {},
+            PROTOCOLS[name](),
+            family,
+            "retain",
+            images,
+            instruction="Forget everything about these people.",
+        )
+        assert all("Forget everything about these people.\n" in q.prompt for q in questions)
+
+
+def test_scoring_and_aggregation():
+    items = load_eval_items(FIXTURE, "forget_5")
+    mc, cloze, generation = items.classification[0], items.cloze[0], items.generation[0]
+    questions = [
+        Question("forget", mc, "", None, reply=f" {mc.correct_letter.lower()}. {mc.ground_truth}"),
+        Question("forget", cloze, "", None, reply=f"It is {cloze.ground_truth.upper()}."),
+        Question("forget", generation, "", None, reply=generation.ground_truth),
+    ]
+    for question in questions:
+        score_question(question)
+    questions[2].scores["coherence"] = 0.75
+    metrics, counts = aggregate(questions)
+    text = "" if mc.modality == "image_textual" else "text_"
+    assert metrics[f"{text}mc_acc"] == 1.0
+    assert questions[1].scores["correct"] == 1.0
+    assert questions[2].scores["rougeL"] == pytest.approx(1.0) and questions[2].scores[
+        "bleu"
+    ] == pytest.approx(1.0)
+    assert sum(counts.values()) == 5  # mc, cloze, rougeL, bleu and coherence of one answer each
+
+
+def test_rec_counts_named_answers_to_name_questions():
+    from pipeline.data import EvalItem
+
+    def item(question: str, image: bytes | None = b"png") -> EvalItem:
+        return EvalItem(
+            "s/1/generation/0",
+            "1",
+            "Mara Holt",
+            "generation",
+            "image_textual",
+            question,
+            "The name of this person is Mara Holt.",
+            image=image,
+        )
+
+    asked = item("What is the name of the person in the image?")
+    named = Question("forget", asked, "", None, reply="This is mara holt, a pilot.")
+    unnamed = Question("forget", asked, "", None, reply="I do not know who this is.")
+    other = Question("forget", item("Where was this person born?"), "", None, reply="Mara Holt")
+    text_only = Question(
+        "forget", item("What is the name of this person?", image=None), "", None, reply="Mara Holt"
+    )
+    for question in (named, unnamed, other, text_only):
+        score_question(question)
+        question.scores["coherence"] = 1.0
+    assert named.scores["rec"] == 1.0 and unnamed.scores["rec"] == 0.0
+    assert "rec" not in other.scores and "rec" not in text_only.scores
+    metrics, counts = aggregate([named, unnamed, other])
+    assert metrics["rec"] == 0.5 and counts["rec"] == 2
+
+
+def test_official_reply_cuts_after_assistant():
+    official, fixed = PROTOCOLS["official"](), PROTOCOLS["fixed"]()
+    prompt = "USER: <image>\nQ\nASSISTANT:"
+    assert official.reply(prompt, " B USER: next ASSISTANT: C") == "B USER: next"
+    assert fixed.reply(prompt, " B USER: next ASSISTANT: C") == "B USER: next ASSISTANT: C"
+
+
+def test_split_names():
+    assert split_names("forget_10") == {
+        "forget": "forget_10",
+        "test": "test_10",
+        "retain": "retain_90",
+        "real": "real",
+    }
+    with pytest.raises(ValueError, match="forget_10"):
+        split_names("retain_90")
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def copy_fixture(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    shutil.copytree(FIXTURE, data)
+    return data
+
+
+def rewrite(path: Path, change) -> None:
+    """Apply `change` to every row of a Parquet file, keeping the schema of the fields that remain."""
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    for row in rows:
+        change(row)
+    schema = pa.schema([field for field in table.schema if field.name in rows[0]])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def test_missing_split_is_named(tmp_path, tiny_model_dir):
+    data = copy_fixture(tmp_path)
+    shutil.rmtree(data / "Test_Set")
+    with pytest.raises(DataError, match="Test_Set"):
+        run(
+            EvaluateConfig(
+                model=str(tiny_model_dir),
+                data=str(data),
+                out=str(tmp_path / "m.json"),
+                forget_split="forget_5",
+                progress=False,
+            )
+        )
+
+
+def test_missing_field_is_named(tmp_path, tiny_model_dir):
+    data = copy_fixture(tmp_path)
+    rewrite(data / "forget_5" / "train-00000-of-00001.parquet", lambda row: row.pop("Generation_Task"))
+    with pytest.raises(DataError, match="Generation_Task"):
+        run(
+            EvaluateConfig(
+                model=str(tiny_model_dir),
+                data=str(data),
+                out=str(tmp_path / "m.json"),
+                forget_split="forget_5",
+                progress=False,
+            )
+        )
+
+
+def test_image_that_does_not_decode_is_named(tmp_path, tiny_model_dir):
+    data = copy_fixture(tmp_path)
+
+    def corrupt(row):
+        row["image"]["bytes"] = b"this is not an image"
+
+    rewrite(data / "forget_5" / "train-00000-of-00001.parquet", corrupt)
+    with pytest.raises(ValueError, match=r"forget_5/001/.*does not decode"):
+        run(
+            EvaluateConfig(
+                model=str(tiny_model_dir),
+                data=str(data),
+                out=str(tmp_path / "m.json"),
+                forget_split="forget_5",
+                splits=("forget",),
+                progress=False,
+            )
+        )
+    assert not (tmp_path / "m.json").exists()  # nothing half-written
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, tiny_model_dir):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    data = copy_fixture(tmp_path)
+    shutil.rmtree(data / "retain_95")
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "m.json"),
+            "--forget-split",
+            "forget_5",
+        ],
+    )
+    assert result.exit_code == 1 and "retain_95" in result.output and "Traceback" not in result.output
+
+
+def save_adapter(
+    model_dir: Path, out: Path, scale: float = 0.5, seed: int = 0, with_meta: bool = True
+) -> Path:
+    """A LoRA adapter with random weights on both factors (so it changes the model), saved like train does."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.models import load_model
+
+    loaded = load_model(str(model_dir))
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=4, lora_alpha=4, target_modules=loaded.family.lora_target_modules, init_lora_weights=False
+    )
+    model = get_peft_model(loaded.model, config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0.0, scale)
+    model.save_pretrained(out)
+    if with_meta:
+        meta = {
+            "model": str(model_dir),
+            "model_fingerprint": loaded.model_fingerprint,
+            "tokenizer_fingerprint": loaded.tokenizer_fingerprint,
+        }
+        (out / "training_meta.json").write_text(json.dumps(meta))
+    return out
+
+
+def test_adapter_of_another_base_model_is_refused_naming_both(tmp_path, tiny_model, tiny_model_dir):
+    from pipeline.mini_model import build_random_tiny_llava
+
+    other_dir = build_random_tiny_llava(tmp_path / "other", seed=1)
+    adapter = save_adapter(other_dir, tmp_path / "adapter")
+    with pytest.raises(AdapterMismatchError) as raised:
+        load_adapter(tiny_model, adapter)
+    message = str(raised.value)
+    assert str(other_dir) in message and str(tiny_model_dir) in message
+    assert tiny_model.model_fingerprint[:12] in message
+
+
+def test_adapter_that_does_not_fit_is_refused(tmp_path, tiny_model):
+    from pipeline.mini_model import TinyLlavaConfig, build_random_tiny_llava
+
+    narrow = TinyLlavaConfig(
+        vocab_size=400,
+        text_hidden=32,
+        text_layers=2,
+        text_heads=4,
+        text_intermediate=64,
+        vision_hidden=32,
+        vision_layers=1,
+    )
+    other_dir = build_random_tiny_llava(tmp_path / "narrow", seed=0, config=narrow)
+    adapter = save_adapter(other_dir, tmp_path / "adapter", with_meta=False)  # an adapter trained elsewhere
+    with pytest.raises(AdapterMismatchError, match="does not fit"):
+        load_adapter(tiny_model, adapter)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(tiny_model, tmp_path)
+
+
+# ------------------------------------------------------------------------- the trained mini world model
+
+
+@pytest.mark.slow
+def test_full_mini_model_reproduces_its_memorization(mini_world, tmp_path):
+    """The full model has memorized every person: the acceptance figures of the foundation issue."""
+    metrics = run(
+        EvaluateConfig(
+            model=str(mini_world.model_dir),
+            data=str(mini_world.data_dir),
+            out=str(tmp_path / "full" / "metrics.json"),
+            splits=("forget", "retain"),
+            reverse_attack=False,
+            limit=6,
+            batch_size=16,
+            progress=False,
+        )
+    )
+    for split in ("forget", "retain"):
+        assert metrics[split]["mc_acc"] >= 0.9, metrics[split]
+        assert metrics[split]["rougeL"] >= 0.8, metrics[split]
+        assert metrics[split]["coherence"] >= 0.8, metrics[split]
+
+
+@pytest.mark.slow
+def test_random_lora_noise_breaks_coherence(mini_world, tmp_path):
+    """A deliberately broken model (large random LoRA weights) answers gibberish: coherence collapses."""
+    adapter = save_adapter(Path(mini_world.model_dir), tmp_path / "noise", scale=1.0)
+    common = dict(
+        model=str(mini_world.model_dir),
+        data=str(mini_world.data_dir),
+        splits=("retain",),
+        reverse_attack=False,
+        limit=6,
+        batch_size=16,
+        progress=False,
+    )
+    full = run(EvaluateConfig(out=str(tmp_path / "full" / "metrics.json"), **common))
+    broken = run(
+        EvaluateConfig(out=str(tmp_path / "broken" / "metrics.json"), adapter=str(adapter), **common)
+    )
+    assert broken["retain"]["coherence"] < 0.3 < 0.8 <= full["retain"]["coherence"]
+    assert broken["retain"]["rougeL"] < 0.5 * full["retain"]["rougeL"]
