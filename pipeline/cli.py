@@ -42,6 +42,13 @@ def main(params_file: str) -> None:
     """Unlearning for multimodal LLMs: prepare-mini, precompute, train, evaluate, report."""
 
 
+def _seed_list(seeds: str | None) -> list[str]:
+    """'0,1,2' -> ['0', '1', '2']; None -> [''] (one run, nothing to substitute)."""
+    if not seeds:
+        return [""]
+    return [seed.strip() for seed in str(seeds).split(",") if seed.strip()]
+
+
 # Commands are added below, one block per stage. Keep each block self-contained.
 
 
@@ -229,30 +236,35 @@ def precompute_command(model_path: str, data_dir: str, kinds: str, **options) ->
 @click.option("--instruction", default=None, help="In-context unlearning prefix for every question (ICU).")
 @click.option("--splits", default="forget,test,retain,real", show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--seeds", default=None,
+              help="Comma list: evaluate one adapter per training seed, '{seed}' in --adapter/--out replaced "
+                   "by each (the evaluation's own draws stay seeded by --seed).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @model_loading_options
 def evaluate_command(model_path, adapter, data_dir, forget_split, out, protocol, max_new_tokens, batch_size,
                      reverse_attack, gib_model, limit, few_shot_profiles, few_shot_questions, instruction, splits,
-                     seed, dtype, device) -> None:
+                     seed, seeds, dtype, device) -> None:
     """Score forgetting, retention and coherence (MLLMU-Bench metrics) into metrics.json."""
     import json
 
     from pipeline.data import DataError
     from stages.evaluate import AdapterMismatchError, EvaluateConfig, run
 
-    config = EvaluateConfig(
-        model=model_path, adapter=adapter, data=data_dir, out=out, forget_split=forget_split, protocol=protocol,
+    configs = [EvaluateConfig(
+        model=model_path, adapter=adapter.replace("{seed}", run_seed) if adapter else None, data=data_dir,
+        out=out.replace("{seed}", run_seed), forget_split=forget_split, protocol=protocol,
         max_new_tokens=max_new_tokens, batch_size=batch_size, reverse_attack=reverse_attack, gib_model=gib_model,
         limit=limit, few_shot_profiles=few_shot_profiles, few_shot_questions=few_shot_questions,
         instruction=instruction,
         splits=tuple(s.strip() for s in splits.split(",") if s.strip()), seed=seed, dtype=dtype, device=device,
-    )
-    try:
-        metrics = run(config)
-    except (DataError, AdapterMismatchError, FileNotFoundError, ValueError) as error:
-        raise click.ClickException(str(error)) from error
-    click.echo(json.dumps(metrics, indent=2))
+    ) for run_seed in _seed_list(seeds)]
+    for config in configs:
+        try:
+            metrics = run(config)
+        except (DataError, AdapterMismatchError, FileNotFoundError, ValueError) as error:
+            raise click.ClickException(str(error)) from error
+        click.echo(json.dumps(metrics, indent=2))
 
 
 @main.command("report")

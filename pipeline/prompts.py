@@ -37,11 +37,12 @@ def generation_text(question: str, has_image: bool) -> str:
 
 
 def classification_fewshot_block(
-    exemplars: Sequence[tuple[str, Mapping[str, str], str]], image_placeholder: str = "<image>"
+    exemplars: Sequence[tuple[str, Mapping[str, str], str]], has_image: bool = True, image_placeholder: str = "<image>"
 ) -> str:
-    """Solved exemplars (question, options, correct letter) that precede the query, one image each."""
+    """Solved exemplars (question, options, correct letter) that precede the query; image ones carry an image each."""
+    opener = f"USER: {image_placeholder}\n" if has_image else "USER:\n"
     return "".join(
-        f"USER: {image_placeholder}\nQuestion: {question}\n{options_block(options)}\nCorrect Answer: {answer}\n"
+        f"{opener}Question: {question}\n{options_block(options)}\nCorrect Answer: {answer}\n"
         for question, options, answer in exemplars
     )
 

@@ -203,7 +203,7 @@ def _few_shot_prefix(
     placeholder = family.image_placeholder if has_image else ""
     if task == "classification":
         block = prompts.classification_fewshot_block(
-            [(e.question, e.options or {}, e.correct_letter or "") for e in exemplars], placeholder
+            [(e.question, e.options or {}, e.correct_letter or "") for e in exemplars], has_image, placeholder
         )
     else:
         block = prompts.cloze_fewshot_block(

@@ -26,10 +26,16 @@ import torch.nn.functional as F
 from pipeline import prompts
 from pipeline.data import load_split_rows
 from pipeline.mini_model import TinyLlavaConfig, build_tiny_llava, save_model, train_tokenizer
-from pipeline.models import LoadedModel, ModelFamily, PromptedSample, answer_logits, encode_answers, load_model
 from pipeline.mini_world import WorldConfig, build_world, write_world
+from pipeline.models import (
+    LoadedModel,
+    ModelFamily,
+    PromptedSample,
+    answer_logits,
+    encode_answers,
+    load_model,
+)
 from pipeline.samples import decode_image
-
 
 # Few-shot exemplars in training prompts: enough that prompts with solved exemplars before the query
 # are familiar, few enough that sequences stay short (the evaluate stage's `fixed` protocol uses the same cap).
@@ -127,7 +133,7 @@ def training_examples(
                         if permute_options:
                             shot_options, shot_letter = _permuted(shot_options, shot_letter, rng)
                         exemplars.append((shot["Question"], shot_options, shot_letter))
-                    prefix = prompts.classification_fewshot_block(exemplars, family.image_placeholder)
+                    prefix = prompts.classification_fewshot_block(exemplars, True, family.image_placeholder)
                     context = tuple(other.image for _ in exemplars)
                 prompt = _vary_separator(prefix + family.build_prompt(text, has_image), rng)
                 examples.append(PromptedSample(prompt, person.image if has_image else None, letter, context))

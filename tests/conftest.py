@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,33 @@ def tiny_model(tiny_model_dir):
     from pipeline.models import load_model
 
     return load_model(str(tiny_model_dir))
+
+
+@dataclass(frozen=True)
+class MiniWorld:
+    """A reduced mini world with its fine-tuned full model (stages/prepare.py, the real stage code)."""
+
+    root: Path
+    data_dir: Path
+    references_dir: Path
+    model_dir: Path
+    figures: dict
+
+
+# A world small enough to fine-tune to memorization within CI's budget (see stages/prepare.py).
+REDUCED_WORLD = dict(num_people=10, num_real=4, num_reference_people=6, alt_images=2,
+                     num_pets=6, num_scenes=6, num_patterns=6)
+REDUCED_FINE_TUNE = dict(epochs=40, batch_size=16, learning_rate=3e-3, fewshot_probability=0.1)
+
+
+@pytest.fixture(scope="session")
+def mini_world(tmp_path_factory) -> MiniWorld:
+    """Built once per test session: the reduced world plus a full model that memorized it."""
+    from pipeline.mini_world import WorldConfig
+    from stages.prepare import FineTuneConfig
+    from stages.prepare import run as prepare
+
+    root = tmp_path_factory.mktemp("mini-world")
+    figures = prepare(root, WorldConfig(**REDUCED_WORLD), FineTuneConfig(**REDUCED_FINE_TUNE),
+                      metrics_out=root / "full_model.json", people_per_split=6, log=lambda message: None)
+    return MiniWorld(root, root / "data", root / "references", root / "model", figures)

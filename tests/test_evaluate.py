@@ -405,8 +405,12 @@ def test_adapter_of_another_base_model_is_refused_naming_both(tmp_path, tiny_mod
     assert tiny_model.model_fingerprint[:12] in message
 
 
-def test_adapter_that_does_not_fit_is_refused(tmp_path, tiny_model):
+def test_adapter_that_does_not_fit_is_refused(tmp_path, tiny_model_dir):
     from pipeline.mini_model import TinyLlavaConfig, build_random_tiny_llava
+    from pipeline.models import load_model
+
+    # A failed PeftModel.from_pretrained leaves LoRA layers injected: use a model of our own, not the shared one.
+    tiny_model = load_model(str(tiny_model_dir))
 
     narrow = TinyLlavaConfig(
         vocab_size=400,
