@@ -347,6 +347,8 @@ def key_tokens_command(cache_dir, epsilon, model_path, limit) -> None:
 @click.option("--lora-alpha", default=16, show_default=True, type=int)
 @click.option("--lora-dropout", default=0.05, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seeds", default=None,
+              help="Comma list: one run per seed in this process, '{seed}' in --out replaced by each (overrides --seed).")
 @click.option("--checkpoint-every", default=0, show_default=True, type=int, help="Optimizer steps; 0: never.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
@@ -363,11 +365,14 @@ def train_command(**options) -> None:
 
     options["lambda_"] = options.pop("lambda")
     options["sample_kinds"] = tuple(kind.strip() for kind in options["sample_kinds"].split(",") if kind.strip())
-    try:
-        meta = run(TrainConfig(**options))
-    except (CacheError, DataError, TokenMismatchError, FileNotFoundError, KeyError, ValueError) as error:
-        raise click.ClickException(str(error)) from error
-    click.echo(json.dumps(meta, indent=2))
+    seeds, out = options.pop("seeds"), options.pop("out")
+    for seed in _seed_list(seeds):
+        config = TrainConfig(**{**options, "out": out.replace("{seed}", seed), "seed": int(seed or options["seed"])})
+        try:
+            meta = run(config)
+        except (CacheError, DataError, TokenMismatchError, FileNotFoundError, KeyError, ValueError) as error:
+            raise click.ClickException(str(error)) from error
+        click.echo(json.dumps(meta, indent=2))
 
 
 @main.command("prepare-mini")
@@ -402,3 +407,7 @@ def prepare_mini_command(out, seed, num_people, num_real, num_reference_people, 
     figures = run(Path(out), world, fine_tune, Path(metrics_out) if metrics_out else None,
                   people_per_split=people_per_split, log=click.echo)
     click.echo(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -49,7 +49,10 @@ class FineTuneConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05
-    fewshot_probability: float = 0.15
+    # Solved exemplars before the query teach large models the answer format in context; the tiny model
+    # learns the format by fine-tuning instead, and its evaluation asks zero-shot (params.yaml
+    # evaluate.few_shot_profiles: 0), so by default no training prompt carries exemplars.
+    fewshot_probability: float = 0.0
     # Shuffled options force the model to match the attribute rather than recall the letter; a tiny
     # model learns that matching slowly, so the mini default keeps the data set's order (see README).
     permute_options: bool = False
@@ -277,6 +280,7 @@ def measure_memorization(model_dir: Path, data_dir: str, out_dir: Path, people_p
     metrics = evaluate(EvaluateConfig(
         model=str(model_dir), data=data_dir, out=str(out_dir / "metrics.json"),
         forget_split=MEMORIZATION_FORGET_SPLIT, splits=("forget", "retain"), reverse_attack=False,
+        few_shot_profiles=0,
         limit=people_per_split, batch_size=32, progress=False,
     ))
     figures = {split: {name: metrics[split][name] for name in ("mc_acc", "cloze_acc", "rougeL", "bleu")}

@@ -48,7 +48,7 @@ class MiniWorld:
 # A world small enough to fine-tune to memorization within CI's budget (see stages/prepare.py).
 REDUCED_WORLD = dict(num_people=10, num_real=4, num_reference_people=6, alt_images=2,
                      num_pets=6, num_scenes=6, num_patterns=6)
-REDUCED_FINE_TUNE = dict(epochs=40, batch_size=16, learning_rate=3e-3, fewshot_probability=0.1)
+REDUCED_FINE_TUNE = dict(epochs=40, batch_size=16, learning_rate=3e-3)
 
 
 @pytest.fixture(scope="session")

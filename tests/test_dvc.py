@@ -1,0 +1,128 @@
+"""The DVC pipeline end to end on a reduced world, and the cluster recipe with two local "nodes".
+
+This runs the real `dvc repro` (every stage of dvc.yaml, as `make repro` does) in a copy of the
+repository with a params.yaml shrunk to a few people, one fine-tune epoch and few questions, so that
+it fits CI; the full-size run is the README's main command, not a test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL_PARAMS = {
+    "prepare-mini": {"num_people": 10, "num_real": 3, "num_reference_people": 6, "alt_images": 1,
+                     "epochs": 1, "batch_size": 16, "people_per_split": 2},
+    "precompute": {"k": 2, "batch_size": 4},
+    "train": {"epochs": 1, "batch_size": 4},
+    "evaluate": {"limit": 1, "max_new_tokens": 6, "batch_size": 16},
+}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+def _dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "dvc", *args], cwd, check)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A copy of the project (its tracked files) with a shrunk params.yaml, after one full `dvc repro`."""
+    root = tmp_path_factory.mktemp("dvc") / "project"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in files.splitlines():
+        source = REPO / name
+        if source.is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in SMALL_PARAMS.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], root)
+    _dvc("repro", cwd=root)
+    return root
+
+
+@pytest.mark.slow
+def test_repro_writes_every_stage_output(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    methods = list(params["methods"])
+    full_model = json.loads((repo / "metrics/full_model.json").read_text())
+    assert full_model["fine_tune"]["epochs"] == 1
+    assert (repo / "work/mini/model/model.safetensors").is_file()
+    assert (repo / "work/mini/data/forget_10/train-00000-of-00001.parquet").is_file()
+    for teacher in ("viker", "vgid", "original", "base"):
+        _run([sys.executable, "-m", "pipeline.cli", "cache", "verify", f"work/cache/{teacher}"], repo)
+    runs = ["full"] + [f"{method}-s{seed}" for method in methods for seed in range(3)]
+    for run in runs:
+        metrics = json.loads((repo / "results" / run / "metrics.json").read_text())
+        for split in ("forget", "test", "retain", "real"):
+            assert 0.0 <= metrics[split]["rougeL"] <= 1.0, (run, split)
+            assert 0.0 <= metrics[split]["mc_acc"] <= 1.0, (run, split)
+        if run != "full":
+            assert (repo / "work/adapters" / run / "adapter_config.json").is_file()
+    report = (repo / "results/report.md").read_text()
+    assert "ViKeR" in report and "Vgid" in report
+    shown = json.loads(_dvc("metrics", "show", "--json", cwd=repo).stdout)
+    assert any("results/viker-s0/metrics.json" in json.dumps(entry) for entry in shown.values())
+
+
+@pytest.mark.slow
+def test_second_repro_is_up_to_date_and_lambda_reruns_only_training(repo):
+    assert "up to date" in _dvc("status", cwd=repo).stdout
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["methods"]["viker"]["args"] = params["methods"]["viker"]["args"].replace("--lambda 0.5", "--lambda 0.25")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stale = _dvc("status", "--json", cwd=repo).stdout
+    changed = set(json.loads(stale))
+    assert "train@viker" in changed
+    assert not any(stage.startswith(("precompute", "prepare")) for stage in changed)
+    assert "train@viker_no_ga" not in changed
+
+
+@pytest.mark.slow
+def test_cluster_recipe_two_nodes_one_shard_each(repo, tmp_path):
+    """Two processes stand in for two nodes: each computes one precompute shard into shared storage, the
+    outputs are committed with `dvc commit`, pushed to a DVC remote and pulled back after a loss."""
+    before = {path.name: path.read_bytes() for path in (repo / "work/cache/viker").glob("shard-*")}
+    shutil.rmtree(repo / "work/cache/viker")
+    command = [sys.executable, "-m", "pipeline.cli", "precompute", "--teacher", "viker", "--model", "work/mini/model",
+               "--data", "work/mini/data", "--out", "work/cache/viker", "--num-shards", "2", "--no-progress"]
+    nodes = [subprocess.Popen([*command, "--shard-index", str(index)], cwd=repo, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for index in (0, 1)]
+    for node in nodes:
+        _, error = node.communicate()
+        assert node.returncode == 0, error[-2000:]
+    after = {path.name: path.read_bytes() for path in (repo / "work/cache/viker").glob("shard-*")}
+    assert after == before  # deterministic: the nodes reproduce exactly what one process wrote
+    _dvc("commit", "-f", "precompute@viker-0", "precompute@viker-1", cwd=repo)
+    remote = tmp_path / "dvc-remote"
+    _dvc("remote", "add", "-d", "-f", "shared", str(remote), cwd=repo)
+    _dvc("push", "precompute@viker-0", "precompute@viker-1", cwd=repo)
+    shutil.rmtree(repo / "work/cache/viker")
+    _dvc("pull", "precompute@viker-0", "precompute@viker-1", cwd=repo)
+    pulled = {path.name: path.read_bytes() for path in (repo / "work/cache/viker").glob("shard-*")}
+    assert pulled == before
