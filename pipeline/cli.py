@@ -179,7 +179,7 @@ def cache_verify(directory: str) -> None:
 @click.option(
     "--top-p", default=0.99, show_default=True, help="Keep the smallest support of this mass per token."
 )
-@click.option("--max-support", default=64, show_default=True, help="At most this many tokens per support.")
+@click.option("--max-support", default=256, show_default=True, help="At most this many tokens per support.")
 @click.option("--model", "model_path", required=True, help="The frozen full model (directory or hub id).")
 @click.option("--data", "data_dir", required=True, help="MLLMU-Bench-layout data directory.")
 @click.option("--split", default=None, help="Split to cache [default: retain_90 for base, else forget_10].")

@@ -21,13 +21,13 @@ class TinyLlavaConfig:
     vocab_size: int = 1024
     image_size: int = 32
     patch_size: int = 8
-    vision_hidden: int = 96
+    vision_hidden: int = 64
     vision_layers: int = 2
-    text_hidden: int = 192
-    text_layers: int = 3
-    text_heads: int = 6
-    text_intermediate: int = 512
-    max_positions: int = 320
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_intermediate: int = 384
+    max_positions: int = 1024
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int):

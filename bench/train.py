@@ -1,0 +1,401 @@
+"""Benchmark of stage two (`pipeline train`) on the mini world; writes bench/results/train.json.
+
+    python bench/train.py [--model work/mini/model] [--threads 1]
+
+One epoch of ViKeR (k = 5, people pool, top-p 0.99, max support 64: the precompute defaults) over the
+mini world's 700 `full` samples (forget_10's people and the rest; 350 steps at batch 2), the same student,
+seed and order in every mode, at the paper's batch 2 (the headline numbers) and the pipeline's batch 4:
+  speedup_vs_online  step time with the teacher computed online in the loop (k = 5 reference-image passes of
+                     the frozen model per forget sample as one batch, mean softmax, top-p truncation: stage
+                     one's own extractor, every step running the whole model as a single-stage script does)
+                     / step time streaming the cache                                  (goal >= 2.5)
+                     (also: with the reference images' vision features reused across steps; the two loss
+                     curves' largest difference, the cache storing fp16 probabilities)
+  read_overhead      step time streaming the cache / step time with the same teacher rows already in
+                     memory as tensors (same order), minus 1                          (goal <= 0.05)
+                     (also read_overhead_direct: CPU time of the trainer's cache stream over one epoch
+                     alone / the in-memory epoch, the same quantity without the A/B timing noise)
+  rss_growth_10x     peak RSS of a `pipeline train` process over a 10x larger cache (the `full` split,
+                     700 samples, vs forget_10, 70) / the same over the small one, minus 1   (goal < 0.10);
+                     also of the training loop alone (high-water mark reset after the first step)
+Times are of the training loop only (model loading excluded): medians over all steps of interleaved repeats
+of the process's CPU time per step (other processes on a shared machine do not enter it); epoch wall times
+are reported beside them.
+Without --model (or when work/mini/model is absent) the model is an untrained tiny LLaVA of the mini model's
+architecture with a tokenizer trained on the world's text: step costs are the same; its flat distributions
+fill the 64-entry support cap, the worst case for the cache's size and reading cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cache import inspect_cache, read_manifest  # noqa: E402
+from pipeline.data import load_unlearning_samples  # noqa: E402
+from pipeline.models import load_model  # noqa: E402
+from pipeline.teachers import TEACHERS  # noqa: E402
+from stages.precompute import PrecomputeConfig, TeacherExtractor, teacher_context  # noqa: E402
+from stages.precompute import run as precompute  # noqa: E402
+from stages.train import Processes, TrainConfig, run, sample_stream  # noqa: E402
+
+SMALL_SPLIT, LARGE_SPLIT = "forget_10", "full"
+
+
+# A compute-bound stand-in: the mini architecture widened and deepened (hidden 768, 8 layers). At the mini
+# model's size a step costs mostly per-operation overhead, so batching the k x B teacher sequences into one
+# forward pass costs little more than the student's B; the FLOP ratio shows only once compute dominates.
+SCALED = {
+    "text_hidden": 768,
+    "text_layers": 8,
+    "text_heads": 12,
+    "text_intermediate": 2048,
+    "vision_hidden": 384,
+}
+
+
+def write_mini_world(work: Path) -> str:
+    from pipeline.mini_world import WorldConfig, write_world
+
+    return write_world(work / "mini", WorldConfig(num_people=100)).data_dir
+
+
+def untrained_model(data: str, out: Path, **sizes: int) -> str:
+    """A tiny LLaVA of the mini model's architecture (or `sizes`), tokenizer trained on the world's text."""
+    from pipeline.mini_model import TinyLlavaConfig, build_tiny_llava, save_model, train_tokenizer
+
+    config = TinyLlavaConfig(**sizes)
+    samples = load_unlearning_samples(data, LARGE_SPLIT)
+    corpus = [f"USER: <image>\n{s.question} ASSISTANT: {s.answer}" for s in samples]
+    tokenizer = train_tokenizer(corpus * 2, config.vocab_size)
+    network, processor = build_tiny_llava(tokenizer, config, seed=0)
+    return str(save_model(network, processor, out, config))
+
+
+def make_cache(model: str, data: str, out: Path, split: str) -> tuple[Path, float]:
+    started = time.perf_counter()
+    precompute(PrecomputeConfig(model=model, data=data, out=str(out), teacher="viker", split=split))
+    return out, time.perf_counter() - started
+
+
+def train_config(
+    model: str, data: str, cache: Path, out: Path, split: str = SMALL_SPLIT, **overrides
+) -> TrainConfig:
+    values = dict(
+        model=model,
+        data=data,
+        out=str(out),
+        method="viker",
+        forget_split=split,
+        forget_cache=str(cache),
+        lambda_=0.5,
+        lr=1e-3,
+        batch_size=2,
+        epochs=1,
+        seed=0,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def in_memory_source(config: TrainConfig):
+    """The cache's rows for the epoch, decoded into tensors before the clock starts, in the stream's order."""
+    from stages.train import Cache
+
+    loaded = load_model(config.model)
+    samples = load_unlearning_samples(config.data, config.forget_split)
+    cache = Cache.open(config.forget_cache, loaded, {s.sample_id: s for s in samples}, "forget")
+    rows = list(sample_stream(samples, cache, config.seed, "forget", 0, Processes()))
+    return lambda epoch: iter(rows)
+
+
+def stream_forget_cache(config: TrainConfig, epoch: int):
+    """The forget stream exactly as the trainer reads it (stages.train.sample_stream over the cache)."""
+    from stages.train import Cache
+
+    samples = load_unlearning_samples(config.data, config.forget_split)
+    manifest_only = Cache(config.forget_cache, read_manifest(config.forget_cache), "viker")
+    return sample_stream(samples, manifest_only, config.seed, "forget", epoch, Processes())
+
+
+def online_source(config: TrainConfig, data: str, reuse_vision_features: bool):
+    """The ViKeR teacher computed in the loop: for each micro-batch, k reference images per sample through the
+    frozen model (one batch), mean of the softmaxes, top-p truncation: exactly what stage one caches.
+    reuse_vision_features keeps the reference images' vision-tower features from step to step (stage one's
+    optimisation); without it every step runs the whole model, as a single-stage script does."""
+    from stages.train import Cache
+
+    defaults = PrecomputeConfig(
+        model=config.model, data=data, out="unused", teacher="viker", split=config.forget_split
+    )
+    frozen = load_model(config.model)
+    extractor = TeacherExtractor(frozen, defaults.top_p, defaults.max_support)
+    extractor.vision_features.enabled = reuse_vision_features
+    context = teacher_context(defaults, frozen)
+    teacher = TEACHERS["viker"]
+    samples = load_unlearning_samples(config.data, config.forget_split)
+    cache = Cache.open(config.forget_cache, frozen, {s.sample_id: s for s in samples}, "forget")
+    order = [sample for sample, _ in sample_stream(samples, cache, config.seed, "forget", 0, Processes())]
+
+    def source(epoch: int):
+        for start in range(0, len(order), config.batch_size):
+            chunk = order[start : start + config.batch_size]
+            rows = extractor(chunk, [teacher(sample, context) for sample in chunk])
+            yield from zip(chunk, rows, strict=True)
+
+    return source
+
+
+def timed_epoch(config: TrainConfig, source=None) -> tuple[float, list[float], list[float]]:
+    """(epoch wall seconds, loss per step, CPU seconds per step) of one training run.
+
+    CPU time of this process (all its threads) between consecutive optimizer steps: other processes on a
+    shared machine slow the wall clock of a step but do not add to its CPU time.
+    """
+    marks: list[float] = []
+    meta = run(config, forget_source=source, on_step=lambda step: marks.append(time.process_time()))
+    log = json.loads((Path(config.out) / "train_log.json").read_text())
+    return (
+        meta["train_seconds"],
+        [row["loss"] for row in log],
+        [b - a for a, b in zip(marks, marks[1:], strict=False)],
+    )
+
+
+def high_water_mark_kb() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def training_loop_peak(config: TrainConfig) -> dict[str, float]:
+    """Run in a child process: the process's peak RSS, and its peak from the first optimizer step on (the
+    high-water mark is reset through /proc/self/clear_refs once the model, samples and cache are open)."""
+
+    def reset_after_first_step(step: int) -> None:
+        if step == 1:
+            Path("/proc/self/clear_refs").write_text("5")
+
+    run(config, on_step=reset_after_first_step)
+    return {
+        "loop_peak_mb": high_water_mark_kb() / 1024,
+        "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def peak_rss_mb(command: list[str], environment: dict[str, str]) -> float:
+    """Peak resident memory of one child process (its own rusage, not the sum over children)."""
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-2000:]}")
+    return usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=str(ROOT / "work/mini/model"))
+    parser.add_argument("--out", default=str(ROOT / "bench/results/train.json"))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--scaled-repeats", type=int, default=1, help="0: skip the scaled-model timing")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: steady timings on a shared 2-core machine)"
+    )
+    parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)  # internal: one measured run
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.rss_child:
+        print(json.dumps(training_loop_peak(TrainConfig(**json.loads(args.rss_child)))))
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    results: dict[str, object] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "torch": torch.__version__,
+        "threads": args.threads,
+    }
+    data = write_mini_world(work)
+    model = args.model if Path(args.model).is_dir() else untrained_model(data, work / "model")
+    results["model"] = (
+        "mini full model" if model == args.model else "untrained tiny LLaVA (mini architecture)"
+    )
+    small, small_seconds = make_cache(model, data, work / "cache-small", SMALL_SPLIT)
+    large, large_seconds = make_cache(model, data, work / "cache-large", LARGE_SPLIT)
+    summary = inspect_cache(small)
+    results["cache"] = {
+        key: summary[key] for key in ("samples", "tokens", "bytes_per_token", "mean_support_size")
+    }
+    results["precompute_seconds"] = {SMALL_SPLIT: small_seconds, LARGE_SPLIT: large_seconds}
+
+    # Epoch times over the 700-sample split (350 steps at batch 2: long enough to time steadily), at the
+    # paper's batch 2 and the pipeline's default batch 4; modes interleaved so machine load hits all alike.
+    run(train_config(model, data, large, work / "warmup", split=LARGE_SPLIT, max_steps=3))
+    results["timing"] = {}
+    for batch_size in (2, 4):
+        config = train_config(model, data, large, work / "run", split=LARGE_SPLIT, batch_size=batch_size)
+        sources = {
+            "cached": None,
+            "in_memory": in_memory_source(config),
+            "online": online_source(config, data, reuse_vision_features=False),
+        }
+        if batch_size == 2:
+            sources["online_reusing_vision_features"] = online_source(
+                config, data, reuse_vision_features=True
+            )
+        times: dict[str, list[float]] = {mode: [] for mode in sources}
+        step_times: dict[str, list[float]] = {mode: [] for mode in sources}
+        curves: dict[str, list[float]] = {}
+        for _ in range(args.repeats):
+            for mode, source in sources.items():
+                seconds, curves[mode], steps = timed_epoch(config, source)
+                times[mode].append(seconds)
+                step_times[mode] += steps
+        # Ratios of median CPU times per step: load from other processes does not enter them (the epoch
+        # wall times, also reported, move with it).
+        median = {mode: statistics.median(values) for mode, values in step_times.items()}
+        difference = max(abs(a - b) for a, b in zip(curves["cached"], curves["online"], strict=True))
+        timing = {
+            "steps_per_epoch": len(curves["cached"]),
+            "epoch_seconds": {mode: times[mode] for mode in times},
+            "median_step_cpu_ms": {mode: 1000 * median[mode] for mode in median},
+            "speedup_vs_online_from_epoch_wall_times": statistics.median(times["online"])
+            / statistics.median(times["cached"]),
+            "speedup_vs_online": median["online"] / median["cached"],
+            "read_overhead": median["cached"] / median["in_memory"] - 1,
+            "loss_curve_max_abs_diff_cached_vs_online": difference,
+            "loss_curve_max_rel_diff_cached_vs_online": difference / max(abs(v) for v in curves["online"]),
+            "loss_curve_identical_cached_vs_in_memory": curves["cached"] == curves["in_memory"],
+        }
+        # The reading alone: the trainer's own stream over the cache for one epoch (decompress, decode, match
+        # to samples), against the training epoch with the rows in memory.
+        reading = []
+        for repeat in range(3):
+            stream = stream_forget_cache(config, epoch=repeat)  # samples and manifest: once per run, untimed
+            started = time.process_time()
+            for _ in stream:
+                pass
+            reading.append(time.process_time() - started)
+        in_memory_epoch = median["in_memory"] * timing["steps_per_epoch"]
+        timing["cache_read_cpu_seconds_per_epoch"] = statistics.median(reading)
+        timing["read_overhead_direct"] = statistics.median(reading) / in_memory_epoch
+        if "online_reusing_vision_features" in median:
+            timing["speedup_vs_online_reusing_vision_features"] = (
+                median["online_reusing_vision_features"] / median["cached"]
+            )
+        results["timing"][f"batch_{batch_size}"] = timing
+    if args.scaled_repeats:
+        scaled_model = untrained_model(data, work / "model-scaled", **SCALED)
+        scaled_cache, _ = make_cache(scaled_model, data, work / "cache-scaled", SMALL_SPLIT)
+        config = train_config(scaled_model, data, scaled_cache, work / "run-scaled")
+        run(train_config(scaled_model, data, scaled_cache, work / "warmup-scaled", max_steps=2))
+        online = online_source(config, data, reuse_vision_features=False)
+        step_times = {"cached": [], "online": []}
+        for _ in range(args.scaled_repeats):
+            for mode, source in (("cached", None), ("online", online)):
+                step_times[mode] += timed_epoch(config, source)[2]
+        median = {mode: statistics.median(values) for mode, values in step_times.items()}
+        results["timing"]["scaled_model_batch_2"] = {
+            "model": SCALED,
+            "split": SMALL_SPLIT,
+            "median_step_cpu_ms": {mode: 1000 * value for mode, value in median.items()},
+            "speedup_vs_online": median["online"] / median["cached"],
+        }
+
+    # The headline numbers at the paper's batch size (ViKeR App. A.4), on the mini architecture.
+    for key in ("speedup_vs_online", "read_overhead"):
+        results[key] = results["timing"]["batch_2"][key]
+
+    # Peak memory over a 10x larger cache: of the real command (the whole process), and of the training loop
+    # alone (what streaming the cache can make grow; the process peak is reached while loading).
+    environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    rss: dict[str, dict[str, float]] = {}
+    for name, cache, split in (("small", small, SMALL_SPLIT), ("large_10x", large, LARGE_SPLIT)):
+        out = work / f"rss-{name}"
+        command = [
+            sys.executable,
+            "-m",
+            "stages.train",
+            "--params",
+            os.devnull,
+            "--model",
+            model,
+            "--data",
+            data,
+            "--out",
+            str(out),
+            "--method",
+            "viker",
+            "--forget-split",
+            split,
+            "--forget-cache",
+            str(cache),
+            "--lambda",
+            "0.5",
+            "--lr",
+            "1e-3",
+            "--batch-size",
+            "2",
+        ]
+        config = train_config(model, data, cache, work / f"rss-loop-{name}", split=split)
+        child = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--threads",
+            str(args.threads),
+            "--rss-child",
+            json.dumps(asdict(config)),
+        ]
+        loop = subprocess.run(child, cwd=ROOT, env=environment, capture_output=True, text=True, check=True)
+        rss[name] = {
+            "pipeline_train_peak_mb": peak_rss_mb(command, environment),
+            **json.loads(loop.stdout.strip().splitlines()[-1]),
+            "cache_tokens": inspect_cache(cache)["tokens"],
+        }
+    results["peak_rss_mb"] = rss
+    results["rss_growth_10x"] = (
+        rss["large_10x"]["pipeline_train_peak_mb"] / rss["small"]["pipeline_train_peak_mb"] - 1
+    )
+    results["rss_growth_10x_training_loop"] = (
+        rss["large_10x"]["loop_peak_mb"] / rss["small"]["loop_peak_mb"] - 1
+    )
+    results["goals"] = {"speedup_vs_online": ">= 2.5", "read_overhead": "<= 0.05", "rss_growth_10x": "< 0.10"}
+    results["met"] = {
+        "speedup_vs_online": results["speedup_vs_online"] >= 2.5,
+        "read_overhead": results["read_overhead"] <= 0.05,
+        "rss_growth_10x": results["rss_growth_10x"] < 0.10,
+        "speedup_vs_online_scaled_model": results["timing"]
+        .get("scaled_model_batch_2", {})
+        .get("speedup_vs_online", 0)
+        >= 2.5,
+    }
+
+    shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

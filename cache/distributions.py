@@ -1,0 +1,268 @@
+"""Top-p truncated teacher distributions and the divergences computed from them.
+
+A teacher distribution R over the vocabulary V is stored as its top-p support S (token ids and their
+probabilities, normalised over the *full* vocabulary, not renormalised over S) plus the tail mass
+eps = R(V \\ S) measured at capture time. Everything the student is compared against is therefore the
+coarse-grained distribution over the |S| + 1 cells {v} for v in S and the tail bucket T = V \\ S:
+
+    KL(R || Q) ~= sum_{v in S} r_v log(r_v / q_v) + eps log(eps / q_T),   q_T = Q(T)
+
+with log q_T = logsumexp(student logits on T) - logsumexp(all student logits), never log(1 - sum_S q)
+(which cancels catastrophically when the student puts almost all its mass on S).
+
+Padded batch layout (used by every function here and by the cache reader):
+    support_ids   (N, S_max) int64, the support of each row in ascending id order, padded with PAD_ID (-1)
+    support_probs (N, S_max) float32, R(v) for each support id, 0.0 on padding
+    tail_mass     (N,)       float32, R(V \\ S)
+    entropy       (N,)       float32, H(R) of the full distribution (nats)
+A padding entry is recognised by its id (< 0), never by its probability: a real support entry may have
+probability 0 (underflow) and still belongs to S.
+
+What equals the dense full-vocabulary computation (tests/test_distributions.py checks each):
+  * nothing truncated (top_p >= 1 and max_support >= V): the sparse divergences equal the dense ones;
+  * always: sparse KL/JSD <= dense KL/JSD, because merging T into one cell is a coarse-graining and both
+    are f-divergences (data processing inequality);
+  * gradient w.r.t. the student logits: on S, d KL_sparse / d z_v = (m q_v - r_v) with
+    m = sum_S r + eps the stored mass, which is the dense gradient q_v - r_v exactly when the stored
+    mass is 1 (float32 capture); on T only the sum over the bucket matches the dense gradient
+    (sum_T (q_v - r_v) = q_T - eps); per token it is q_v (1 - eps / q_T), the dense gradient of a
+    teacher whose tail is proportional to the student's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+PAD_ID = -1
+
+
+@dataclass
+class TruncatedDistributions:
+    """A batch of top-p truncated distributions in the padded layout described in the module docstring."""
+
+    support_ids: Tensor  # (N, S_max) int64, ascending per row, PAD_ID padding
+    support_probs: Tensor  # (N, S_max) float32, full-vocabulary probabilities, 0 on padding
+    tail_mass: Tensor  # (N,) float32
+    entropy: Tensor  # (N,) float32
+
+    @property
+    def support_mask(self) -> Tensor:
+        return self.support_ids >= 0
+
+    @property
+    def support_sizes(self) -> Tensor:
+        return self.support_mask.sum(dim=-1)
+
+    def __len__(self) -> int:
+        return self.support_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> TruncatedDistributions:
+        return TruncatedDistributions(
+            self.support_ids.to(device),
+            self.support_probs.to(device),
+            self.tail_mass.to(device),
+            self.entropy.to(device),
+        )
+
+    def rows(self, start: int, stop: int) -> TruncatedDistributions:
+        """Rows start..stop, trimmed to their own widest support."""
+        ids = self.support_ids[start:stop]
+        width = max(int((ids >= 0).sum(dim=-1).max()), 1) if len(ids) else 1
+        return TruncatedDistributions(
+            ids[:, :width],
+            self.support_probs[start:stop, :width],
+            self.tail_mass[start:stop],
+            self.entropy[start:stop],
+        )
+
+
+def truncate_top_p(
+    logits: Tensor, top_p: float, max_support: int, include: Tensor | None = None
+) -> TruncatedDistributions:
+    """Truncate softmax(logits) (N, V) to the smallest set of mass >= top_p, at most max_support tokens."""
+    return truncate_probabilities(
+        torch.softmax(_at_least_float32(logits), dim=-1), top_p, max_support, include
+    )
+
+
+def truncate_probabilities(
+    probs: Tensor, top_p: float, max_support: int, include: Tensor | None = None
+) -> TruncatedDistributions:
+    """Truncate full-vocabulary distributions (N, V), e.g. ViKeR's mean of k softmaxes.
+
+    Keeps, per row, the most probable tokens up to and including the one whose cumulative mass first
+    reaches top_p (so at least one), capped at max_support; top_p >= 1 keeps every token (up to the cap).
+    include (N,) optional token ids that must be in the support as well (precompute passes the
+    ground-truth answer token: its teacher probability, and the gradient there, stay exact); when the
+    cap is reached it takes the place of the least probable kept token.
+    Runs on the tensors' device with no per-row Python loop.
+    """
+    if probs.dim() != 2:
+        raise ValueError(f"expected (N, V) probabilities, got shape {tuple(probs.shape)}")
+    if not 0.0 < top_p:
+        raise ValueError(f"top_p must be > 0, got {top_p}")
+    if max_support < 1:
+        raise ValueError(f"max_support must be >= 1, got {max_support}")
+    probs = _at_least_float32(probs)
+    rows, vocab_size = probs.shape
+    width = min(max_support, vocab_size)
+    top_probs, top_ids = torch.topk(probs, width, dim=-1, sorted=True)
+
+    if top_p >= 1.0:
+        keep = torch.ones_like(top_probs, dtype=torch.bool)
+    else:
+        # Keep entry j when the mass strictly before it is still short of top_p (float64: no drift).
+        mass_before = torch.cumsum(top_probs.double(), dim=-1) - top_probs.double()
+        keep = mass_before < top_p
+        keep[:, 0] = True
+
+    if include is not None:
+        include = include.to(top_ids.device).long()[:, None]
+        missing = ~(keep & (top_ids == include)).any(dim=-1)
+        # Full rows give up their least probable kept entry (keep is a prefix of the sorted top-k).
+        full = missing & (keep.sum(dim=-1) == width)
+        last_kept = keep.sum(dim=-1, keepdim=True) - 1
+        keep = keep & ~(full[:, None] & (torch.arange(width, device=keep.device) == last_kept))
+        top_ids = torch.cat([top_ids, include], dim=1)
+        top_probs = torch.cat([top_probs, probs.gather(1, include)], dim=1)
+        keep = torch.cat([keep, missing[:, None]], dim=1)
+
+    # The tail is summed directly over the dropped tokens (not 1 - kept, which cancels for peaked rows).
+    # Dropped slots scatter into a spare column V (an id may appear twice, kept once and dropped once).
+    kept_ids = torch.where(keep, top_ids, torch.full_like(top_ids, vocab_size))
+    kept_full = torch.zeros(rows, vocab_size + 1, dtype=torch.bool, device=probs.device)
+    kept_full = kept_full.scatter_(1, kept_ids, True)[:, :vocab_size]
+    tail_mass = probs.masked_fill(kept_full, 0.0).sum(dim=-1, dtype=torch.float64).to(probs.dtype)
+    entropy = torch.special.entr(probs).sum(dim=-1, dtype=torch.float64).to(probs.dtype)
+
+    # Store in ascending id order (delta-encodes well); dropped slots sort to the end as padding.
+    sort_key = torch.where(keep, top_ids, torch.full_like(top_ids, vocab_size))
+    sort_key, order = torch.sort(sort_key, dim=-1)
+    sorted_probs = torch.gather(top_probs, 1, order)
+    valid = sort_key < vocab_size
+    support_ids = torch.where(valid, sort_key, torch.full_like(sort_key, PAD_ID))
+    support_probs = torch.where(valid, sorted_probs, torch.zeros_like(sorted_probs))
+    used = max(int(valid.sum(dim=-1).max()), 1) if rows else 1
+    return TruncatedDistributions(
+        support_ids[:, :used], support_probs[:, :used].float(), tail_mass.float(), entropy.float()
+    )
+
+
+def _at_least_float32(values: Tensor) -> Tensor:
+    """float16/bfloat16 -> float32 for the arithmetic; float64 stays (the dense reference tests use it)."""
+    return values if values.dtype == torch.float64 else values.float()
+
+
+@dataclass
+class CoarseCells:
+    """Teacher and student masses on the |S| + 1 cells of each row: support tokens, then the tail bucket.
+
+    teacher (N, S_max + 1), student_log (N, S_max + 1), valid (N, S_max + 1): padding entries and the
+    tail bucket of a row whose support is the whole vocabulary are not cells (valid False, masses 0).
+    """
+
+    teacher: Tensor
+    student_log: Tensor
+    valid: Tensor
+
+
+def coarse_cells(
+    support_ids: Tensor, support_probs: Tensor, tail_mass: Tensor, student_logits: Tensor
+) -> CoarseCells:
+    """Coarse-grain the student's distribution onto the teacher's support + tail bucket (differentiable)."""
+    rows, vocab_size = student_logits.shape
+    if support_ids.shape[0] != rows:
+        raise ValueError(f"{support_ids.shape[0]} teacher rows but {rows} student rows")
+    support_valid = support_ids >= 0
+    if bool((support_ids >= vocab_size).any()):
+        raise ValueError(
+            f"teacher support id {int(support_ids.max())} is outside the student's vocabulary of {vocab_size}: "
+            "cache and model use different tokenizers"
+        )
+    logits = _at_least_float32(student_logits)
+    log_normaliser = torch.logsumexp(logits, dim=-1)
+    gather_ids = support_ids.clamp(min=0)
+    support_log_q = torch.gather(logits, 1, gather_ids) - log_normaliser[:, None]
+
+    # Tail bucket: logsumexp over the student's logits off S. Padding scatters into a spare column V.
+    scatter_ids = torch.where(support_valid, support_ids, torch.full_like(support_ids, vocab_size))
+    in_support = torch.zeros(rows, vocab_size + 1, dtype=torch.bool, device=logits.device)
+    in_support.scatter_(1, scatter_ids, True)
+    in_support = in_support[:, :vocab_size]
+    has_tail = ~in_support.all(dim=-1)
+    # Rows with an empty tail get finite dummy logits so that no -inf/nan reaches the backward pass.
+    off_support_logits = torch.where(
+        has_tail[:, None], logits.masked_fill(in_support, float("-inf")), torch.zeros_like(logits)
+    )
+    tail_log_q = torch.logsumexp(off_support_logits, dim=-1) - log_normaliser
+
+    teacher = torch.cat([support_probs.to(logits.dtype), tail_mass.to(logits.dtype)[:, None]], dim=1)
+    valid = torch.cat([support_valid, has_tail[:, None]], dim=1)
+    teacher = torch.where(valid, teacher, torch.zeros_like(teacher))
+    student_log = torch.cat([support_log_q, tail_log_q[:, None]], dim=1)
+    student_log = torch.where(valid, student_log, torch.zeros_like(student_log))
+    return CoarseCells(teacher=teacher, student_log=student_log, valid=valid)
+
+
+def _xlogy_ratio(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
+    """p (log p - log q) with 0 log 0 = 0, without nan gradients on the p == 0 entries."""
+    positive = p > 0
+    zero = torch.zeros_like(log_q)
+    # Both logs are masked too: 0 * (-inf) in the unselected branch would still send nan backwards.
+    difference = torch.where(positive, log_p, zero) - torch.where(positive, log_q, zero)
+    return torch.where(positive, p * difference, zero)
+
+
+def sparse_kl(
+    support_ids: Tensor, support_probs: Tensor, tail_mass: Tensor, student_logits: Tensor
+) -> Tensor:
+    """Per-row KL(R || Q) with the tail bucket: sum_S r log(r/q) + eps log(eps/q_T). Returns (N,)."""
+    cells = coarse_cells(support_ids, support_probs, tail_mass, student_logits)
+    teacher_log = torch.log(torch.where(cells.teacher > 0, cells.teacher, torch.ones_like(cells.teacher)))
+    return _xlogy_ratio(cells.teacher, teacher_log, cells.student_log).sum(dim=-1)
+
+
+def sparse_jsd(
+    support_ids: Tensor, support_probs: Tensor, tail_mass: Tensor, student_logits: Tensor
+) -> Tensor:
+    """Per-row Jensen-Shannon divergence (nats) between R and Q on the support + tail cells. Returns (N,)."""
+    cells = coarse_cells(support_ids, support_probs, tail_mass, student_logits)
+    teacher = cells.teacher
+    student = torch.where(cells.valid, cells.student_log.exp(), torch.zeros_like(teacher))
+    mixture = 0.5 * (teacher + student)
+    safe = torch.ones_like(teacher)
+    teacher_log = torch.log(torch.where(teacher > 0, teacher, safe))
+    mixture_log = torch.log(torch.where(mixture > 0, mixture, safe))
+    teacher_term = _xlogy_ratio(teacher, teacher_log, mixture_log)
+    student_term = _xlogy_ratio(student, cells.student_log, mixture_log)
+    return 0.5 * (teacher_term + student_term).sum(dim=-1)
+
+
+def sparse_cosine(
+    support_ids: Tensor, support_probs: Tensor, tail_mass: Tensor, student_logits: Tensor
+) -> Tensor:
+    """Per-row cosine distance 1 - cos(R, Q) between the support + tail cell vectors. Returns (N,).
+
+    Unlike KL and JSD this is no f-divergence, so it is not bounded by the dense value; it equals the
+    dense cosine distance when nothing is truncated.
+    """
+    cells = coarse_cells(support_ids, support_probs, tail_mass, student_logits)
+    student = torch.where(cells.valid, cells.student_log.exp(), torch.zeros_like(cells.teacher))
+    return 1.0 - torch.nn.functional.cosine_similarity(cells.teacher, student, dim=-1, eps=1e-12)
+
+
+SPARSE_DIVERGENCES = {"kl": sparse_kl, "jsd": sparse_jsd, "cosine": sparse_cosine}
+
+
+def pad_rows(rows: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Stack per-token (ids, probs) 1-D pairs of varying length into the padded (N, S_max) layout."""
+    width = max((len(ids) for ids, _ in rows), default=1) or 1
+    support_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    support_probs = torch.zeros((len(rows), width), dtype=torch.float32)
+    for row, (ids, probs) in enumerate(rows):
+        support_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        support_probs[row, : len(probs)] = torch.as_tensor(probs, dtype=torch.float32)
+    return support_ids, support_probs

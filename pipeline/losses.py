@@ -1,0 +1,266 @@
+"""Unlearning losses: one short function per method, each reading like its paper's equation.
+
+A loss function declares what it needs by its parameter names, so the training stage knows what to
+compute (and which caches to stream) without a table beside the registry:
+
+    forget, retain, refusal          AnswerPredictions of the student (answer positions only)
+    forget_teacher, retain_teacher   sparse teacher distributions from a cache (cache.distributions)
+    forget_reference_log_probs       (B,) log p(y | I, x; theta_full) of the frozen model
+    refusal_reference_log_probs      (B,) log p(y_idk | I, x; theta_full)
+
+Keyword-only parameters are hyperparameters (with the papers' defaults). Every loss returns a dict
+with "loss" (the scalar to minimise) and its terms (for the training log).
+
+Normalisation, the same for every method: ViKeR Eq. 2 and 5 sum over the answer tokens of a sample and
+average over samples (L_NLL = -1/|D| sum_s log p(y|I,x), log p(y|I,x) = sum_i log p(y_i|I,x,i)).
+Token-level divergences (ViKeR's KL(R_i || Q_i), Vgid's KL over the answer, KL_Min) are therefore also
+summed over the answer tokens of a sample and averaged over the samples of the batch. NPO and DPO use the
+sequence log-probability log p(y|x), i.e. the same per-sample token sum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cache.distributions import TruncatedDistributions, sparse_cosine, sparse_jsd, sparse_kl
+from pipeline.registry import Registry
+
+LossTerms = dict[str, Tensor]
+LOSSES: Registry[Callable[..., LossTerms]] = Registry("loss")
+
+# D(R || Q) per answer token, from a sparse teacher and the student's logits (ViKeR Table 9).
+REGULARIZERS: Registry[Callable[..., Tensor]] = Registry("regularizer")
+REGULARIZERS.register("kl")(sparse_kl)
+REGULARIZERS.register("jsd")(sparse_jsd)
+REGULARIZERS.register("cosine")(sparse_cosine)
+
+REFUSALS_FILE = Path(__file__).with_name("refusals.txt")
+
+
+@dataclass
+class AnswerPredictions:
+    """The student's next-token logits at the answer positions of a batch, teacher-forced on its answers."""
+
+    logits: Tensor  # (N, V), N = sum(answer_lengths), samples concatenated in order
+    targets: Tensor  # (N,) the answer token ids
+    answer_lengths: list[int]
+
+    def per_sample_sum(self, per_token: Tensor) -> Tensor:
+        """(N,) per-token values -> (B,) sums over each sample's answer tokens."""
+        lengths = torch.as_tensor(self.answer_lengths, device=per_token.device)
+        sample_index = torch.repeat_interleave(
+            torch.arange(len(self.answer_lengths), device=lengths.device), lengths
+        )
+        sums = torch.zeros(len(self.answer_lengths), dtype=per_token.dtype, device=per_token.device)
+        return sums.index_add(0, sample_index, per_token)
+
+    def token_log_probs(self) -> Tensor:
+        """(N,) log p_theta(y_i | I, x, i) (ViKeR Eq. 1), in at least float32 whatever the logits' dtype."""
+        logits = self.logits if self.logits.dtype == torch.float64 else self.logits.float()
+        return -F.cross_entropy(logits, self.targets, reduction="none")
+
+    def answer_log_probs(self) -> Tensor:
+        """(B,) log p(y | I, x; theta) = sum_i log p_theta(y_i | I, x, i)."""
+        return self.per_sample_sum(self.token_log_probs())
+
+    def split(self, sample_counts: list[int]) -> list[AnswerPredictions]:
+        """Cut a jointly computed batch (e.g. forget + retain samples in one forward) into its parts."""
+        parts, sample_start, token_start = [], 0, 0
+        for count in sample_counts:
+            lengths = self.answer_lengths[sample_start : sample_start + count]
+            token_end = token_start + sum(lengths)
+            parts.append(
+                AnswerPredictions(
+                    self.logits[token_start:token_end], self.targets[token_start:token_end], lengths
+                )
+            )
+            sample_start, token_start = sample_start + count, token_end
+        return parts
+
+
+def nll(predictions: AnswerPredictions) -> Tensor:
+    """L_NLL(D) = -1/|D| sum_s log p(y | I, x; theta)  (ViKeR Eq. 2)."""
+    return -predictions.answer_log_probs().mean()
+
+
+def divergence(name: str, teacher: TruncatedDistributions, predictions: AnswerPredictions) -> Tensor:
+    """1/|D| sum_s sum_i D(R_i || Q_i): a token-level divergence summed per sample, averaged over samples.
+
+    The teacher is top-p truncated; D is taken on its support plus the tail bucket (cache.distributions).
+    """
+    if len(teacher) != len(predictions.targets):
+        raise ValueError(f"{len(teacher)} teacher rows for {len(predictions.targets)} answer tokens")
+    divergence_of = REGULARIZERS[name]
+    per_token = divergence_of(
+        teacher.support_ids, teacher.support_probs, teacher.tail_mass, predictions.logits
+    )
+    return predictions.per_sample_sum(per_token).mean()
+
+
+def preference_loss(log_ratio_preferred: Tensor, log_ratio_dispreferred: Tensor, beta: float) -> Tensor:
+    """(B,) DPO / PO (Vgid Eq. 9): -log sigma(beta log pi/pi_ref(y+) - beta log pi/pi_ref(y-))."""
+    return -F.logsigmoid(beta * log_ratio_preferred - beta * log_ratio_dispreferred)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Methods
+
+
+@LOSSES.register("ga")
+def ga(forget: AnswerPredictions) -> LossTerms:
+    """L_GA(D_f) = -L_NLL(D_f)  (ViKeR Eq. 3)."""
+    forget_nll = nll(forget)
+    return {"loss": -forget_nll, "forget_nll": forget_nll}
+
+
+@LOSSES.register("ga_diff")
+def ga_diff(forget: AnswerPredictions, retain: AnswerPredictions, *, beta: float = 1.0) -> LossTerms:
+    """L = -L(D_f) + beta L(D_r)  (MLLMU-Bench GA_Diff with beta = 1; Vgid Eq. 7 names the weight lambda)."""
+    forget_nll, retain_nll = nll(forget), nll(retain)
+    return {"loss": -forget_nll + beta * retain_nll, "forget_nll": forget_nll, "retain_nll": retain_nll}
+
+
+@LOSSES.register("kl_min")
+def kl_min(
+    forget: AnswerPredictions,
+    retain: AnswerPredictions,
+    retain_teacher: TruncatedDistributions,
+    *,
+    beta: float = 1.0,
+) -> LossTerms:
+    """L = -L(D_f) + beta E_{D_r} KL(P_theta_ref(y|x) || P_theta(y|x))  (Vgid Eq. 8).
+
+    The KL runs from the frozen model to the student, as in Vgid Eq. 8 (MLLMU-Bench Eq. 14 writes the
+    arguments the other way round); this direction is the one a top-p cache of the frozen model supports.
+    """
+    forget_nll = nll(forget)
+    retain_kl = divergence("kl", retain_teacher, retain)
+    return {"loss": -forget_nll + beta * retain_kl, "forget_nll": forget_nll, "retain_kl": retain_kl}
+
+
+@LOSSES.register("npo")
+def npo(forget: AnswerPredictions, forget_reference_log_probs: Tensor, *, npo_beta: float = 0.4) -> LossTerms:
+    """L_NPO = -(2/beta) E_{D_f} log sigma(-beta log(p(y|I,x;theta) / p(y|I,x;theta_full)))  (ViKeR A.3).
+
+    Equal to MLLMU-Bench Eq. 15, (2/beta) E log(1 + (pi_theta/pi_ref)^beta); beta = 0.4 there and in ViKeR.
+    """
+    log_ratio = forget.answer_log_probs() - forget_reference_log_probs
+    loss = -(2.0 / npo_beta) * F.logsigmoid(-npo_beta * log_ratio).mean()
+    return {"loss": loss, "forget_log_ratio": log_ratio.mean()}
+
+
+@LOSSES.register("idkpo")
+def idkpo(
+    forget: AnswerPredictions,
+    refusal: AnswerPredictions,
+    forget_reference_log_probs: Tensor,
+    refusal_reference_log_probs: Tensor,
+    *,
+    npo_beta: float = 0.4,
+) -> LossTerms:
+    """L_IdkPO = -(1/beta) E log sigma(beta log ratio(y_idk) - beta log ratio(y))  (ViKeR A.3).
+
+    DPO (Vgid Eq. 9) with a refusal as the preferred answer and the true answer as the dispreferred one,
+    scaled by 1/beta as ViKeR writes it. beta is the same 0.4 as NPO's (ViKeR A.4), hence `npo_beta`.
+    """
+    refusal_log_ratio = refusal.answer_log_probs() - refusal_reference_log_probs
+    forget_log_ratio = forget.answer_log_probs() - forget_reference_log_probs
+    loss = preference_loss(refusal_log_ratio, forget_log_ratio, npo_beta).mean() / npo_beta
+    return {
+        "loss": loss,
+        "refusal_log_ratio": refusal_log_ratio.mean(),
+        "forget_log_ratio": forget_log_ratio.mean(),
+    }
+
+
+@LOSSES.register("viker")
+def viker(
+    forget: AnswerPredictions,
+    forget_teacher: TruncatedDistributions,
+    *,
+    lambda_: float = 0.05,
+    regularizer: str = "kl",
+    no_ga: bool = False,
+) -> LossTerms:
+    """L_ViKeR = -L_NLL(D_f) + lambda/|D_f| sum_{D_f} sum_i KL(R_i || Q_i)  (ViKeR Eq. 5).
+
+    R_i is the cached visual-guided teacher (Eq. 4). `regularizer` swaps KL for JSD or cosine (Table 9);
+    `no_ga` drops the first term (the "w/o GA" ablation); lambda = 0 is "w/o Reg", i.e. GA.
+    """
+    forget_nll = nll(forget)
+    regularization = divergence(regularizer, forget_teacher, forget)
+    ga_term = torch.zeros_like(forget_nll) if no_ga else -forget_nll
+    return {
+        "loss": ga_term + lambda_ * regularization,
+        "forget_nll": forget_nll,
+        "regularization": regularization,
+    }
+
+
+@LOSSES.register("vgid")
+def vgid(
+    forget: AnswerPredictions,
+    forget_teacher: TruncatedDistributions,
+    retain: AnswerPredictions,
+    retain_teacher: TruncatedDistributions,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+) -> LossTerms:
+    """L = alpha E_{D_F} KL(pi_T || pi_theta) + beta E_{D_R} KL(pi_theta0 || pi_theta)  (Vgid Eq. 3-5)."""
+    forget_kl = divergence("kl", forget_teacher, forget)
+    retain_kl = divergence("kl", retain_teacher, retain)
+    return {"loss": alpha * forget_kl + beta * retain_kl, "forget_kl": forget_kl, "retain_kl": retain_kl}
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a method needs
+
+
+def loss_inputs(method: str) -> list[str]:
+    """The tensors a method reads (its positional parameters), e.g. ["forget", "forget_teacher"]."""
+    parameters = inspect.signature(LOSSES[method]).parameters.values()
+    return [p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+
+
+def loss_hyperparameters(method: str) -> dict[str, object]:
+    """A method's hyperparameters (its keyword-only parameters) with their paper defaults."""
+    parameters = inspect.signature(LOSSES[method]).parameters.values()
+    return {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def compute_loss(method: str, inputs: dict[str, object], hyperparameters: dict[str, object]) -> LossTerms:
+    """Call a method's loss with the inputs it declares and the hyperparameters it accepts."""
+    needed = loss_inputs(method)
+    missing = [name for name in needed if inputs.get(name) is None]
+    if missing:
+        raise ValueError(f"loss {method!r} needs {', '.join(missing)}")
+    accepted = loss_hyperparameters(method)
+    return LOSSES[method](
+        **{name: inputs[name] for name in needed},
+        **{name: value for name, value in hyperparameters.items() if name in accepted},
+    )
+
+
+def load_refusals(path: str | Path = REFUSALS_FILE) -> list[str]:
+    """The "I don't know"-type answers IdkPO prefers (one per line; ViKeR uses a set of 100)."""
+    lines = [line.strip() for line in Path(path).read_text().splitlines()]
+    refusals = [line for line in lines if line and not line.startswith("#")]
+    if not refusals:
+        raise ValueError(f"{path} holds no refusal sentences")
+    return refusals
+
+
+def choose_refusal(sample_id: str, refusals: list[str], seed: int) -> str:
+    """The refusal a forget sample is paired with: random across samples, fixed for a (seed, sample) pair,
+    so the frozen model's log-probability of it can be computed once before training."""
+    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+    return refusals[int.from_bytes(digest[:8], "big") % len(refusals)]

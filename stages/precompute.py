@@ -1,0 +1,535 @@
+"""Stage `precompute`: the frozen full model's teacher distributions over the answer tokens, cached.
+
+For every sample of the split, a teacher (pipeline.teachers) builds the intervened inputs: k reference
+images for ViKeR, a perturbed image and an unlearning instruction for Vgid, the unmodified input for
+`original` / `base`. The model runs teacher-forced on the ground-truth answer; only the answer positions
+go through the output layer (pipeline.models.answer_logits), the per-token distribution is the mean of
+the variants' softmaxes (ViKeR Eq. 4; one variant otherwise), and it is truncated to its top-p support on
+the device before anything is copied. Rows go to sharded zstd Parquet (cache.format).
+
+Distribution: `--shard-index i --num-shards N` computes exactly the contiguous slice i of the split
+(cache.format.shard_bounds), so N processes (a Slurm array, one per GPU) produce the whole cache.
+Without --shard-index a process computes every shard in turn. A shard that is complete and whose
+checksum verifies is skipped; a missing, half-written or corrupt one, or one left by a run with other
+settings (model, parameters, data), is computed again. An output directory written with another
+tokenizer is refused.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from inspect import signature
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cache.distributions import truncate_probabilities
+from cache.format import (
+    CachedSample,
+    CacheError,
+    IncompatibleCacheError,
+    ShardManifest,
+    ShardWriter,
+    check_compatible,
+    completed_shard,
+    inspect_cache,
+    read_manifest,
+    shard_bounds,
+    shard_header,
+    shard_name,
+)
+from pipeline.data import load_reference_pool, load_unlearning_samples, samples_fingerprint
+from pipeline.models import LoadedModel, answer_logits, encode_answers, load_model
+from pipeline.perturbations import PERTURBATIONS
+from pipeline.samples import QASample, sha256_hex
+from pipeline.teachers import ICU_PROMPTS, TEACHERS, TeacherConfig, TeacherContext, TeacherInput, original
+
+DEFAULT_SPLITS = {"base": "retain_90"}  # every other teacher works on the forget split
+DEFAULT_FORGET_SPLIT = "forget_10"
+REFERENCE_KINDS = ("people", "pets", "scene", "pattern", "forget", "retain")  # ViKeR Fig. 7
+
+
+class PrecomputeError(ValueError):
+    """Input the stage cannot turn into correct rows; the message names the sample or file."""
+
+
+@dataclass
+class PrecomputeConfig:
+    model: str
+    data: str
+    out: str
+    teacher: str = "viker"
+    k: int = 5
+    reference_kind: str = "people"
+    references: str | None = None  # folder holding references/<kind>/ (default: next to --data)
+    perturbation: str = "random-noise"
+    sigma: float = 0.4
+    icu_prompt: str = "strict"
+    top_p: float = 0.99
+    max_support: int = 256
+    split: str | None = None
+    kinds: tuple[str, ...] = ("qa",)
+    shard_index: int | None = None
+    num_shards: int = 1
+    batch_size: int = 8
+    seed: int = 0
+    dtype: str = "fp32"
+    device: str = "cpu"
+    threads: int = 0  # torch threads; 0 keeps torch's default
+    limit: int | None = None  # only the first `limit` samples of the split (smoke tests, benches)
+    progress: bool = False
+    teacher_config: TeacherConfig = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.teacher not in TEACHERS:
+            raise PrecomputeError(f"unknown --teacher {self.teacher!r}; known: {', '.join(TEACHERS.names())}")
+        self.split = self.split or DEFAULT_SPLITS.get(self.teacher, DEFAULT_FORGET_SPLIT)
+        self.kinds = tuple(self.kinds)
+        if self.k < 1:
+            raise PrecomputeError(f"--k must be >= 1, got {self.k}")
+        if self.num_shards < 1:
+            raise PrecomputeError(f"--num-shards must be >= 1, got {self.num_shards}")
+        if self.shard_index is not None and not 0 <= self.shard_index < self.num_shards:
+            raise PrecomputeError(f"--shard-index {self.shard_index} is outside 0..{self.num_shards - 1}")
+        if self.perturbation not in PERTURBATIONS:
+            raise PrecomputeError(
+                f"unknown --perturbation {self.perturbation!r}; known: {', '.join(PERTURBATIONS.names())}"
+            )
+        if self.icu_prompt not in ICU_PROMPTS:
+            raise PrecomputeError(
+                f"unknown --icu-prompt {self.icu_prompt!r}; known: {', '.join(ICU_PROMPTS)}"
+            )
+        if self.reference_kind not in REFERENCE_KINDS:
+            raise PrecomputeError(
+                f"unknown --reference-kind {self.reference_kind!r}; known: {', '.join(REFERENCE_KINDS)}"
+            )
+        self.teacher_config = TeacherConfig(
+            k=self.k,
+            reference_kind=self.reference_kind,
+            perturbation=self.perturbation,
+            sigma=self.sigma,
+            icu_prompt=self.icu_prompt,
+            seed=self.seed,
+        )
+
+
+# ---------------------------------------------------------------- the stage, top to bottom
+
+
+def run(config: PrecomputeConfig) -> list[ShardManifest]:
+    """Compute (or skip, when complete) the shards this process owns; returns their manifests."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    samples = load_samples(config)
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    context = teacher_context(config, loaded)
+    header = cache_header(config, loaded, samples, context)
+    expected_header = shard_header(header, config.num_shards)
+    check_existing_shards(Path(config.out), expected_header)
+
+    extractor = TeacherExtractor(loaded, config.top_p, config.max_support)
+    teacher = TEACHERS[config.teacher]
+    owned = range(config.num_shards) if config.shard_index is None else [config.shard_index]
+    manifests = []
+    for shard_index in owned:
+        done = completed_shard(config.out, shard_index, config.num_shards, expected_header)
+        if done is not None:
+            _say(f"{shard_name(shard_index, config.num_shards)}: complete and verified, skipped")
+            manifests.append(done)
+            continue
+        started, cpu_started = time.perf_counter(), time.process_time()
+        shard_samples = [samples[i] for i in shard_bounds(len(samples), shard_index, config.num_shards)]
+        # Features computed in another shard's batches may differ in the last bit: starting each shard
+        # empty makes its bytes depend on the shard alone, whichever process computes it.
+        extractor.vision_features.clear()
+        with ShardWriter(config.out, shard_index, config.num_shards, header) as writer:
+            for chunk in _progress(_batched(shard_samples, config.batch_size), config, len(shard_samples)):
+                inputs = [teacher(sample, context) for sample in chunk]
+                for sample, teacher_input, row in zip(chunk, inputs, extractor(chunk, inputs), strict=True):
+                    writer.write(row, {**teacher_input.record(), "answer": sample.answer})
+            manifest = writer.close()
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        name = shard_name(shard_index, config.num_shards)
+        _say(
+            f"{name}: {manifest.num_samples} samples, {manifest.num_tokens} tokens in {elapsed:.2f} s (cpu {cpu:.2f} s)"
+        )
+        manifests.append(manifest)
+    return manifests
+
+
+def load_samples(config: PrecomputeConfig) -> list[QASample]:
+    """The split's triples, with the checks that need no model: every answer non-empty."""
+    samples = load_unlearning_samples(config.data, config.split, config.kinds)
+    if config.limit is not None:
+        samples = samples[: config.limit]
+    for sample in samples:
+        if not sample.answer or not sample.answer.strip():
+            raise PrecomputeError(
+                f"sample {sample.sample_id} ({sample.image_source or config.split}) has an empty answer"
+            )
+    return samples
+
+
+def teacher_context(config: PrecomputeConfig, loaded: LoadedModel) -> TeacherContext:
+    pool = None
+    if config.teacher == "viker":
+        pool = load_reference_pool(references_root(config), config.reference_kind, forget_ratio(config.split))
+        if len(pool) < config.k:
+            raise PrecomputeError(
+                f"reference pool {config.reference_kind!r} under {references_root(config)} has {len(pool)} "
+                f"images, fewer than --k {config.k}"
+            )
+    return TeacherContext(
+        family=loaded.family,
+        config=config.teacher_config,
+        reference_pool=pool,
+        reference_kind=config.reference_kind,
+    )
+
+
+def cache_header(
+    config: PrecomputeConfig, loaded: LoadedModel, samples: list[QASample], context: TeacherContext
+) -> dict[str, Any]:
+    """Everything that determines the cached numbers; identical in every shard of the run."""
+    instruction = context.icu_instruction() if config.teacher in ("vgid", "icu") else None
+    header = {
+        "teacher": config.teacher,
+        "teacher_params": config.teacher_config.params_for(config.teacher),
+        "top_p": config.top_p,
+        "max_support": config.max_support,
+        "prompt_template": loaded.family.build_prompt("{question}", True, instruction),
+        "model_family": loaded.family.name,
+        "model_fingerprint": loaded.model_fingerprint,
+        "tokenizer_fingerprint": loaded.tokenizer_fingerprint,
+        "vocab_size": int(loaded.model.get_output_embeddings().weight.shape[0]),
+        "dtype": config.dtype,
+        "split": config.split,
+        "kinds": list(config.kinds),
+        "num_samples": len(samples),
+        "dataset_fingerprint": samples_fingerprint(samples),
+    }
+    if context.reference_pool is not None:
+        pool = [[image_id, sha256_hex(data)] for image_id, data in context.reference_pool]
+        header["reference_pool_fingerprint"] = sha256_hex(repr(pool).encode())
+    return header
+
+
+def check_existing_shards(directory: Path, expected_header: dict[str, Any]) -> None:
+    """Refuse a directory written with another tokenizer; name shards left by a run with other settings.
+
+    Such stale shards (e.g. after `dvc repro` with a changed parameter) are recomputed when their turn
+    comes; until then `pipeline cache verify` and every reader refuse the mixed directory.
+    """
+    if not directory.is_dir():
+        return
+    for manifest_path in sorted(directory.glob("shard-*-of-*.json")):
+        try:
+            header = ShardManifest.load(manifest_path).header
+        except CacheError:
+            continue  # an unreadable manifest only means that shard gets recomputed
+        if header.get("tokenizer_fingerprint") != expected_header["tokenizer_fingerprint"]:
+            raise IncompatibleCacheError(
+                f"{manifest_path} was written with tokenizer {header.get('tokenizer_fingerprint')}, but "
+                f"--model has tokenizer {expected_header['tokenizer_fingerprint']}: use another --out"
+            )
+        differing = sorted(
+            key for key in set(header) | set(expected_header) if header.get(key) != expected_header.get(key)
+        )
+        if differing:
+            _say(f"{manifest_path.name}: from a run with other {', '.join(differing)}; it will be recomputed")
+
+
+# ---------------------------------------------------------------- the teacher forward pass
+
+
+class TeacherExtractor:
+    """Runs teacher inputs through the frozen model and returns truncated per-token distributions."""
+
+    def __init__(self, loaded: LoadedModel, top_p: float, max_support: int) -> None:
+        self.loaded = loaded
+        self.top_p, self.max_support = top_p, max_support
+        self.vision_features = VisionFeatureCache(loaded.model)
+        config = loaded.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.max_positions = getattr(text_config, "max_position_embeddings", None)
+
+    def __call__(self, samples: Sequence[QASample], inputs: Sequence[TeacherInput]) -> list[CachedSample]:
+        with torch.inference_mode():
+            answers, mean_probs, target_log_prob, lengths = self.mean_distributions(samples, inputs)
+            # The ground-truth token always joins the support: R(y_t) and the gradient at y_t stay exact.
+            targets = torch.cat(answers).to(mean_probs.device)
+            truncated = truncate_probabilities(mean_probs, self.top_p, self.max_support, include=targets)
+            # One copy of the small truncated tensors per batch, then split per sample on the host.
+            truncated, target_log_prob = truncated.to("cpu"), target_log_prob.cpu()
+        rows, start = [], 0
+        for sample, answer_ids, length in zip(samples, answers, lengths, strict=True):
+            rows.append(
+                CachedSample.from_distributions(
+                    sample.sample_id,
+                    answer_ids,
+                    truncated.rows(start, start + length),
+                    target_log_prob[start : start + length],
+                )
+            )
+            start += length
+        return rows
+
+    def mean_distributions(
+        self, samples: Sequence[QASample], inputs: Sequence[TeacherInput]
+    ) -> tuple[list[Tensor], Tensor, Tensor, list[int]]:
+        """(answer ids per sample, R (N, V) on the device, log R(y_t) (N,), answer lengths).
+
+        All variants of all samples run as one batch; R of a token is the mean over its sample's variants.
+        """
+        variants = [variant for teacher_input in inputs for variant in teacher_input.variants]
+        owners = [index for index, teacher_input in enumerate(inputs) for _ in teacher_input.variants]
+        batch = encode_answers(self.loaded, variants)
+        self._check_lengths(samples, owners, batch.inputs["attention_mask"].sum(dim=1).tolist())
+        image_keys = [key for teacher_input in inputs for key in teacher_input.image_keys]
+        batch = batch.to(self.loaded.device)
+        model_kwargs = self.vision_features.model_kwargs(batch.inputs, image_keys)
+        log_probs = torch.log_softmax(answer_logits(self.loaded.model, batch, **model_kwargs).float(), dim=-1)
+
+        # Token t of variant j of sample i (batch row r) adds into output row offsets[i] + t.
+        first_variant = {owner: position for position, owner in reversed(list(enumerate(owners)))}
+        lengths = [batch.answer_lengths[first_variant[index]] for index in range(len(samples))]
+        offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+        output_rows, variant_rows = [], []
+        for position, (owner, length) in enumerate(zip(owners, batch.answer_lengths, strict=True)):
+            output_rows.append(torch.arange(length) + offsets[owner])
+            variant_rows.append(torch.full((length,), position - first_variant[owner]))
+        output_row = torch.cat(output_rows).to(log_probs.device)
+        variant_of_row = torch.cat(variant_rows).to(log_probs.device)
+        variant_counts = [len(teacher_input.variants) for teacher_input in inputs]
+        counts = torch.tensor(variant_counts, device=log_probs.device, dtype=log_probs.dtype)
+        counts = torch.repeat_interleave(counts, torch.tensor(lengths, device=log_probs.device))
+        total = offsets[-1]
+        mean_probs = torch.zeros(total, log_probs.shape[1], device=log_probs.device, dtype=log_probs.dtype)
+        mean_probs.index_add_(0, output_row, log_probs.exp())
+        mean_probs /= counts[:, None]
+
+        # log R(y_t) = logsumexp_j log p_j(y_t) - log k: exact even where R(y_t) underflows float32.
+        target_per_row = log_probs.gather(1, batch.targets[:, None]).squeeze(1)
+        per_variant = torch.full((total, max(variant_counts)), float("-inf"), device=log_probs.device)
+        per_variant[output_row, variant_of_row] = target_per_row
+        target_log_prob = torch.logsumexp(per_variant, dim=1) - counts.log()
+
+        targets = batch.targets.cpu()
+        row_starts = [0, *torch.tensor(batch.answer_lengths).cumsum(0).tolist()]
+        answers = [
+            targets[row_starts[first_variant[i]] : row_starts[first_variant[i] + 1]]
+            for i in range(len(samples))
+        ]
+        return answers, mean_probs, target_log_prob, lengths
+
+    def _check_lengths(
+        self, samples: Sequence[QASample], owners: list[int], sequence_lengths: list[int]
+    ) -> None:
+        if self.max_positions is None:
+            return
+        for owner, length in zip(owners, sequence_lengths, strict=True):
+            if length > self.max_positions:
+                sample = samples[owner]
+                raise PrecomputeError(
+                    f"sample {sample.sample_id}: prompt + image tokens + answer are {length} tokens, more than "
+                    f"the model's limit of {self.max_positions} (answer: {sample.answer[:60]!r}...)"
+                )
+
+
+class VisionFeatureCache:
+    """Vision-tower features by image content key, so a reference image is encoded once per run.
+
+    Works for models whose forward accepts `mm_encoder_outputs` with one pixel tensor per image
+    (LLaVA); for others (e.g. Qwen2-VL's packed patches) it steps aside and the model encodes as usual.
+    """
+
+    def __init__(self, model: torch.nn.Module, capacity: int = 4096) -> None:
+        inner = getattr(model, "model", None)
+        self.encoder = getattr(inner, "get_image_features", None)
+        self.enabled = (
+            self.encoder is not None and "mm_encoder_outputs" in signature(model.forward).parameters
+        )
+        self.capacity = capacity
+        self.features: OrderedDict[str, Tensor] = OrderedDict()
+        self.encoded = self.reused = 0
+
+    def model_kwargs(self, inputs: dict[str, Tensor], keys: list[str | None]) -> dict[str, Any]:
+        """Replace inputs['pixel_values'] by cached/fresh features; {} when not applicable."""
+        pixel_values = inputs.get("pixel_values")
+        if (
+            not self.enabled
+            or pixel_values is None
+            or pixel_values.dim() != 4
+            or pixel_values.shape[0] != len(keys)
+            or "image_sizes" in inputs
+        ):
+            return {}
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        first_of_key: dict[str, int] = {}
+        to_encode = []
+        for position, key in enumerate(keys):
+            if key is None:
+                to_encode.append(position)
+            elif key not in self.features and key not in first_of_key:
+                first_of_key[key] = position
+                to_encode.append(position)
+        fresh: dict[int, Tensor] = {}
+        if to_encode:
+            output = self.encoder(pixel_values=pixel_values[to_encode], return_dict=True).pooler_output
+            fresh = dict(zip(to_encode, output, strict=True))
+        features = []
+        for position, key in enumerate(keys):
+            if key is None:
+                features.append(fresh[position])
+                continue
+            if key in first_of_key and first_of_key[key] == position:
+                self._remember(key, fresh[position])
+                self.encoded += 1
+            else:
+                self.features.move_to_end(key)
+                self.reused += 1
+            features.append(self.features[key])
+        self.encoded += sum(1 for key in keys if key is None)
+        del inputs["pixel_values"]
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
+
+    def clear(self) -> None:
+        self.features.clear()
+
+    def _remember(self, key: str, value: Tensor) -> None:
+        self.features[key] = value
+        while len(self.features) > self.capacity:
+            self.features.popitem(last=False)
+
+
+# ---------------------------------------------------------------- measuring a cache against exact teachers
+
+
+def measure_cache_kl(
+    directory: str | Path,
+    model_path: str,
+    data_dir: str,
+    references: str | None = None,
+    device: str = "cpu",
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """inspect_cache plus kl_error = mean |KL_cached(R||Q) - KL(R||Q)| per token, where R is recomputed
+    exactly from the manifest's teacher and parameters and Q is the model on the unmodified input (the
+    student before unlearning)."""
+    manifest = read_manifest(directory)
+    header = manifest.header
+    loaded = load_model(model_path, dtype=header["dtype"], device=device)
+    check_compatible(manifest, loaded.model_fingerprint, loaded.tokenizer_fingerprint)
+    params = header["teacher_params"]
+    config = PrecomputeConfig(
+        model=model_path,
+        data=data_dir,
+        out=str(directory),
+        teacher=header["teacher"],
+        references=references,
+        split=header["split"],
+        kinds=tuple(header["kinds"]),
+        top_p=header["top_p"],
+        max_support=header["max_support"],
+        dtype=header["dtype"],
+        device=device,
+        **params,
+    )
+    samples = {sample.sample_id: sample for sample in load_samples(config)}
+    context = teacher_context(config, loaded)
+    recorded = {record["sample_id"]: record for record in manifest.samples}
+    extractor = TeacherExtractor(loaded, header["top_p"], header["max_support"])
+    teacher = TEACHERS[config.teacher]
+
+    def exact(cached: list[CachedSample]) -> Iterator[tuple[Tensor, Tensor]]:
+        for chunk in _batched(cached, batch_size):
+            try:
+                qa = [samples[row.sample_id] for row in chunk]
+            except KeyError as error:
+                raise CacheError(
+                    f"cache row {error} is not a sample of split {config.split} in {data_dir}"
+                ) from None
+            inputs = [teacher(sample, context) for sample in qa]
+            for sample, teacher_input in zip(qa, inputs, strict=True):
+                if teacher_input.record()["prompt"] != recorded[sample.sample_id]["prompt"]:
+                    raise CacheError(
+                        f"sample {sample.sample_id}: recomputed prompt differs from the manifest's"
+                    )
+            with torch.inference_mode():
+                _, teacher_probs, _, lengths = extractor.mean_distributions(qa, inputs)
+                student_inputs = [original(sample, context) for sample in qa]
+                _, student_probs, _, _ = extractor.mean_distributions(qa, student_inputs)
+            student_logits = torch.log(student_probs.double().clamp_min(1e-300))
+            yield from zip(
+                torch.split(teacher_probs.cpu(), lengths),
+                torch.split(student_logits.cpu(), lengths),
+                strict=True,
+            )
+
+    summary = inspect_cache(directory, measure_against=exact, measure_limit=limit)
+    summary["vision_features"] = {
+        "encoded": extractor.vision_features.encoded,
+        "reused": extractor.vision_features.reused,
+    }
+    return summary
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def references_root(config: PrecomputeConfig) -> Path:
+    """--references, else the folder beside --data that holds references/ (the mini world's layout)."""
+    if config.references:
+        return Path(config.references)
+    data = Path(config.data)
+    if config.reference_kind in ("forget", "retain"):
+        return data
+    return data.parent if (data.parent / "references").is_dir() else data
+
+
+def forget_ratio(split: str) -> int:
+    """The K of forget_K / retain_(100-K), for the forget|retain reference pools."""
+    match = re.fullmatch(r"(forget|retain)_(\d+)", split)
+    if not match:
+        return 10
+    return int(match.group(2)) if match.group(1) == "forget" else 100 - int(match.group(2))
+
+
+def _batched(items: Sequence, size: int) -> Iterator[list]:
+    for start in range(0, len(items), max(size, 1)):
+        yield list(items[start : start + size])
+
+
+def _progress(chunks: Iterator[list], config: PrecomputeConfig, total: int) -> Iterator[list]:
+    if not config.progress:
+        yield from chunks
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=f"precompute {config.teacher}", unit="sample", file=sys.stderr) as bar:
+        for chunk in chunks:
+            yield chunk
+            bar.update(len(chunk))
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+__all__ = [
+    "PrecomputeConfig",
+    "PrecomputeError",
+    "TeacherExtractor",
+    "VisionFeatureCache",
+    "measure_cache_kl",
+    "run",
+]

@@ -1,0 +1,307 @@
+"""Property tests of cache.distributions against dense full-vocabulary reference implementations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cache.distributions import (
+    PAD_ID,
+    SPARSE_DIVERGENCES,
+    sparse_cosine,
+    sparse_jsd,
+    sparse_kl,
+    truncate_probabilities,
+    truncate_top_p,
+)
+
+# ---------------------------------------------------------------- dense references (full vocabulary)
+
+
+def dense_kl(teacher: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    log_q = torch.log_softmax(student_logits, dim=-1)
+    return (torch.special.xlogy(teacher, teacher) - torch.where(teacher > 0, teacher * log_q, 0.0)).sum(-1)
+
+
+def dense_jsd(teacher: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    student = torch.softmax(student_logits, dim=-1)
+    mixture = 0.5 * (teacher + student)
+
+    def kl(p: torch.Tensor) -> torch.Tensor:
+        return torch.where(p > 0, p * (torch.log(p) - torch.log(mixture)), 0.0).sum(-1)
+
+    return 0.5 * (kl(teacher) + kl(student))
+
+
+def dense_cosine(teacher: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    student = torch.softmax(student_logits, dim=-1)
+    return 1 - (teacher * student).sum(-1) / (teacher.norm(dim=-1) * student.norm(dim=-1))
+
+
+DENSE = {"kl": dense_kl, "jsd": dense_jsd, "cosine": dense_cosine}
+
+
+def coarse_dense(teacher: torch.Tensor, student_logits: torch.Tensor, support_ids: torch.Tensor):
+    """Dense coarse-graining: keep the support columns, sum the rest into one extra column."""
+    in_support = torch.zeros_like(teacher, dtype=torch.bool)
+    for row in range(len(teacher)):
+        ids = support_ids[row][support_ids[row] >= 0]
+        in_support[row, ids] = True
+    student = torch.softmax(student_logits, dim=-1)
+    teacher_cells = torch.cat([teacher * in_support, (teacher * ~in_support).sum(-1, keepdim=True)], 1)
+    student_cells = torch.cat([student * in_support, (student * ~in_support).sum(-1, keepdim=True)], 1)
+    return teacher_cells, student_cells
+
+
+# ---------------------------------------------------------------- random inputs
+
+
+def random_case(seed: int, rows: int, vocab: int, sharpness: float, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    teacher_logits = torch.randn(rows, vocab, generator=generator, dtype=dtype) * sharpness
+    student_logits = torch.randn(rows, vocab, generator=generator, dtype=dtype) * sharpness
+    return teacher_logits, student_logits
+
+
+cases = st.tuples(
+    st.integers(0, 10_000),  # seed
+    st.integers(1, 5),  # rows
+    st.integers(2, 40),  # vocabulary size
+    st.floats(0.1, 12.0),  # logit scale: flat .. very peaked
+)
+
+
+# ---------------------------------------------------------------- truncation
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases, st.floats(0.05, 1.0), st.integers(1, 50))
+def test_truncation_is_the_smallest_top_p_set(case, top_p, max_support):
+    teacher_logits, _ = random_case(*case)
+    probs = torch.softmax(teacher_logits, dim=-1)
+    truncated = truncate_top_p(teacher_logits, top_p, max_support)
+    vocab = probs.shape[1]
+    assert truncated.support_probs.dtype == torch.float32 and truncated.tail_mass.dtype == torch.float32
+    for row in range(len(probs)):
+        mask = truncated.support_ids[row] >= 0
+        ids = truncated.support_ids[row][mask]
+        kept = truncated.support_probs[row][mask].double()
+        assert 1 <= len(ids) <= min(max_support, vocab)
+        assert torch.all(ids[1:] > ids[:-1]), "support ids ascending and unique"
+        assert torch.all(truncated.support_probs[row][~mask] == 0)
+        torch.testing.assert_close(kept, probs[row, ids].float().double(), rtol=0, atol=0)
+        # Kept tokens are the most probable ones.
+        dropped = torch.ones(vocab, dtype=torch.bool)
+        dropped[ids] = False
+        if dropped.any():
+            assert probs[row, ids].min() >= probs[row, dropped].max()
+        # Smallest set: reaching top_p needs every kept token, unless the cap stopped it first.
+        if len(ids) < min(max_support, vocab):
+            assert kept.sum() >= top_p - 1e-6 or top_p >= 1.0
+        if top_p < 1.0:
+            assert kept.sum() - kept.min() < top_p + 1e-6
+        # Tail mass measured on the full distribution at capture time.
+        assert truncated.tail_mass[row].item() == pytest.approx(probs[row, dropped].sum().item(), abs=1e-7)
+        assert truncated.tail_mass[row].item() == pytest.approx(1 - kept.sum().item(), abs=1e-6)
+        assert truncated.entropy[row].item() == pytest.approx(
+            -(torch.special.xlogy(probs[row], probs[row])).sum().item(), rel=1e-5, abs=1e-6
+        )
+
+
+def test_tail_mass_of_a_peaked_row_is_not_lost_to_cancellation():
+    logits = torch.tensor([[40.0, 0.0, 0.0, 0.0]])  # tail ~ 3 e^-40 ~ 1.3e-17, 1 - kept rounds to 0
+    truncated = truncate_top_p(logits, 0.5, 4)
+    expected = 3 * torch.exp(torch.tensor(-40.0, dtype=torch.float64)).item()
+    assert truncated.tail_mass.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_truncate_probabilities_takes_a_mean_of_softmaxes():
+    generator = torch.Generator().manual_seed(1)
+    k_logits = torch.randn(5, 3, 30, generator=generator) * 3
+    mean = torch.softmax(k_logits, dim=-1).mean(0)
+    truncated = truncate_probabilities(mean, 0.9, 30)
+    for row in range(3):
+        ids = truncated.support_ids[row][truncated.support_ids[row] >= 0]
+        torch.testing.assert_close(truncated.support_probs[row, : len(ids)], mean[row, ids])
+
+
+def test_truncation_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="max_support"):
+        truncate_top_p(torch.zeros(2, 5), 0.9, 0)
+    with pytest.raises(ValueError, match="top_p"):
+        truncate_top_p(torch.zeros(2, 5), 0.0, 3)
+
+
+# ---------------------------------------------------------------- divergences vs dense
+
+
+@settings(max_examples=50, deadline=None)
+@given(cases, st.sampled_from(["kl", "jsd", "cosine"]))
+def test_sparse_equals_dense_when_nothing_is_truncated(case, name):
+    teacher_logits, student_logits = random_case(*case)
+    vocab = teacher_logits.shape[1]
+    truncated = truncate_top_p(teacher_logits, 1.0, vocab)
+    assert torch.all(truncated.support_sizes == vocab)
+    sparse = SPARSE_DIVERGENCES[name](
+        truncated.support_ids, truncated.support_probs, truncated.tail_mass, student_logits
+    )
+    dense = DENSE[name](torch.softmax(teacher_logits, -1), student_logits)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=80, deadline=None)
+@given(cases, st.floats(0.05, 1.0), st.integers(1, 40), st.sampled_from(["kl", "jsd", "cosine"]))
+def test_sparse_is_the_divergence_of_the_coarse_grained_pair(case, top_p, max_support, name):
+    teacher_logits, student_logits = random_case(*case)
+    teacher = torch.softmax(teacher_logits, -1)
+    truncated = truncate_top_p(teacher_logits, top_p, max_support)
+    sparse = SPARSE_DIVERGENCES[name](
+        truncated.support_ids, truncated.support_probs, truncated.tail_mass, student_logits
+    )
+    teacher_cells, student_cells = coarse_dense(teacher, student_logits, truncated.support_ids)
+    # Reuse the dense references on the cell vectors (log of a distribution is a valid logit vector).
+    reference = DENSE[name](teacher_cells, torch.log(student_cells))
+    torch.testing.assert_close(sparse, reference, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=80, deadline=None)
+@given(cases, st.floats(0.05, 1.0), st.integers(1, 40), st.sampled_from(["kl", "jsd"]))
+def test_sparse_never_exceeds_the_exact_divergence(case, top_p, max_support, name):
+    teacher_logits, student_logits = random_case(*case)
+    truncated = truncate_top_p(teacher_logits, top_p, max_support)
+    sparse = SPARSE_DIVERGENCES[name](
+        truncated.support_ids, truncated.support_probs, truncated.tail_mass, student_logits
+    )
+    dense = DENSE[name](torch.softmax(teacher_logits, -1), student_logits)
+    assert torch.all(sparse >= -1e-7)
+    assert torch.all(sparse <= dense * (1 + 1e-5) + 1e-6), (sparse, dense)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases, st.floats(0.05, 1.0), st.integers(1, 40))
+def test_kl_gradient_on_the_support_equals_the_dense_gradient(case, top_p, max_support):
+    teacher_logits, student_logits = random_case(*case)
+    teacher = torch.softmax(teacher_logits, -1)
+    truncated = truncate_top_p(teacher_logits, top_p, max_support)
+
+    sparse_logits = student_logits.clone().requires_grad_(True)
+    sparse_kl(
+        truncated.support_ids, truncated.support_probs, truncated.tail_mass, sparse_logits
+    ).sum().backward()
+    dense_logits = student_logits.clone().requires_grad_(True)
+    dense_kl(teacher, dense_logits).sum().backward()
+
+    student = torch.softmax(student_logits, -1)
+    for row in range(len(teacher)):
+        ids = truncated.support_ids[row][truncated.support_ids[row] >= 0]
+        tail = torch.ones(teacher.shape[1], dtype=torch.bool)
+        tail[ids] = False
+        # On S: the dense gradient q_v - r_v (stored mass sum_S r + eps == 1 up to float32 capture).
+        torch.testing.assert_close(
+            sparse_logits.grad[row, ids], dense_logits.grad[row, ids], rtol=0, atol=2e-6
+        )
+        if tail.any():
+            # On T: the bucket's total gradient matches; per token it is q_v (1 - eps / q_T).
+            torch.testing.assert_close(
+                sparse_logits.grad[row, tail].sum(), dense_logits.grad[row, tail].sum(), rtol=0, atol=2e-6
+            )
+            tail_q = student[row, tail]
+            expected = tail_q * (1 - truncated.tail_mass[row].double() / tail_q.sum())
+            torch.testing.assert_close(sparse_logits.grad[row, tail], expected, rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["kl", "jsd", "cosine"])
+def test_zero_tail_zero_probabilities_and_full_support_give_finite_values_and_gradients(name):
+    vocab = 6
+    support_ids = torch.tensor(
+        [
+            [0, 1, 2, 3, 4, 5],  # the whole vocabulary: no tail cell, eps rounding noise ignored
+            [1, 3, PAD_ID, PAD_ID, PAD_ID, PAD_ID],  # eps = 0 with a non-empty tail
+            [0, 2, 4, PAD_ID, PAD_ID, PAD_ID],  # a support entry with probability 0
+            [5, PAD_ID, PAD_ID, PAD_ID, PAD_ID, PAD_ID],  # one token, the rest in the tail
+        ]
+    )
+    support_probs = torch.tensor(
+        [
+            [0.1, 0.2, 0.3, 0.2, 0.1, 0.1],
+            [0.75, 0.25, 0, 0, 0, 0],
+            [0.5, 0.0, 0.3, 0, 0, 0],
+            [0.6, 0, 0, 0, 0, 0],
+        ]
+    )
+    tail_mass = torch.tensor([1e-7, 0.0, 0.2, 0.4])
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    logits[1, 0] = -1e4  # the student puts (almost) nothing on part of the tail
+    logits.requires_grad_(True)
+    values = SPARSE_DIVERGENCES[name](support_ids, support_probs, tail_mass, logits)
+    values.sum().backward()
+    assert torch.isfinite(values).all() and torch.isfinite(logits.grad).all()
+    if name == "kl":
+        # Row 1: eps = 0, so only the support terms remain.
+        log_q = torch.log_softmax(logits.detach()[1], -1)
+        expected = 0.75 * (torch.log(torch.tensor(0.75)) - log_q[1]) + 0.25 * (
+            torch.log(torch.tensor(0.25)) - log_q[3]
+        )
+        assert values[1].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("divergence", [sparse_kl, sparse_jsd, sparse_cosine])
+def test_extra_padding_columns_change_nothing(divergence):
+    teacher_logits, student_logits = random_case(3, 4, 30, 3.0)
+    truncated = truncate_top_p(teacher_logits, 0.8, 10)
+    padded_ids = torch.cat([truncated.support_ids, torch.full((4, 5), PAD_ID)], 1)
+    padded_probs = torch.cat([truncated.support_probs, torch.zeros(4, 5)], 1)
+    torch.testing.assert_close(
+        divergence(padded_ids, padded_probs, truncated.tail_mass, student_logits),
+        divergence(truncated.support_ids, truncated.support_probs, truncated.tail_mass, student_logits),
+    )
+
+
+def test_tail_uses_logsumexp_not_one_minus_support_mass():
+    # The student has essentially all its mass on S: 1 - sum_S q is 0 in float32, logsumexp is not.
+    logits = torch.tensor([[30.0, -30.0, -30.0]])
+    value = sparse_kl(torch.tensor([[0]]), torch.tensor([[0.9]]), torch.tensor([0.1]), logits)
+    expected = 0.9 * torch.log(torch.tensor(0.9, dtype=torch.float64)) + 0.1 * (
+        torch.log(torch.tensor(0.1, dtype=torch.float64))
+        - (torch.log(torch.tensor(2.0, dtype=torch.float64)) - 60)
+    )
+    assert torch.isfinite(value).all()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_support_id_outside_the_student_vocabulary_is_an_error():
+    with pytest.raises(ValueError, match="different tokenizers"):
+        sparse_kl(torch.tensor([[7]]), torch.tensor([[1.0]]), torch.tensor([0.0]), torch.zeros(1, 5))
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases, st.floats(0.05, 1.0), st.integers(1, 20), st.integers(0, 10_000))
+def test_included_tokens_join_the_support_within_the_cap(case, top_p, max_support, pick):
+    teacher_logits, _ = random_case(*case)
+    rows, vocab = teacher_logits.shape
+    probs = torch.softmax(teacher_logits, -1)
+    include = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(pick))
+    plain = truncate_top_p(teacher_logits, top_p, max_support)
+    with_target = truncate_top_p(teacher_logits, top_p, max_support, include=include)
+    for row in range(rows):
+        ids = set(with_target.support_ids[row][with_target.support_ids[row] >= 0].tolist())
+        before = set(plain.support_ids[row][plain.support_ids[row] >= 0].tolist())
+        assert include[row].item() in ids
+        assert len(ids) <= min(max_support, vocab)
+        if include[row].item() in before:
+            assert ids == before
+        else:
+            # The top-p set plus the token, minus its least probable member when the cap was reached.
+            assert ids - {include[row].item()} <= before and len(before - ids) <= 1
+        dropped = torch.ones(vocab, dtype=torch.bool)
+        dropped[list(ids)] = False
+        assert with_target.tail_mass[row].item() == pytest.approx(probs[row, dropped].sum().item(), abs=1e-7)
+        kept = with_target.support_ids[row] >= 0
+        torch.testing.assert_close(
+            with_target.support_probs[row][kept].double(),
+            probs[row, with_target.support_ids[row][kept]].float().double(),
+            rtol=0,
+            atol=0,
+        )

@@ -1,0 +1,446 @@
+"""The unlearning losses against dense reference implementations and the papers' closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cache.distributions import PAD_ID, TruncatedDistributions
+from pipeline.losses import (
+    LOSSES,
+    AnswerPredictions,
+    choose_refusal,
+    compute_loss,
+    load_refusals,
+    loss_hyperparameters,
+    loss_inputs,
+    preference_loss,
+)
+
+PROPERTY = settings(max_examples=25, deadline=None)
+answer_lengths_strategy = st.lists(st.integers(1, 5), min_size=1, max_size=4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def float64_by_default():
+    """The references are exact; float64 keeps the comparisons tight (restored for other test modules)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Random inputs and dense references (loops over samples and tokens, full vocabulary)
+
+
+def random_predictions(generator: torch.Generator, lengths: list[int], vocab: int, scale: float = 3.0):
+    tokens = sum(lengths)
+    logits = torch.randn(tokens, vocab, generator=generator) * scale
+    targets = torch.randint(0, vocab, (tokens,), generator=generator)
+    return AnswerPredictions(logits, targets, list(lengths))
+
+
+def random_distributions(generator: torch.Generator, rows: int, vocab: int) -> torch.Tensor:
+    return torch.softmax(torch.randn(rows, vocab, generator=generator) * 3.0, dim=-1)
+
+
+def untruncated(probs: torch.Tensor) -> TruncatedDistributions:
+    """A dense teacher in the cache's layout: the whole vocabulary as support, no tail."""
+    rows, vocab = probs.shape
+    support_ids = torch.arange(vocab).expand(rows, vocab).clone()
+    entropy = -(probs * probs.log()).sum(-1)
+    return TruncatedDistributions(support_ids, probs.clone(), torch.zeros(rows), entropy)
+
+
+def dense_sequence_log_probs(predictions: AnswerPredictions) -> torch.Tensor:
+    sums, token = [], 0
+    for length in predictions.answer_lengths:
+        total = 0.0
+        for _ in range(length):
+            log_probs = torch.log_softmax(predictions.logits[token], dim=-1)
+            total = total + log_probs[predictions.targets[token]]
+            token += 1
+        sums.append(total)
+    return torch.stack(sums)
+
+
+def dense_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return (p * (p.log() - q.log())).sum()
+
+
+def dense_jsd(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    mixture = 0.5 * (p + q)
+    return 0.5 * dense_kl(p, mixture) + 0.5 * dense_kl(q, mixture)
+
+
+def dense_cosine(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return 1.0 - (p @ q) / (p.norm() * q.norm())
+
+
+DENSE_DIVERGENCES = {"kl": dense_kl, "jsd": dense_jsd, "cosine": dense_cosine}
+
+
+def dense_mean_divergence(name: str, teacher: torch.Tensor, predictions: AnswerPredictions) -> torch.Tensor:
+    """1/|D| sum_s sum_i D(R_i || Q_i), token by token over the full vocabulary."""
+    per_sample, token = [], 0
+    for length in predictions.answer_lengths:
+        total = 0.0
+        for _ in range(length):
+            student = torch.softmax(predictions.logits[token], dim=-1)
+            total = total + DENSE_DIVERGENCES[name](teacher[token], student)
+            token += 1
+        per_sample.append(total)
+    return torch.stack(per_sample).mean()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Each loss equals its dense reference
+
+
+@PROPERTY
+@given(seed=st.integers(0, 2**16), lengths=answer_lengths_strategy, vocab=st.integers(2, 12))
+def test_ga_and_ga_diff_equal_dense_reference(seed, lengths, vocab):
+    generator = torch.Generator().manual_seed(seed)
+    forget = random_predictions(generator, lengths, vocab)
+    retain = random_predictions(generator, lengths[::-1], vocab)
+    forget_nll = -dense_sequence_log_probs(forget).mean()
+    retain_nll = -dense_sequence_log_probs(retain).mean()
+    torch.testing.assert_close(LOSSES["ga"](forget)["loss"], -forget_nll)
+    torch.testing.assert_close(
+        LOSSES["ga_diff"](forget, retain, beta=0.7)["loss"], -forget_nll + 0.7 * retain_nll
+    )
+
+
+@PROPERTY
+@given(
+    seed=st.integers(0, 2**16),
+    lengths=answer_lengths_strategy,
+    vocab=st.integers(2, 12),
+    npo_beta=st.floats(0.05, 2.0),
+)
+def test_npo_and_idkpo_equal_dense_reference(seed, lengths, vocab, npo_beta):
+    generator = torch.Generator().manual_seed(seed)
+    forget = random_predictions(generator, lengths, vocab)
+    refusal = random_predictions(generator, [n + 1 for n in lengths], vocab)
+    forget_reference = torch.randn(len(lengths), generator=generator) * 5 - 10
+    refusal_reference = torch.randn(len(lengths), generator=generator) * 5 - 10
+
+    # MLLMU-Bench Eq. 15: (2/beta) E log(1 + (pi_theta / pi_ref)^beta)
+    ratio = torch.exp(dense_sequence_log_probs(forget) - forget_reference)
+    expected_npo = (2 / npo_beta) * torch.log1p(ratio**npo_beta).mean()
+    torch.testing.assert_close(
+        LOSSES["npo"](forget, forget_reference, npo_beta=npo_beta)["loss"], expected_npo
+    )
+
+    # ViKeR A.3: -(1/beta) E log sigma(beta log(p(y_idk)/p_ref(y_idk)) - beta log(p(y)/p_ref(y)))
+    preferred = dense_sequence_log_probs(refusal) - refusal_reference
+    dispreferred = dense_sequence_log_probs(forget) - forget_reference
+    margin = npo_beta * preferred - npo_beta * dispreferred
+    expected_idkpo = -(1 / npo_beta) * torch.log(1 / (1 + torch.exp(-margin))).mean()
+    actual = LOSSES["idkpo"](forget, refusal, forget_reference, refusal_reference, npo_beta=npo_beta)["loss"]
+    torch.testing.assert_close(actual, expected_idkpo)
+
+
+@PROPERTY
+@given(
+    seed=st.integers(0, 2**16),
+    lengths=answer_lengths_strategy,
+    vocab=st.integers(2, 12),
+    regularizer=st.sampled_from(["kl", "jsd", "cosine"]),
+    lambda_=st.floats(0.0, 10.0),
+    no_ga=st.booleans(),
+)
+def test_viker_equals_dense_reference(seed, lengths, vocab, regularizer, lambda_, no_ga):
+    generator = torch.Generator().manual_seed(seed)
+    forget = random_predictions(generator, lengths, vocab)
+    teacher = random_distributions(generator, sum(lengths), vocab)
+    ga_term = 0.0 if no_ga else dense_sequence_log_probs(forget).mean()  # -L_NLL(D_f)
+    expected = ga_term + lambda_ * dense_mean_divergence(regularizer, teacher, forget)
+    terms = LOSSES["viker"](
+        forget, untruncated(teacher), lambda_=lambda_, regularizer=regularizer, no_ga=no_ga
+    )
+    torch.testing.assert_close(terms["loss"], torch.as_tensor(expected))
+
+
+@PROPERTY
+@given(
+    seed=st.integers(0, 2**16),
+    lengths=answer_lengths_strategy,
+    vocab=st.integers(2, 12),
+    alpha=st.floats(0.0, 3.0),
+    beta=st.floats(0.0, 3.0),
+)
+def test_vgid_and_kl_min_equal_dense_reference(seed, lengths, vocab, alpha, beta):
+    generator = torch.Generator().manual_seed(seed)
+    forget = random_predictions(generator, lengths, vocab)
+    retain = random_predictions(generator, lengths + [2], vocab)
+    forget_teacher = random_distributions(generator, sum(forget.answer_lengths), vocab)
+    retain_teacher = random_distributions(generator, sum(retain.answer_lengths), vocab)
+    forget_kl = dense_mean_divergence("kl", forget_teacher, forget)
+    retain_kl = dense_mean_divergence("kl", retain_teacher, retain)
+
+    vgid = LOSSES["vgid"](
+        forget, untruncated(forget_teacher), retain, untruncated(retain_teacher), alpha=alpha, beta=beta
+    )
+    torch.testing.assert_close(vgid["loss"], alpha * forget_kl + beta * retain_kl)
+    kl_min = LOSSES["kl_min"](forget, retain, untruncated(retain_teacher), beta=beta)
+    torch.testing.assert_close(kl_min["loss"], dense_sequence_log_probs(forget).mean() + beta * retain_kl)
+
+
+def test_viker_with_a_truncated_teacher_uses_the_tail_bucket():
+    """Support {0, 1} + tail: the regulariser is the coarse-grained KL over {0}, {1}, {2..V-1}."""
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.3]])
+    forget = AnswerPredictions(logits, torch.tensor([0]), [1])
+    teacher = TruncatedDistributions(
+        torch.tensor([[0, 1]]), torch.tensor([[0.6, 0.3]]), torch.tensor([0.1]), torch.tensor([1.0])
+    )
+    q = torch.softmax(logits[0], dim=-1)
+    coarse_q = torch.stack([q[0], q[1], q[2:].sum()])
+    expected_kl = dense_kl(torch.tensor([0.6, 0.3, 0.1]), coarse_q)
+    terms = LOSSES["viker"](forget, teacher, lambda_=0.5)
+    torch.testing.assert_close(terms["regularization"], expected_kl)
+    torch.testing.assert_close(terms["loss"], q[0].log() + 0.5 * expected_kl)
+
+
+def test_padded_support_rows_do_not_count():
+    """Rows of different support sizes are padded with PAD_ID; padding adds nothing to the divergence."""
+    generator = torch.Generator().manual_seed(3)
+    forget = random_predictions(generator, [2], 5)
+    teacher = TruncatedDistributions(
+        torch.tensor([[1, 3, PAD_ID], [0, 2, 4]]),
+        torch.tensor([[0.5, 0.4, 0.0], [0.2, 0.3, 0.4]]),
+        torch.tensor([0.1, 0.1]),
+        torch.zeros(2),
+    )
+    unpadded_first = TruncatedDistributions(
+        torch.tensor([[1, 3]]), torch.tensor([[0.5, 0.4]]), torch.tensor([0.1]), torch.zeros(1)
+    )
+    first_only = AnswerPredictions(forget.logits[:1], forget.targets[:1], [1])
+    second_only = AnswerPredictions(forget.logits[1:], forget.targets[1:], [1])
+    second = TruncatedDistributions(
+        teacher.support_ids[1:], teacher.support_probs[1:], teacher.tail_mass[1:], teacher.entropy[1:]
+    )
+    both = LOSSES["viker"](forget, teacher, lambda_=1.0)["regularization"]
+    parts = (
+        LOSSES["viker"](first_only, unpadded_first)["regularization"]
+        + LOSSES["viker"](second_only, second)["regularization"]
+    )
+    torch.testing.assert_close(both, parts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Closed forms at theta = theta_ref and gradients, on a tiny model (a linear layer producing the logits)
+
+
+class LinearLogits:
+    """logits = features @ weight.T: a model whose parameter gradients we can take token by token."""
+
+    def __init__(self, seed: int, vocab: int = 5, width: int = 4):
+        generator = torch.Generator().manual_seed(seed)
+        self.vocab, self.width, self.generator = vocab, width, generator
+        self.weight = torch.randn(vocab, width, generator=generator, requires_grad=True)
+
+    def batch(self, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = sum(lengths)
+        features = torch.randn(tokens, self.width, generator=self.generator)
+        targets = torch.randint(0, self.vocab, (tokens,), generator=self.generator)
+        return features, targets
+
+    def predictions(self, features, targets, lengths, weight=None) -> AnswerPredictions:
+        weight = self.weight if weight is None else weight
+        return AnswerPredictions(features @ weight.T, targets, list(lengths))
+
+    def gradient(self, loss: torch.Tensor) -> torch.Tensor:
+        (gradient,) = torch.autograd.grad(loss, self.weight)
+        return gradient
+
+    def sequence_log_prob_gradients(self, features, targets, lengths) -> torch.Tensor:
+        """(B, V, d): grad_W log p(y_s | x_s) of each sample, one autograd call per sample."""
+        log_probs = self.predictions(features, targets, lengths).answer_log_probs()
+        return torch.stack(
+            [torch.autograd.grad(value, self.weight, retain_graph=True)[0] for value in log_probs]
+        )
+
+
+def test_npo_at_reference_is_2_over_beta_log_2_with_the_ga_gradient():
+    model = LinearLogits(seed=0)
+    lengths = [3, 1, 4]
+    features, targets = model.batch(lengths)
+    reference = model.predictions(features, targets, lengths).answer_log_probs().detach()  # theta = theta_ref
+    ga_gradient = model.gradient(LOSSES["ga"](model.predictions(features, targets, lengths))["loss"])
+    for npo_beta in (0.1, 0.4, 1.5):
+        loss = LOSSES["npo"](model.predictions(features, targets, lengths), reference, npo_beta=npo_beta)[
+            "loss"
+        ]
+        torch.testing.assert_close(loss, torch.tensor(2 / npo_beta * math.log(2)))
+        # grad L_NPO = E[2 sigma(beta log ratio) grad log p(y|x)] = E[grad log p] = grad L_GA at sigma(0) = 1/2
+        torch.testing.assert_close(model.gradient(loss), ga_gradient)
+
+
+def test_npo_gradient_has_the_known_form():
+    """grad L_NPO = E_s[2 sigma(beta (log p_s - log p_ref,s)) grad log p_s] (Zhang et al. 2024)."""
+    model = LinearLogits(seed=1)
+    lengths = [2, 3]
+    features, targets = model.batch(lengths)
+    forget = model.predictions(features, targets, lengths)
+    reference = torch.tensor([-4.0, -9.0])
+    npo_beta = 0.4
+    weights = 2 * torch.sigmoid(npo_beta * (forget.answer_log_probs().detach() - reference))
+    per_sample = model.sequence_log_prob_gradients(features, targets, lengths)
+    expected = (weights[:, None, None] * per_sample).mean(0)
+    torch.testing.assert_close(
+        model.gradient(LOSSES["npo"](forget, reference, npo_beta=npo_beta)["loss"]), expected
+    )
+
+
+def test_dpo_and_idkpo_at_reference_are_log_2_with_the_known_gradient():
+    model = LinearLogits(seed=2)
+    lengths, refusal_lengths = [2, 4], [3, 3]
+    features, targets = model.batch(lengths)
+    refusal_features, refusal_targets = model.batch(refusal_lengths)
+    forget = model.predictions(features, targets, lengths)
+    refusal = model.predictions(refusal_features, refusal_targets, refusal_lengths)
+    forget_reference = forget.answer_log_probs().detach()
+    refusal_reference = refusal.answer_log_probs().detach()
+
+    zero = torch.zeros(3)
+    torch.testing.assert_close(preference_loss(zero, zero, beta=0.4), torch.full((3,), math.log(2)))  # DPO
+    npo_beta = 0.4
+    loss = LOSSES["idkpo"](forget, refusal, forget_reference, refusal_reference, npo_beta=npo_beta)["loss"]
+    torch.testing.assert_close(loss, torch.tensor(math.log(2) / npo_beta))  # ViKeR's 1/beta-scaled DPO
+    # grad DPO = -beta sigma(-beta h) (grad log p(y+) - grad log p(y-)); with ViKeR's 1/beta and h = 0: -1/2 (...)
+    preferred = model.sequence_log_prob_gradients(refusal_features, refusal_targets, refusal_lengths)
+    dispreferred = model.sequence_log_prob_gradients(features, targets, lengths)
+    torch.testing.assert_close(model.gradient(loss), (-0.5 * (preferred - dispreferred)).mean(0))
+
+
+def test_idkpo_gradient_away_from_reference():
+    model = LinearLogits(seed=3)
+    lengths = [3, 2]
+    features, targets = model.batch(lengths)
+    refusal_features, refusal_targets = model.batch(lengths)
+    forget = model.predictions(features, targets, lengths)
+    refusal = model.predictions(refusal_features, refusal_targets, lengths)
+    forget_reference, refusal_reference = torch.tensor([-3.0, -5.0]), torch.tensor([-6.0, -2.0])
+    beta = 0.4
+    margin = (refusal.answer_log_probs() - refusal_reference) - (forget.answer_log_probs() - forget_reference)
+    weights = torch.sigmoid(-beta * margin.detach())  # d/dh of -(1/beta) log sigma(beta h) is -sigma(-beta h)
+    preferred = model.sequence_log_prob_gradients(refusal_features, refusal_targets, lengths)
+    dispreferred = model.sequence_log_prob_gradients(features, targets, lengths)
+    expected = (-weights[:, None, None] * (preferred - dispreferred)).mean(0)
+    loss = LOSSES["idkpo"](forget, refusal, forget_reference, refusal_reference, npo_beta=beta)["loss"]
+    torch.testing.assert_close(model.gradient(loss), expected)
+
+
+@pytest.mark.parametrize("lambda_", [0.0, 0.05, 0.5, 10.0])
+def test_viker_proposition_3_token_level_gradient(lambda_):
+    """ViKeR Prop. 3 (dense, untruncated teacher): the ViKeR gradient is the GA token gradients
+    grad log p_theta(v | I, x, i) weighted by (1[v = y_i] - lambda R_i(v)), summed over v and tokens,
+    averaged over samples — checked on the logits and on the parameters of a linear model."""
+    model = LinearLogits(seed=4, vocab=6)
+    lengths = [3, 2, 4]
+    features, targets = model.batch(lengths)
+    teacher = random_distributions(model.generator, sum(lengths), model.vocab)
+    weights = torch.nn.functional.one_hot(targets, model.vocab) - lambda_ * teacher  # (N, V)
+    samples = len(lengths)
+
+    # With respect to the logits z_i: grad_z log p(v) = e_v - p_i.
+    logits = (features @ model.weight.T).detach().requires_grad_(True)
+    loss = LOSSES["viker"](
+        AnswerPredictions(logits, targets, lengths), untruncated(teacher), lambda_=lambda_
+    )["loss"]
+    (logit_gradient,) = torch.autograd.grad(loss, logits)
+    probs = torch.softmax(logits.detach(), dim=-1)
+    identity = torch.eye(model.vocab)
+    expected_logit_gradient = (
+        torch.stack(
+            [
+                sum(weights[i, v] * (identity[v] - probs[i]) for v in range(model.vocab))
+                for i in range(len(targets))
+            ]
+        )
+        / samples
+    )
+    torch.testing.assert_close(logit_gradient, expected_logit_gradient)
+
+    # With respect to the parameters: grad_W log p_theta(v | I, x, i) for every token i and value v.
+    token_gradients = torch.func.jacrev(lambda w: torch.log_softmax(features @ w.T, dim=-1))(
+        model.weight.detach()
+    )
+    expected_parameter_gradient = torch.einsum("iv,ivab->ab", weights, token_gradients) / samples
+    viker_loss = LOSSES["viker"](
+        model.predictions(features, targets, lengths), untruncated(teacher), lambda_=lambda_
+    )["loss"]
+    torch.testing.assert_close(model.gradient(viker_loss), expected_parameter_gradient)
+
+
+def test_viker_proposition_2_normal_tokens_scale_the_ga_gradient_by_one_minus_lambda():
+    """A one-hot teacher at y_i (a normal token) leaves (1 - lambda) times the GA gradient."""
+    model = LinearLogits(seed=5)
+    lengths = [2, 3]
+    features, targets = model.batch(lengths)
+    forget = model.predictions(features, targets, lengths)
+    # The cache layout of a Dirac teacher: support {y_i} with probability 1, no tail.
+    teacher = TruncatedDistributions(
+        targets[:, None], torch.ones(len(targets), 1), torch.zeros(len(targets)), torch.zeros(len(targets))
+    )
+    lambda_ = 0.3
+    viker_gradient = model.gradient(LOSSES["viker"](forget, teacher, lambda_=lambda_)["loss"])
+    ga_gradient = model.gradient(LOSSES["ga"](model.predictions(features, targets, lengths))["loss"])
+    torch.testing.assert_close(viker_gradient, (1 - lambda_) * ga_gradient)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plumbing: what methods need, splitting joint batches, refusals
+
+
+def test_methods_declare_the_inputs_the_training_stage_must_provide():
+    assert set(LOSSES.names()) >= {"ga", "ga_diff", "kl_min", "npo", "idkpo", "viker", "vgid"}
+    assert loss_inputs("viker") == ["forget", "forget_teacher"]
+    assert loss_inputs("vgid") == ["forget", "forget_teacher", "retain", "retain_teacher"]
+    assert loss_inputs("npo") == ["forget", "forget_reference_log_probs"]
+    assert loss_hyperparameters("npo") == {"npo_beta": 0.4}
+    assert loss_hyperparameters("viker") == {"lambda_": 0.05, "regularizer": "kl", "no_ga": False}
+
+
+def test_compute_loss_names_missing_inputs_and_passes_only_accepted_hyperparameters():
+    generator = torch.Generator().manual_seed(0)
+    forget = random_predictions(generator, [2, 2], 6)
+    with pytest.raises(ValueError, match="forget_reference_log_probs"):
+        compute_loss("npo", {"forget": forget}, {})
+    terms = compute_loss("ga", {"forget": forget, "retain": None}, {"npo_beta": 0.4, "lambda_": 1.0})
+    torch.testing.assert_close(terms["loss"], LOSSES["ga"](forget)["loss"])
+    with pytest.raises(KeyError, match="unknown regularizer 'l2'"):
+        compute_loss(
+            "viker",
+            {"forget": forget, "forget_teacher": untruncated(random_distributions(generator, 4, 6))},
+            {"regularizer": "l2"},
+        )
+
+
+def test_split_recovers_the_parts_of_a_joint_batch():
+    generator = torch.Generator().manual_seed(1)
+    forget = random_predictions(generator, [2, 3], 7)
+    retain = random_predictions(generator, [1, 4, 2], 7)
+    joint = AnswerPredictions(
+        torch.cat([forget.logits, retain.logits]),
+        torch.cat([forget.targets, retain.targets]),
+        forget.answer_lengths + retain.answer_lengths,
+    )
+    forget_part, retain_part = joint.split([2, 3])
+    torch.testing.assert_close(forget_part.answer_log_probs(), forget.answer_log_probs())
+    torch.testing.assert_close(retain_part.answer_log_probs(), retain.answer_log_probs())
+
+
+def test_refusals_ship_and_are_chosen_deterministically():
+    refusals = load_refusals()
+    assert len(refusals) == 100 and len(set(refusals)) == 100
+    chosen = [choose_refusal(f"forget_10/{i}", refusals, seed=0) for i in range(200)]
+    assert chosen == [choose_refusal(f"forget_10/{i}", refusals, seed=0) for i in range(200)]
+    assert len(set(chosen)) > 50  # spread over the set, not one sentence
+    assert chosen != [choose_refusal(f"forget_10/{i}", refusals, seed=1) for i in range(200)]

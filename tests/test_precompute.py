@@ -1,0 +1,408 @@
+"""Stage one on a reduced mini world and an untrained tiny LLaVA: correctness to the papers' teachers,
+sharding, resuming, and a clear error for every kind of bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from cache import IncompatibleCacheError, iter_cache, read_manifest, verify_cache
+from pipeline.cli import main
+from pipeline.data import DataError, load_reference_pool, load_unlearning_samples
+from pipeline.mini_world import WorldConfig, write_world
+from pipeline.models import PromptedSample, answer_logits, encode_answers
+from pipeline.perturbations import PERTURBATIONS
+from pipeline.samples import QASample
+from pipeline.teachers import ICU_PROMPTS, TEACHERS, TeacherConfig, TeacherContext
+from stages.precompute import PrecomputeConfig, PrecomputeError, TeacherExtractor, VisionFeatureCache, run
+
+SMALL_WORLD = WorldConfig(
+    num_people=10, num_real=2, num_reference_people=6, num_pets=3, num_scenes=3, num_patterns=3, alt_images=1
+)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    info = write_world(tmp_path_factory.mktemp("world"), SMALL_WORLD)
+    return Path(info.data_dir)
+
+
+def config(world: Path, model_dir: Path, out: Path, **overrides) -> PrecomputeConfig:
+    options = {"teacher": "viker", "k": 3, "max_support": 16, "top_p": 0.9, "batch_size": 3}
+    options.update(overrides)
+    return PrecomputeConfig(model=str(model_dir), data=str(world), out=str(out), **options)
+
+
+@pytest.fixture(scope="module")
+def viker_cache(world, tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("viker") / "cache"
+    run(config(world, tiny_model_dir, out, num_shards=2))
+    return out
+
+
+def dense_probs(loaded, prompted: list[PromptedSample]) -> torch.Tensor:
+    """Softmaxes of each input run alone (batch of one, no feature cache): the reference computation."""
+    rows = []
+    with torch.inference_mode():
+        for item in prompted:
+            rows.append(
+                torch.softmax(answer_logits(loaded.model, encode_answers(loaded, [item])).double(), -1)
+            )
+    return torch.stack(rows)
+
+
+# ---------------------------------------------------------------- correctness to the papers
+
+
+def test_viker_rows_are_the_mean_of_k_reference_softmaxes(world, tiny_model, viker_cache):
+    manifest = read_manifest(viker_cache)
+    assert verify_cache(viker_cache) == []
+    samples = {s.sample_id: s for s in load_unlearning_samples(world, "forget_10")}
+    pool = dict(load_reference_pool(world.parent, "people"))
+    cached = next(iter_cache(viker_cache))
+    record = next(r for r in manifest.samples if r["sample_id"] == cached.sample_id)
+    sample = samples[cached.sample_id]
+    assert len(record["image_sources"]) == 3 and len(set(record["image_sources"])) == 3
+    assert record["prompt"] == tiny_model.family.build_prompt(sample.question, True)
+
+    # Recompute Eq. 4 from nothing but the manifest: the recorded prompt and reference image ids.
+    images = [
+        Image.open(io.BytesIO(pool[source.split("/", 1)[1]])).convert("RGB")
+        for source in record["image_sources"]
+    ]
+    mean = dense_probs(
+        tiny_model, [PromptedSample(record["prompt"], image, sample.answer) for image in images]
+    ).mean(0)
+    assert cached.num_tokens == mean.shape[0]
+    assert torch.equal(
+        cached.answer_token_ids,
+        torch.tensor(
+            encode_answers(tiny_model, [PromptedSample(record["prompt"], images[0], sample.answer)]).targets
+        ),
+    )
+    for token in range(cached.num_tokens):
+        ids = cached.support_ids[token][cached.support_ids[token] >= 0]
+        torch.testing.assert_close(
+            cached.support_probs[token, : len(ids)].double(), mean[token, ids], rtol=2e-3, atol=1e-6
+        )
+        dropped = torch.ones(mean.shape[1], dtype=torch.bool)
+        dropped[ids] = False
+        assert cached.tail_mass[token].item() == pytest.approx(mean[token, dropped].sum().item(), abs=1e-5)
+        entropy = -torch.special.xlogy(mean[token], mean[token]).sum()
+        assert cached.entropy[token].item() == pytest.approx(entropy.item(), rel=1e-4)
+        target = cached.answer_token_ids[token]
+        assert cached.target_log_prob[token].item() == pytest.approx(
+            torch.log(mean[token, target]).item(), abs=1e-4
+        )
+    assert manifest.header["teacher_params"] == {"k": 3, "reference_kind": "people", "seed": 0}
+    assert manifest.header["tokenizer_fingerprint"] == tiny_model.tokenizer_fingerprint
+
+
+def test_reference_draws_are_deterministic_per_sample_and_avoid_the_own_image(world, tiny_model):
+    samples = load_unlearning_samples(world, "forget_10")
+    pool = load_reference_pool(world, "retain_90")  # a pool that holds real people's images
+    pool.append(("own", samples[0].image))
+    context = TeacherContext(tiny_model.family, TeacherConfig(k=4), pool, "retain")
+    first = TEACHERS["viker"](samples[0], context)
+    again = TEACHERS["viker"](samples[0], context)
+    assert first.image_sources == again.image_sources
+    assert "retain/own" not in first.image_sources
+    other_seed = TeacherContext(tiny_model.family, TeacherConfig(k=4, seed=1), pool, "retain")
+    draws = {tuple(TEACHERS["viker"](s, other_seed).image_sources) for s in samples}
+    assert len(draws) > 1
+
+
+def test_vgid_perturbs_the_image_and_prepends_the_exact_icu_text(world, tiny_model):
+    sample = load_unlearning_samples(world, "forget_10")[0]
+    context = TeacherContext(
+        tiny_model.family, TeacherConfig(perturbation="random-noise", icu_prompt="strict")
+    )
+    teacher_input = TEACHERS["vgid"](sample, context)
+    (variant,) = teacher_input.variants
+    assert variant.prompt == tiny_model.family.build_prompt(sample.question, True, ICU_PROMPTS["strict"])
+    assert "individual\u2019s private data, but assist with other topics normally." in variant.prompt
+    (seed,) = teacher_input.perturbation_seeds
+    # Anyone can rebuild the teacher's image from the recorded seed.
+    rebuilt = PERTURBATIONS["random-noise"](sample.pil_image(), np.random.default_rng(seed), 0.0)
+    assert np.array_equal(np.asarray(rebuilt), np.asarray(variant.image))
+    assert not np.array_equal(np.asarray(variant.image), np.asarray(sample.pil_image()))
+    icu_input = TEACHERS["icu"](sample, context)
+    assert np.array_equal(np.asarray(icu_input.variants[0].image), np.asarray(sample.pil_image()))
+    assert icu_input.variants[0].prompt == variant.prompt
+    noise_input = TEACHERS["noise"](sample, context)
+    assert noise_input.variants[0].prompt == tiny_model.family.build_prompt(sample.question, True)
+
+
+def test_perturbations():
+    image = Image.new("RGB", (8, 6), (10, 120, 250))
+    rng = np.random.default_rng
+    assert np.all(np.asarray(PERTURBATIONS["white"](image, rng(0), 0.0)) == 255)
+    noise = np.asarray(PERTURBATIONS["random-noise"](image, rng(0), 0.0))
+    assert noise.shape == (6, 8, 3) and noise.std() > 50
+    gaussian = np.asarray(PERTURBATIONS["gaussian"](image, rng(0), 0.2), dtype=np.float64)
+    delta = gaussian - np.asarray(image, dtype=np.float64)
+    assert 0.1 * 255 < delta[..., 0].std() < 0.3 * 255  # unclipped channel: std ~ sigma
+    assert np.array_equal(np.asarray(PERTURBATIONS["gaussian"](image, rng(0), 0.0)), np.asarray(image))
+
+
+def test_original_teacher_stores_the_reference_log_probs(world, tiny_model, tiny_model_dir, tmp_path):
+    out = tmp_path / "original"
+    run(config(world, tiny_model_dir, out, teacher="original", limit=3))
+    samples = {s.sample_id: s for s in load_unlearning_samples(world, "forget_10")}
+    for cached in iter_cache(out):
+        sample = samples[cached.sample_id]
+        prompted = PromptedSample(
+            tiny_model.family.build_prompt(sample.question, True), sample.pil_image(), sample.answer
+        )
+        with torch.inference_mode():
+            log_probs = torch.log_softmax(
+                answer_logits(tiny_model.model, encode_answers(tiny_model, [prompted])), -1
+            )
+        expected = log_probs[torch.arange(cached.num_tokens), cached.answer_token_ids]
+        torch.testing.assert_close(cached.target_log_prob, expected.float(), rtol=0, atol=1e-4)
+    assert read_manifest(out).header["teacher_params"] == {}
+
+
+def test_base_teacher_defaults_to_the_retain_split(world, tiny_model_dir, tmp_path):
+    cfg = config(world, tiny_model_dir, tmp_path / "base", teacher="base", limit=2)
+    assert cfg.split == "retain_90"
+    run(cfg)
+    assert all(
+        record["sample_id"].startswith("retain_90/") for record in read_manifest(tmp_path / "base").samples
+    )
+
+
+def test_vision_feature_cache_changes_no_logit(world, tiny_model):
+    samples = load_unlearning_samples(world, "forget_10")[:2]
+    pool = load_reference_pool(world.parent, "people")
+    context = TeacherContext(tiny_model.family, TeacherConfig(k=3), pool, "people")
+    inputs = [TEACHERS["viker"](sample, context) for sample in samples]
+    extractor = TeacherExtractor(tiny_model, 0.9, 16)
+    assert extractor.vision_features.enabled
+    with torch.inference_mode():
+        _, cached_probs, _, _ = extractor.mean_distributions(samples, inputs)
+        _, again, _, _ = extractor.mean_distributions(samples, inputs)  # every image now from the cache
+    assert extractor.vision_features.reused >= 6
+    reference = torch.cat(
+        [dense_probs(tiny_model, teacher_input.variants).mean(0) for teacher_input in inputs]
+    )
+    torch.testing.assert_close(cached_probs.double(), reference, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(again, cached_probs, rtol=1e-5, atol=1e-7)
+    assert not VisionFeatureCache(torch.nn.Linear(2, 2)).enabled
+
+
+# ---------------------------------------------------------------- sharding and resuming
+
+
+def test_one_shard_alone_equals_that_shard_of_the_full_run(world, tiny_model_dir, viker_cache, tmp_path):
+    out = tmp_path / "alone"
+    run(config(world, tiny_model_dir, out, num_shards=2, shard_index=1))
+    assert sorted(p.name for p in out.glob("shard-*")) == [
+        "shard-00001-of-00002.json",
+        "shard-00001-of-00002.parquet",
+    ]
+    full = json.loads((viker_cache / "shard-00001-of-00002.json").read_text())
+    mine = json.loads((out / "shard-00001-of-00002.json").read_text())
+    assert mine["samples"] == full["samples"] and mine["header"] == full["header"]
+    assert mine["sha256"] == full["sha256"]  # deterministic to the byte
+    all_ids = [s.sample_id for s in load_unlearning_samples(world, "forget_10")]
+    assert [r["sample_id"] for r in read_manifest(viker_cache).samples] == all_ids
+
+
+def test_rerun_skips_complete_shards_and_redoes_broken_ones(
+    world, tiny_model_dir, viker_cache, tmp_path, capsys
+):
+    out = tmp_path / "resume"
+    shutil.copytree(viker_cache, out)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    run(config(world, tiny_model_dir, out, num_shards=2))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    assert capsys.readouterr().err.count("skipped") == 2
+
+    corrupt = out / "shard-00000-of-00002.parquet"
+    corrupt.write_bytes(corrupt.read_bytes()[:-100])  # truncated: checksum fails
+    (out / "shard-00001-of-00002.json").unlink()  # half-written: no manifest
+    assert len(verify_cache(out)) == 2
+    run(config(world, tiny_model_dir, out, num_shards=2))
+    assert verify_cache(out) == []
+    for name in ("shard-00000-of-00002.json", "shard-00001-of-00002.json"):
+        assert (
+            json.loads((out / name).read_text())["sha256"]
+            == json.loads((viker_cache / name).read_text())["sha256"]
+        )
+
+
+def test_shards_of_a_run_with_other_settings_are_recomputed(
+    world, tiny_model_dir, viker_cache, tmp_path, capsys
+):
+    # What `dvc repro` does after a parameter change: one shard process at a time, same directory.
+    out = tmp_path / "other"
+    shutil.copytree(viker_cache, out)
+    run(config(world, tiny_model_dir, out, num_shards=2, top_p=0.5, shard_index=0))
+    assert "shard-00001-of-00002.json: from a run with other top_p" in capsys.readouterr().err
+    problems = verify_cache(out)  # a mixed directory is never read
+    assert len(problems) == 1 and "shard-00001-of-00002.json" in problems[0] and "top_p" in problems[0]
+    run(config(world, tiny_model_dir, out, num_shards=2, top_p=0.5, shard_index=1))
+    assert verify_cache(out) == []
+    assert read_manifest(out).header["top_p"] == 0.5
+
+
+def test_a_model_with_another_tokenizer_is_refused_naming_both(world, viker_cache, tmp_path, tiny_model):
+    from pipeline.mini_model import TinyLlavaConfig, build_random_tiny_llava
+
+    other_dir = build_random_tiny_llava(
+        tmp_path / "other-model",
+        seed=1,
+        config=TinyLlavaConfig(
+            vocab_size=300,
+            text_hidden=32,
+            text_layers=1,
+            text_heads=2,
+            text_intermediate=64,
+            vision_hidden=32,
+            vision_layers=1,
+        ),
+    )
+    out = tmp_path / "mixed"
+    shutil.copytree(viker_cache, out)
+    with pytest.raises(IncompatibleCacheError) as error:
+        run(config(world, other_dir, out, num_shards=2))
+    assert tiny_model.tokenizer_fingerprint in str(error.value)
+    assert "shard-0000" in str(error.value)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def rewrite_split(world: Path, tmp_path: Path, change) -> Path:
+    """A copy of the world whose forget_10 rows were passed through `change(rows)`."""
+    copy = tmp_path / "world"
+    shutil.copytree(world.parent, copy)
+    path = copy / "data" / "forget_10" / "train-00000-of-00001.parquet"
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    change(rows)
+    pq.write_table(table.from_pylist(rows, schema=table.schema), path)
+    return copy / "data"
+
+
+def test_missing_image_file_is_named(world, tiny_model_dir, tmp_path):
+    def drop_image(rows):
+        rows[0]["image"] = {"bytes": None, "path": "portraits/missing.png"}
+
+    data = rewrite_split(world, tmp_path, drop_image)
+    with pytest.raises(DataError, match="missing.png"):
+        run(config(data, tiny_model_dir, tmp_path / "out"))
+
+
+def test_unreadable_image_names_the_sample(world, tiny_model_dir, tmp_path):
+    def corrupt_image(rows):
+        rows[0]["image"] = {"bytes": b"\x89PNG not really", "path": None}
+
+    data = rewrite_split(world, tmp_path, corrupt_image)
+    with pytest.raises(ValueError, match=r"sample forget_10/\S+/qa/0 .*does not decode"):
+        run(config(data, tiny_model_dir, tmp_path / "out", teacher="vgid"))
+    with pytest.raises(ValueError, match=r"sample forget_10/\S+/qa/0 .*does not decode"):
+        run(config(data, tiny_model_dir, tmp_path / "out2"))
+    assert not list((tmp_path / "out2").glob("*.parquet"))  # nothing published
+
+
+def test_empty_answer_names_the_sample(world, tiny_model_dir, tmp_path):
+    def blank_answer(rows):
+        pairs = json.loads(rows[0]["metadata"])
+        pairs[1]["Answer"] = "   "
+        rows[0]["metadata"] = json.dumps(pairs)
+
+    data = rewrite_split(world, tmp_path, blank_answer)
+    with pytest.raises(PrecomputeError, match=r"sample forget_10/\S+/qa/1 .*empty answer"):
+        run(config(data, tiny_model_dir, tmp_path / "out"))
+
+
+def test_answer_beyond_the_model_limit_names_the_sample(world, tiny_model_dir, tmp_path):
+    def long_answer(rows):
+        pairs = json.loads(rows[0]["metadata"])
+        pairs[2]["Answer"] = " ".join(["This person was born in Lisbon."] * 400)
+        rows[0]["metadata"] = json.dumps(pairs)
+
+    data = rewrite_split(world, tmp_path, long_answer)
+    with pytest.raises(PrecomputeError, match=r"sample forget_10/\S+/qa/2: .* more than the model's limit"):
+        run(config(data, tiny_model_dir, tmp_path / "out", teacher="original"))
+
+
+def test_reference_pool_smaller_than_k(world, tiny_model_dir, tmp_path):
+    with pytest.raises(PrecomputeError, match=r"pool 'pets' .* 3 images, fewer than --k 5"):
+        run(config(world, tiny_model_dir, tmp_path / "out", reference_kind="pets", k=5))
+
+
+def test_unreadable_reference_image_is_named(world, tiny_model_dir, tmp_path):
+    copy = tmp_path / "world"
+    shutil.copytree(world.parent, copy)
+    for path in (copy / "references" / "people").glob("*.png"):
+        path.write_bytes(b"garbage")
+        broken = path.stem
+        break
+    with pytest.raises(ValueError, match=f"reference image {broken} of pool 'people'"):
+        run(config(copy / "data", tiny_model_dir, tmp_path / "out"))
+
+
+def test_unknown_names_are_refused(world, tiny_model_dir, tmp_path):
+    for option, value in [
+        ("teacher", "nope"),
+        ("perturbation", "blur"),
+        ("icu_prompt", "rude"),
+        ("reference_kind", "cars"),
+    ]:
+        with pytest.raises(PrecomputeError, match=value):
+            config(world, tiny_model_dir, tmp_path, **{option: value})
+
+
+def test_text_only_samples_keep_the_unmodified_input_for_visual_teachers(tiny_model):
+    sample = QASample("s/1", "p", "What does she do?", "She is a nurse.")
+    context = TeacherContext(tiny_model.family, TeacherConfig())
+    for name in ("viker", "noise"):
+        teacher_input = TEACHERS[name](sample, context)
+        assert teacher_input.variants[0].image is None and "text-only" in teacher_input.intervention
+    vgid_input = TEACHERS["vgid"](sample, context)
+    assert ICU_PROMPTS["strict"] in vgid_input.variants[0].prompt
+
+
+def test_cli_precompute_and_measure(world, tiny_model_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    args = [
+        "precompute",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(world),
+        "--out",
+        str(out),
+        "--teacher",
+        "noise",
+        "--perturbation",
+        "white",
+        "--limit",
+        "3",
+        "--no-progress",
+    ]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        main,
+        ["cache", "inspect", str(out), "--measure-kl", "--model", str(tiny_model_dir), "--data", str(world)],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{") :])
+    assert summary["measured_tokens"] == summary["tokens"] > 0
+    assert 0 <= summary["kl_error"] < 0.1
+    result = runner.invoke(main, [*args[:7], "--teacher", "viker", "--k", "50", "--no-progress"])
+    assert result.exit_code != 0 and "fewer than --k 50" in result.output

@@ -1,0 +1,362 @@
+"""Stage two on a tiny random LLaVA: every method trains from streamed caches, resumes exactly, runs under
+torchrun, and refuses caches from another model or tokenizer."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+
+import stages.train as train_stage
+from cache import CachedSample, IncompatibleCacheError, ShardWriter, truncate_top_p
+from pipeline.cli import main
+from pipeline.data import load_unlearning_samples
+from pipeline.models import PromptedSample, answer_logits, encode_answers
+from stages.train import TokenMismatchError, TrainConfig, run
+
+DATA = Path(__file__).parent / "fixtures" / "mllmu_train"  # forget_5: 3 samples, retain_95: 6
+FORGET, RETAIN = "forget_5", "retain_95"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matrices are too small for two threads to help; on a busy 2-core machine they
+    make each step several times slower. Restored for the other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny caches written with the cache writer, from the tiny model itself
+
+
+def write_cache(
+    directory: Path,
+    loaded,
+    split: str,
+    teacher: str,
+    blank_image: bool = False,
+    model_fingerprint: str | None = None,
+    tokenizer_fingerprint: str | None = None,
+    edit_tokens_of: str | None = None,
+    num_shards: int = 1,
+) -> Path:
+    """One row per sample of `split`: the frozen model's top-p distributions over the answer tokens,
+    on the sample's own image (an `original`/`base` teacher) or on a blank one (a stand-in teacher that
+    differs from the student, so KL terms have gradients)."""
+    samples = load_unlearning_samples(DATA, split)
+    header = {
+        "teacher": teacher,
+        "teacher_params": {"blank_image": blank_image},
+        "top_p": 0.95,
+        "max_support": 32,
+        "prompt_template": "test",
+        "model_fingerprint": model_fingerprint or loaded.model_fingerprint,
+        "tokenizer_fingerprint": tokenizer_fingerprint or loaded.tokenizer_fingerprint,
+        "dataset_fingerprint": "test",
+        "vocab_size": loaded.model.config.text_config.vocab_size,
+    }
+    for shard in range(num_shards):
+        with ShardWriter(directory, shard, num_shards, header) as writer:
+            for sample in samples[shard::num_shards]:
+                image = Image.new("RGB", (32, 32), (128, 128, 128)) if blank_image else sample.pil_image()
+                prompt = loaded.family.build_prompt(sample.question, True)
+                batch = encode_answers(loaded, [PromptedSample(prompt, image, sample.answer)])
+                with torch.no_grad():
+                    logits = answer_logits(loaded.model, batch)
+                answer_ids = batch.targets.clone()
+                if sample.sample_id == edit_tokens_of:
+                    answer_ids[0] = (answer_ids[0] + 1) % logits.shape[-1]
+                log_probs = torch.log_softmax(logits, -1)[torch.arange(len(answer_ids)), batch.targets]
+                cached = CachedSample.from_distributions(
+                    sample.sample_id, answer_ids, truncate_top_p(logits, 0.95, 32), log_probs
+                )
+                writer.write(cached, {"prompt": prompt})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def caches(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("caches")
+    return {
+        "teacher": write_cache(root / "teacher", tiny_model, FORGET, "viker", blank_image=True, num_shards=2),
+        "original": write_cache(root / "original", tiny_model, FORGET, "original"),
+        "base": write_cache(root / "base", tiny_model, RETAIN, "base"),
+    }
+
+
+def config(model_dir: Path, out: Path, method: str, caches: dict[str, Path], **overrides) -> TrainConfig:
+    values = dict(
+        model=str(model_dir),
+        data=str(DATA),
+        out=str(out),
+        method=method,
+        forget_split=FORGET,
+        retain_split=RETAIN,
+        lr=5e-3,
+        batch_size=2,
+        epochs=1,
+        seed=0,
+        forget_cache=str(caches["teacher"]) if method in ("viker", "vgid") else None,
+        retain_cache=str(caches["base"]) if method in ("vgid", "kl_min") else None,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def adapter_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training and what it writes
+
+
+def test_viker_trains_a_peft_adapter_on_the_language_model_only(tiny_model_dir, caches, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path / "viker"
+    meta = run(config(tiny_model_dir, out, "viker", caches, epochs=2, lambda_=0.5))
+
+    # PEFT format, loadable on the base model, LoRA only on the language model's attention projections.
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    adapted = PeftModel.from_pretrained(base, str(out))
+    lora_modules = [name for name, _ in adapted.named_modules() if name.endswith("lora_A")]
+    assert lora_modules and all("language_model" in name for name in lora_modules)
+    assert {name.split(".")[-2] for name in lora_modules} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    weights = adapter_weights(out)
+    assert all("vision_tower" not in key and "multi_modal_projector" not in key for key in weights)
+    assert any(float(value.abs().max()) > 0 for key, value in weights.items() if "lora_B" in key)  # it moved
+
+    saved_meta = json.loads((out / "training_meta.json").read_text())
+    assert saved_meta == json.loads(json.dumps(meta))
+    assert saved_meta["model_fingerprint"] and saved_meta["method"] == "viker"
+    assert saved_meta["params"]["lambda_"] == 0.5 and saved_meta["forget_cache"]["teacher"] == "viker"
+
+    # The step log: one row per optimizer step (3 samples, batch 2: steps of 2 and 1 samples, 2 epochs).
+    log = json.loads((out / "train_log.json").read_text())
+    assert [row["samples"] for row in log] == [2, 1, 2, 1]
+    assert [row["epoch"] for row in log] == [0, 0, 1, 1]
+    for row in log:
+        assert set(row) >= {"step", "loss", "forget_nll", "regularization", "lr", "step_time_s"}
+        assert row["loss"] == pytest.approx(
+            -row["forget_nll"] + 0.5 * row["regularization"], rel=1e-5, abs=1e-5
+        )
+    csv_lines = (out / "train_log.csv").read_text().splitlines()
+    assert len(csv_lines) == 5 and "regularization" in csv_lines[0].split(",")
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("method", ["ga", "ga_diff", "kl_min", "npo", "idkpo", "vgid"])
+def test_every_method_trains(method, tiny_model_dir, caches, tmp_path, monkeypatch):
+    calls = []
+    original = train_stage.frozen_answer_log_probs
+    monkeypatch.setattr(
+        train_stage,
+        "frozen_answer_log_probs",
+        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs),
+    )
+    out = tmp_path / method
+    run(config(tiny_model_dir, out, method, caches, epochs=2, npo_beta=0.4))
+    log = json.loads((out / "train_log.json").read_text())
+    assert len(log) == 4 and all(math.isfinite(row["loss"]) for row in log)
+    # Reference log-probs are computed once before training (forget answers, + refusals), not per epoch.
+    assert len(calls) == {"npo": 1, "idkpo": 2}.get(method, 0)
+    # At step one theta = theta_ref (LoRA's B starts at zero): NPO and IdkPO sit at their closed forms.
+    if method == "npo":
+        assert log[0]["loss"] == pytest.approx(2 / 0.4 * math.log(2), rel=1e-5)
+        assert log[-1]["forget_log_ratio"] < 0  # the forget answers became less likely than under theta_ref
+    if method == "idkpo":
+        assert log[0]["loss"] == pytest.approx(math.log(2) / 0.4, rel=1e-5)
+    if method in ("ga_diff", "kl_min", "vgid"):
+        assert any(key.startswith("retain") for key in log[0])
+    assert any(float(v.abs().max()) > 0 for k, v in adapter_weights(out).items() if "lora_B" in k)
+
+
+def test_npo_reference_from_an_original_cache_equals_the_computed_one(tiny_model_dir, caches, tmp_path):
+    computed = run(config(tiny_model_dir, tmp_path / "a", "npo", caches, max_steps=1))
+    cached = run(
+        config(
+            tiny_model_dir, tmp_path / "b", "npo", caches, max_steps=1, forget_cache=str(caches["original"])
+        )
+    )
+    assert cached["final_loss"] == pytest.approx(computed["final_loss"], rel=1e-4)
+    with pytest.raises(ValueError, match="needs an `original` cache, not 'viker'"):
+        run(config(tiny_model_dir, tmp_path / "c", "npo", caches, forget_cache=str(caches["teacher"])))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resuming
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir, caches, tmp_path):
+    """vgid streams both caches and pairs retain samples; LoRA dropout draws from the saved RNG."""
+    settings = dict(batch_size=1, epochs=2, checkpoint_every=2, lora_dropout=0.1)
+    whole = tmp_path / "whole"
+    run(config(tiny_model_dir, whole, "vgid", caches, **settings))
+
+    resumed = tmp_path / "resumed"
+
+    def crash_after_step_3(step: int) -> None:
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(config(tiny_model_dir, resumed, "vgid", caches, **settings), on_step=crash_after_step_3)
+    assert [p.name for p in (resumed / "checkpoints").iterdir()] == ["step-00000002"]
+    with pytest.raises(ValueError, match="other settings \\(lr\\)"):
+        run(config(tiny_model_dir, resumed, "vgid", caches, **{**settings, "lr": 1e-4}))
+    run(config(tiny_model_dir, resumed, "vgid", caches, **settings))
+
+    expected, actual = adapter_weights(whole), adapter_weights(resumed)
+    assert expected.keys() == actual.keys()
+    assert any(float(v.abs().max()) > 0 for k, v in expected.items() if "lora_B" in k)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-8)
+    whole_log = json.loads((whole / "train_log.json").read_text())
+    resumed_log = json.loads((resumed / "train_log.json").read_text())
+    assert [row["step"] for row in resumed_log] == list(range(1, 7))
+    assert [row["loss"] for row in resumed_log] == pytest.approx([row["loss"] for row in whole_log], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several processes
+
+
+def test_two_torchrun_processes_match_one(tiny_model_dir, caches, tmp_path):
+    """Global batch 2 = one sample per rank; 3 forget samples, so rank 1 has none in each epoch's last
+    step and must still join the all-reduce. LoRA dropout off: the ranks' masks would differ from one
+    process's by construction, and this test is about the data split and the gradient average."""
+    options = dict(batch_size=2, epochs=2, lora_dropout=0.0, lr=5e-3)
+    single = tmp_path / "single"
+    run(config(tiny_model_dir, single, "vgid", caches, **options))
+
+    double = tmp_path / "double"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "stages.train",
+        "--params",
+        os.devnull,
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(DATA),
+        "--out",
+        str(double),
+        "--method",
+        "vgid",
+        "--forget-split",
+        FORGET,
+        "--retain-split",
+        RETAIN,
+        "--forget-cache",
+        str(caches["teacher"]),
+        "--retain-cache",
+        str(caches["base"]),
+        "--batch-size",
+        "2",
+        "--epochs",
+        "2",
+        "--lora-dropout",
+        "0",
+        "--lr",
+        "5e-3",
+    ]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    meta = json.loads((double / "training_meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["steps"] == 4
+    expected, actual = adapter_weights(single), adapter_weights(double)
+    moved = sum(float(v.abs().sum()) for k, v in expected.items() if "lora_B" in k)
+    assert moved > 0
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-6)
+    single_log = json.loads((single / "train_log.json").read_text())
+    double_log = json.loads((double / "train_log.json").read_text())
+    for name in ("loss", "forget_kl", "retain_kl"):
+        assert [r[name] for r in double_log] == pytest.approx(
+            [r[name] for r in single_log], rel=1e-3, abs=1e-5
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Refusals
+
+
+def test_a_cache_from_another_model_or_tokenizer_is_refused(tiny_model, tiny_model_dir, caches, tmp_path):
+    other_model = write_cache(
+        tmp_path / "other-model", tiny_model, FORGET, "viker", model_fingerprint="f" * 64
+    )
+    with pytest.raises(IncompatibleCacheError) as error:
+        run(config(tiny_model_dir, tmp_path / "a", "viker", caches, forget_cache=str(other_model)))
+    assert "f" * 64 in str(error.value) and tiny_model.model_fingerprint in str(error.value)
+
+    other_tokenizer = write_cache(
+        tmp_path / "other-tok", tiny_model, RETAIN, "base", tokenizer_fingerprint="e" * 64
+    )
+    with pytest.raises(IncompatibleCacheError) as error:
+        run(config(tiny_model_dir, tmp_path / "b", "vgid", caches, retain_cache=str(other_tokenizer)))
+    assert "e" * 64 in str(error.value) and tiny_model.tokenizer_fingerprint in str(error.value)
+
+
+def test_cached_answer_tokens_must_equal_the_students(tiny_model, tiny_model_dir, caches, tmp_path):
+    sample_id = load_unlearning_samples(DATA, FORGET)[1].sample_id
+    edited = write_cache(tmp_path / "edited", tiny_model, FORGET, "viker", edit_tokens_of=sample_id)
+    with pytest.raises(TokenMismatchError, match=f"sample {sample_id}: cache .*edited stores answer tokens"):
+        run(config(tiny_model_dir, tmp_path / "out", "viker", caches, forget_cache=str(edited)))
+
+
+def test_a_cache_of_other_samples_or_missing_samples_is_refused(tiny_model, tiny_model_dir, caches, tmp_path):
+    with pytest.raises(ValueError, match="not in the forget split"):
+        run(config(tiny_model_dir, tmp_path / "a", "viker", caches, forget_cache=str(caches["base"])))
+    with pytest.raises(ValueError, match="needs --forget-cache"):
+        run(config(tiny_model_dir, tmp_path / "b", "viker", caches, forget_cache=None))
+
+
+def test_cli_trains_and_reports_bad_input(tiny_model_dir, caches, tmp_path):
+    runner = CliRunner()
+    common = [
+        "--params",
+        os.devnull,
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(DATA),
+        "--forget-split",
+        FORGET,
+        "--retain-split",
+        RETAIN,
+    ]
+    result = runner.invoke(
+        main, [*common, "--out", str(tmp_path / "ga"), "--method", "ga", "--max-steps", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 1
+    result = runner.invoke(main, [*common, "--out", str(tmp_path / "v"), "--method", "viker"])
+    assert result.exit_code != 0 and "needs --forget-cache" in result.output
