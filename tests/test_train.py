@@ -353,10 +353,12 @@ def test_cli_trains_and_reports_bad_input(tiny_model_dir, caches, tmp_path):
         "--retain-split",
         RETAIN,
     ]
-    result = runner.invoke(
-        main, [*common, "--out", str(tmp_path / "ga"), "--method", "ga", "--max-steps", "1"]
-    )
+    logs = tmp_path / "results" / "ga"
+    arguments = ["--out", str(tmp_path / "ga"), "--method", "ga", "--max-steps", "1", "--log-dir", str(logs)]
+    result = runner.invoke(main, [*common, *arguments, "--retain-cache", str(caches["base"])])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 1
+    assert (logs / "train_log.csv").is_file() and (tmp_path / "ga" / "adapter_model.safetensors").is_file()
+    assert "does not read --retain-cache" in result.stderr
     result = runner.invoke(main, [*common, "--out", str(tmp_path / "v"), "--method", "viker"])
     assert result.exit_code != 0 and "needs --forget-cache" in result.output
