@@ -69,7 +69,11 @@ class ModelFamily:
 
         return AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
-    def build_prompt(self, question: str, has_image: bool, instruction: str | None = None) -> str:
+    def build_prompt(
+        self, question: str, has_image: bool, instruction: str | None = None, exemplars: str = ""
+    ) -> str:
+        """The model's prompt for one question; `exemplars` is a solved few-shot block put where the
+        family's format wants it (its image placeholders are matched by `PromptedSample.context_images`)."""
         raise NotImplementedError
 
     def answer_text(self, answer: str) -> str:
@@ -108,9 +112,13 @@ class LlavaFamily(ModelFamily):
 
     name = "llava"
 
-    def build_prompt(self, question: str, has_image: bool, instruction: str | None = None) -> str:
+    def build_prompt(
+        self, question: str, has_image: bool, instruction: str | None = None, exemplars: str = ""
+    ) -> str:
         text = f"{instruction}\n{question}" if instruction else question
-        return f"USER: <image>\n{text} ASSISTANT:" if has_image else f"USER: {text} ASSISTANT:"
+        # MLLMU-Bench's eval.py puts the solved exemplars in front of the whole "USER: ..." turn.
+        turn = f"USER: <image>\n{text} ASSISTANT:" if has_image else f"USER: {text} ASSISTANT:"
+        return exemplars + turn
 
     def answer_text(self, answer: str) -> str:
         return " " + answer
@@ -227,13 +235,13 @@ class TeacherForcingBatch:
 
     def to(self, device: torch.device | str) -> TeacherForcingBatch:
         moved = {
-            name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            name: _to_device(value, device) if isinstance(value, torch.Tensor) else value
             for name, value in self.inputs.items()
         }
         return TeacherForcingBatch(
             inputs=moved,
-            predict_positions=self.predict_positions.to(device, non_blocking=True),
-            targets=self.targets.to(device, non_blocking=True),
+            predict_positions=_to_device(self.predict_positions, device),
+            targets=_to_device(self.targets, device),
             answer_lengths=self.answer_lengths,
             window=self.window,
             extra=self.extra,
@@ -247,6 +255,14 @@ class TeacherForcingBatch:
         """(N,) which sample each answer token belongs to."""
         lengths = torch.tensor(self.answer_lengths, device=self.targets.device)
         return torch.repeat_interleave(torch.arange(len(self.answer_lengths), device=lengths.device), lengths)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host-to-GPU copies from pinned memory, so that they run asynchronously to the host."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,16 +298,19 @@ def encode_answers(loaded: LoadedModel, samples: list[PromptedSample]) -> Teache
         answers.append(answer_token_ids(loaded, sample.answer))
     images = [image for sample in samples for image in sample.images]
     inputs = _encode_model_inputs(loaded, [s.prompt for s in samples], images, answers)
-    lengths = [len(ids) for ids in answers]
+    lengths = torch.tensor([len(ids) for ids in answers], dtype=torch.long)
     # Keep the last (max_len + 1) positions: position t predicts token t + 1, so the logits of an
     # answer of length n sit at window offsets window - 1 - n ... window - 2.
-    window = max(lengths) + 1
-    positions = [row * window + (window - 1 - n + j) for row, n in enumerate(lengths) for j in range(n)]
+    window = int(lengths.max()) + 1
+    sample_of_token = torch.repeat_interleave(torch.arange(len(answers)), lengths)
+    first_token = torch.cumsum(lengths, 0) - lengths
+    offset_in_answer = torch.arange(int(lengths.sum())) - first_token[sample_of_token]
+    positions = sample_of_token * window + (window - 1 - lengths[sample_of_token]) + offset_in_answer
     return TeacherForcingBatch(
         inputs=inputs,
-        predict_positions=torch.tensor(positions, dtype=torch.long),
-        targets=torch.tensor([token for ids in answers for token in ids], dtype=torch.long),
-        answer_lengths=lengths,
+        predict_positions=positions,
+        targets=torch.cat([torch.tensor(ids, dtype=torch.long) for ids in answers]),
+        answer_lengths=lengths.tolist(),
         window=window,
     )
 

@@ -80,12 +80,16 @@ class Qwen2VLFamily(ModelFamily):
     image_placeholder = VISION_BLOCK
     lora_target_modules = r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 
-    def build_prompt(self, question: str, has_image: bool, instruction: str | None = None) -> str:
+    def build_prompt(
+        self, question: str, has_image: bool, instruction: str | None = None, exemplars: str = ""
+    ) -> str:
         text = f"{instruction}\n{question}" if instruction else question
         vision = VISION_BLOCK if has_image else ""
+        # Exemplars go inside the user turn, before the query's image: a chat model reads anything
+        # outside its turns as a malformed conversation.
         return (
             f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
-            f"<|im_start|>user\n{vision}{text}<|im_end|>\n<|im_start|>assistant\n"
+            f"<|im_start|>user\n{exemplars}{vision}{text}<|im_end|>\n<|im_start|>assistant\n"
         )
 
     def answer_text(self, answer: str) -> str:

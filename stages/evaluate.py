@@ -95,7 +95,9 @@ class EvalProtocol:
     ) -> list[str]:
         raise NotImplementedError
 
-    def query(self, family, text: str, has_image: bool, task: str, instruction: str | None) -> str:
+    def query(
+        self, family, text: str, has_image: bool, task: str, instruction: str | None, exemplars: str = ""
+    ) -> str:
         raise NotImplementedError
 
     def reply(self, prompt: str, generated: str) -> str:
@@ -121,7 +123,9 @@ class OfficialProtocol(EvalProtocol):
         # eval.py draws (unseeded) once per task; we seed the draw so a rerun asks the same prompts.
         return random.Random(f"{seed}/{split}/{task}").sample(list(person_ids), count)
 
-    def query(self, family, text: str, has_image: bool, task: str, instruction: str | None) -> str:
+    def query(
+        self, family, text: str, has_image: bool, task: str, instruction: str | None, exemplars: str = ""
+    ) -> str:
         if family.name != "llava":
             raise ValueError(
                 f"--protocol official rebuilds eval.py's LLaVA prompt strings; model family {family.name!r} "
@@ -130,8 +134,10 @@ class OfficialProtocol(EvalProtocol):
         text = f"{instruction}\n{text}" if instruction else text
         if task == "generation":
             # eval.py ends the image prompt with "ASSISTANT: " (trailing space) and the text one without.
-            return f"USER: <image>\n{text}\nASSISTANT: " if has_image else f"USER: {text}\nASSISTANT:"
-        return f"USER: <image>\n{text}\nASSISTANT:" if has_image else f"USER:\n{text}\nASSISTANT:"
+            turn = f"USER: <image>\n{text}\nASSISTANT: " if has_image else f"USER: {text}\nASSISTANT:"
+        else:
+            turn = f"USER: <image>\n{text}\nASSISTANT:" if has_image else f"USER:\n{text}\nASSISTANT:"
+        return exemplars + turn
 
     def reply(self, prompt: str, generated: str) -> str:
         # eval.py decodes prompt + continuation and keeps what follows the first "ASSISTANT:".
@@ -155,8 +161,10 @@ class FixedProtocol(EvalProtocol):
     ) -> list[str]:
         return random.Random(f"{seed}/{split}/few-shot").sample(sorted(person_ids), count)
 
-    def query(self, family, text: str, has_image: bool, task: str, instruction: str | None) -> str:
-        return family.build_prompt(text, has_image, instruction)
+    def query(
+        self, family, text: str, has_image: bool, task: str, instruction: str | None, exemplars: str = ""
+    ) -> str:
+        return family.build_prompt(text, has_image, instruction, exemplars)
 
     def reply(self, prompt: str, generated: str) -> str:
         return generated.strip()
@@ -264,7 +272,7 @@ def build_questions(
                 prefix, context = _few_shot_prefix(
                     protocol, family, exemplar_sets[key], task, has_image, images
                 )
-            prompt = prefix + protocol.query(family, text, has_image, task, instruction)
+            prompt = protocol.query(family, text, has_image, task, instruction, prefix)
             questions.append(Question(split, item, prompt, images.get(item), context))
     return questions
 

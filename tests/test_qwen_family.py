@@ -71,7 +71,10 @@ def _samples(family):
         ),
         # A few-shot exemplar image before the query image: two images in one row.
         PromptedSample(
-            family.image_placeholder + "A\n" + family.build_prompt("Who is it?", True), red, "B", (green,)
+            family.build_prompt("Who is it?", True, exemplars=family.image_placeholder + "A\n"),
+            red,
+            "B",
+            (green,),
         ),
     ]
 
@@ -111,9 +114,14 @@ def test_prompt_equals_the_official_chat_template(qwen):
     family, tokenizer = qwen.family, qwen.tokenizer
     with_image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Forget.\nWho?"}]}]
     text_only = [{"role": "user", "content": [{"type": "text", "text": "Who?"}]}]
+    # A solved exemplar (its image, then its text) inside the user turn, before the query's image.
+    few_shot = [{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "Who? A\n"}, {"type": "image"}, {"type": "text", "text": "Who?"},
+    ]}]  # fmt: skip
     for messages, prompt in (
         (with_image, family.build_prompt("Who?", True, instruction="Forget.")),
         (text_only, family.build_prompt("Who?", False)),
+        (few_shot, family.build_prompt("Who?", True, exemplars=family.image_placeholder + "Who? A\n")),
     ):
         assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == prompt
     assert prompt.startswith(SYSTEM)
