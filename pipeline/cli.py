@@ -218,47 +218,97 @@ def precompute_command(model_path: str, data_dir: str, kinds: str, **options) ->
 
 
 @main.command("evaluate")
-@click.option("--model", "model_path", required=True, help="Model directory or hub id (the base / full model).")
+@click.option(
+    "--model", "model_path", required=True, help="Model directory or hub id (the base / full model)."
+)
 @click.option("--adapter", default=None, type=click.Path(), help="LoRA adapter directory to evaluate on top.")
-@click.option("--data", "data_dir", required=True, type=click.Path(), help="Data set in MLLMU-Bench's layout.")
+@click.option(
+    "--data", "data_dir", required=True, type=click.Path(), help="Data set in MLLMU-Bench's layout."
+)
 @click.option("--forget-split", default="forget_10", show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="results/<run>/metrics.json")
 @click.option("--protocol", type=click.Choice(["fixed", "official"]), default="fixed", show_default=True)
 @click.option("--max-new-tokens", default=50, show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
-@click.option("--reverse-attack/--no-reverse-attack", default=True, show_default=True,
-              help="Also score forget/test with Vgid's reverse prompt appended.")
+@click.option(
+    "--reverse-attack/--no-reverse-attack",
+    default=True,
+    show_default=True,
+    help="Also score forget/test with Vgid's reverse prompt appended.",
+)
 @click.option("--gib-model", default=None, type=click.Path(), help="Local copy of the gibberish classifier.")
 @click.option("--limit", default=None, type=int, help="At most this many people per split.")
-@click.option("--few-shot-profiles", default=None, type=int, help="Exemplar profiles (default: the protocol's).")
-@click.option("--few-shot-questions", default=None, type=int,
-              help="At most this many exemplar questions, 0 = all (default: the protocol's).")
+@click.option(
+    "--few-shot-profiles", default=None, type=int, help="Exemplar profiles (default: the protocol's)."
+)
+@click.option(
+    "--few-shot-questions",
+    default=None,
+    type=int,
+    help="At most this many exemplar questions, 0 = all (default: the protocol's).",
+)
 @click.option("--instruction", default=None, help="In-context unlearning prefix for every question (ICU).")
 @click.option("--splits", default="forget,test,retain,real", show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--seeds", default=None,
-              help="Comma list: evaluate one adapter per training seed, '{seed}' in --adapter/--out replaced "
-                   "by each (the evaluation's own draws stay seeded by --seed).")
+@click.option(
+    "--seeds",
+    default=None,
+    help="Comma list: evaluate one adapter per training seed, '{seed}' in --adapter/--out replaced "
+    "by each (the evaluation's own draws stay seeded by --seed).",
+)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @model_loading_options
-def evaluate_command(model_path, adapter, data_dir, forget_split, out, protocol, max_new_tokens, batch_size,
-                     reverse_attack, gib_model, limit, few_shot_profiles, few_shot_questions, instruction, splits,
-                     seed, seeds, dtype, device) -> None:
+def evaluate_command(
+    model_path,
+    adapter,
+    data_dir,
+    forget_split,
+    out,
+    protocol,
+    max_new_tokens,
+    batch_size,
+    reverse_attack,
+    gib_model,
+    limit,
+    few_shot_profiles,
+    few_shot_questions,
+    instruction,
+    splits,
+    seed,
+    seeds,
+    dtype,
+    device,
+) -> None:
     """Score forgetting, retention and coherence (MLLMU-Bench metrics) into metrics.json."""
     import json
 
     from pipeline.data import DataError
     from stages.evaluate import AdapterMismatchError, EvaluateConfig, run
 
-    configs = [EvaluateConfig(
-        model=model_path, adapter=adapter.replace("{seed}", run_seed) if adapter else None, data=data_dir,
-        out=out.replace("{seed}", run_seed), forget_split=forget_split, protocol=protocol,
-        max_new_tokens=max_new_tokens, batch_size=batch_size, reverse_attack=reverse_attack, gib_model=gib_model,
-        limit=limit, few_shot_profiles=few_shot_profiles, few_shot_questions=few_shot_questions,
-        instruction=instruction,
-        splits=tuple(s.strip() for s in splits.split(",") if s.strip()), seed=seed, dtype=dtype, device=device,
-    ) for run_seed in _seed_list(seeds)]
+    configs = [
+        EvaluateConfig(
+            model=model_path,
+            adapter=adapter.replace("{seed}", run_seed) if adapter else None,
+            data=data_dir,
+            out=out.replace("{seed}", run_seed),
+            forget_split=forget_split,
+            protocol=protocol,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            reverse_attack=reverse_attack,
+            gib_model=gib_model,
+            limit=limit,
+            few_shot_profiles=few_shot_profiles,
+            few_shot_questions=few_shot_questions,
+            instruction=instruction,
+            splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
+            seed=seed,
+            dtype=dtype,
+            device=device,
+        )
+        for run_seed in _seed_list(seeds)
+    ]
     for config in configs:
         try:
             metrics = run(config)
@@ -268,12 +318,25 @@ def evaluate_command(model_path, adapter, data_dir, forget_split, out, protocol,
 
 
 @main.command("report")
-@click.option("--runs", "runs_dir", default="results", show_default=True, type=click.Path(file_okay=False),
-              help="Folder of <run>/metrics.json (run names: method or method-sN).")
+@click.option(
+    "--runs",
+    "runs_dir",
+    default="results",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder of <run>/metrics.json (run names: method or method-sN).",
+)
 @click.option("--out", default="results/report.md", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--references", "reference_dir", default=None, type=click.Path(),
-              help="Reference pools folder (default: next to the runs' data) for key-token marking.")
-@click.option("--sample-index", default=0, show_default=True, help="Which forget sample the token plot shows.")
+@click.option(
+    "--references",
+    "reference_dir",
+    default=None,
+    type=click.Path(),
+    help="Reference pools folder (default: next to the runs' data) for key-token marking.",
+)
+@click.option(
+    "--sample-index", default=0, show_default=True, help="Which forget sample the token plot shows."
+)
 @click.option("--epsilon", default=0.5, show_default=True, help="Key-token entropy threshold (nats).")
 @click.option("--token-plot/--no-token-plot", default=True, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
@@ -282,8 +345,15 @@ def report_command(runs_dir, out, reference_dir, sample_index, epsilon, token_pl
     from stages.report import run
 
     try:
-        path = run(runs_dir, out, reference_dir=reference_dir, sample_index=sample_index, epsilon=epsilon,
-                   token_plot=token_plot, device=device)
+        path = run(
+            runs_dir,
+            out,
+            reference_dir=reference_dir,
+            sample_index=sample_index,
+            epsilon=epsilon,
+            token_plot=token_plot,
+            device=device,
+        )
     except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"wrote {path}")
@@ -319,41 +389,71 @@ def key_tokens_command(cache_dir, epsilon, model_path, limit) -> None:
 @main.command("train")
 @click.option("--model", "model", required=True, help="The full model (directory or hub id) to unlearn from.")
 @click.option("--data", "data", required=True, type=click.Path(), help="Data set in MLLMU-Bench's layout.")
-@click.option("--out", required=True, type=click.Path(), help="Adapter directory (PEFT) + log + training_meta.")
-@click.option("--method", default="viker", show_default=True,
-              help="ga, ga_diff, kl_min, npo, idkpo, viker or vgid (pipeline.losses.LOSSES).")
+@click.option(
+    "--out", required=True, type=click.Path(), help="Adapter directory (PEFT) + log + training_meta."
+)
+@click.option(
+    "--method",
+    default="viker",
+    show_default=True,
+    help="ga, ga_diff, kl_min, npo, idkpo, viker or vgid (pipeline.losses.LOSSES).",
+)
 @click.option("--forget-split", default="forget_10", show_default=True)
 @click.option("--retain-split", default="retain_90", show_default=True)
-@click.option("--sample-kinds", default="qa", show_default=True, help="Comma list of qa, generation, mc, cloze.")
+@click.option(
+    "--sample-kinds", default="qa", show_default=True, help="Comma list of qa, generation, mc, cloze."
+)
 @click.option("--forget-cache", default=None, type=click.Path(), help="Teacher cache of the forget split.")
-@click.option("--retain-cache", default=None, type=click.Path(), help="Frozen-model (`base`) cache of the retain split.")
-@click.option("--lambda", "lambda", default=0.05, show_default=True, type=float, help="ViKeR's lambda (Eq. 5).")
+@click.option(
+    "--retain-cache", default=None, type=click.Path(), help="Frozen-model (`base`) cache of the retain split."
+)
+@click.option(
+    "--lambda", "lambda", default=0.05, show_default=True, type=float, help="ViKeR's lambda (Eq. 5)."
+)
 @click.option("--alpha", default=1.0, show_default=True, type=float, help="Vgid's forget weight (Eq. 5).")
-@click.option("--beta", default=1.0, show_default=True, type=float,
-              help="Retain weight: Vgid Eq. 5, KL_Min Eq. 8, GA_Diff.")
+@click.option(
+    "--beta",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="Retain weight: Vgid Eq. 5, KL_Min Eq. 8, GA_Diff.",
+)
 @click.option("--npo-beta", default=0.4, show_default=True, type=float, help="beta of NPO and IdkPO.")
 @click.option("--regularizer", type=click.Choice(["kl", "jsd", "cosine"]), default="kl", show_default=True)
 @click.option("--no-ga", is_flag=True, default=False, help="ViKeR without the GA term (ablation).")
-@click.option("--refusals", default=None, type=click.Path(), help="Refusal sentences for IdkPO, one per line.")
+@click.option(
+    "--refusals", default=None, type=click.Path(), help="Refusal sentences for IdkPO, one per line."
+)
 @click.option("--lr", default=5e-6, show_default=True, type=float)
-@click.option("--batch-size", default=2, show_default=True, type=int, help="Global forget samples per micro-batch.")
+@click.option(
+    "--batch-size", default=2, show_default=True, type=int, help="Global forget samples per micro-batch."
+)
 @click.option("--epochs", default=1, show_default=True, type=int)
 @click.option("--grad-accum", default=1, show_default=True, type=int)
 @click.option("--max-steps", default=None, type=int, help="Stop after this many optimizer steps.")
 @click.option("--weight-decay", default=0.0, show_default=True, type=float)
-@click.option("--lr-scheduler", type=click.Choice(["constant", "linear"]), default="constant", show_default=True)
-@click.option("--max-grad-norm", default=None, type=float, help="Clip gradients to this norm (default: no clipping).")
+@click.option(
+    "--lr-scheduler", type=click.Choice(["constant", "linear"]), default="constant", show_default=True
+)
+@click.option(
+    "--max-grad-norm", default=None, type=float, help="Clip gradients to this norm (default: no clipping)."
+)
 @click.option("--lora-rank", default=8, show_default=True, type=int)
 @click.option("--lora-alpha", default=16, show_default=True, type=int)
 @click.option("--lora-dropout", default=0.05, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--seeds", default=None,
-              help="Comma list: one run per seed in this process, '{seed}' in --out replaced by each (overrides --seed).")
+@click.option(
+    "--seeds",
+    default=None,
+    help="Comma list: one run per seed in this process, '{seed}' in --out replaced by each (overrides --seed).",
+)
 @click.option("--checkpoint-every", default=0, show_default=True, type=int, help="Optimizer steps; 0: never.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--progress/--quiet", default=False, show_default=True, help="Print each step's log row.")
-@click.option("--log-dir", default=None, type=click.Path(), help="Where train_log.csv/.json go (default: --out).")
+@click.option(
+    "--log-dir", default=None, type=click.Path(), help="Where train_log.csv/.json go (default: --out)."
+)
 @model_loading_options
 def train_command(**options) -> None:
     """LoRA unlearning with the method's loss, streaming the teacher cache (torchrun for several processes)."""
@@ -364,10 +464,14 @@ def train_command(**options) -> None:
     from stages.train import TokenMismatchError, TrainConfig, run
 
     options["lambda_"] = options.pop("lambda")
-    options["sample_kinds"] = tuple(kind.strip() for kind in options["sample_kinds"].split(",") if kind.strip())
+    options["sample_kinds"] = tuple(
+        kind.strip() for kind in options["sample_kinds"].split(",") if kind.strip()
+    )
     seeds, out = options.pop("seeds"), options.pop("out")
     for seed in _seed_list(seeds):
-        config = TrainConfig(**{**options, "out": out.replace("{seed}", seed), "seed": int(seed or options["seed"])})
+        config = TrainConfig(
+            **{**options, "out": out.replace("{seed}", seed), "seed": int(seed or options["seed"])}
+        )
         try:
             meta = run(config)
         except (CacheError, DataError, TokenMismatchError, FileNotFoundError, KeyError, ValueError) as error:
@@ -376,36 +480,105 @@ def train_command(**options) -> None:
 
 
 @main.command("prepare-mini")
-@click.option("--out", type=click.Path(file_okay=False), default="work/mini", show_default=True,
-              help="Where the world (data/, references/) and the full model (model/) go.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="work/mini",
+    show_default=True,
+    help="Where the world (data/, references/) and the full model (model/) go.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--num-people", type=int, default=100, show_default=True, help="Fictitious people (forget/retain).")
-@click.option("--num-real", type=int, default=20, show_default=True, help="'Real celebrity' people (always retained).")
-@click.option("--num-reference-people", type=int, default=20, show_default=True,
-              help="Portraits in no split: ViKeR's 'people' reference pool.")
-@click.option("--alt-images", type=int, default=3, show_default=True, help="Other images per person (Test_Set).")
-@click.option("--epochs", type=int, default=12, show_default=True, help="Fine-tuning epochs of the full model.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--learning-rate", type=float, default=3e-3, show_default=True)
+@click.option(
+    "--num-people", type=int, default=100, show_default=True, help="Fictitious people (forget/retain)."
+)
+@click.option(
+    "--num-real", type=int, default=20, show_default=True, help="'Real celebrity' people (always retained)."
+)
+@click.option(
+    "--num-reference-people",
+    type=int,
+    default=20,
+    show_default=True,
+    help="Portraits in no split: ViKeR's 'people' reference pool.",
+)
+@click.option(
+    "--alt-images", type=int, default=3, show_default=True, help="Other images per person (Test_Set)."
+)
+@click.option(
+    "--fact-epochs",
+    type=int,
+    default=20,
+    show_default=True,
+    help="First fine-tuning epochs, on the profile QA and cloze items only (the facts).",
+)
+@click.option(
+    "--epochs",
+    type=int,
+    default=25,
+    show_default=True,
+    help="Fine-tuning epochs on every task format, after the fact epochs.",
+)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--learning-rate", type=float, default=5e-4, show_default=True)
 @click.option("--threads", type=int, default=0, show_default=True, help="torch threads (0: torch's default).")
-@click.option("--metrics-out", type=click.Path(dir_okay=False), default="metrics/full_model.json", show_default=True,
-              help="Memorization figures of the full model; '' skips the measurement.")
-@click.option("--people-per-split", type=int, default=20, show_default=True,
-              help="People of each split the memorization measurement asks about.")
-def prepare_mini_command(out, seed, num_people, num_real, num_reference_people, alt_images, epochs, batch_size,
-                         learning_rate, threads, metrics_out, people_per_split) -> None:
+@click.option(
+    "--metrics-out",
+    type=click.Path(dir_okay=False),
+    default="metrics/full_model.json",
+    show_default=True,
+    help="Memorization figures of the full model; '' skips the measurement.",
+)
+@click.option(
+    "--people-per-split",
+    type=int,
+    default=20,
+    show_default=True,
+    help="People of each split the memorization measurement asks about.",
+)
+def prepare_mini_command(
+    out,
+    seed,
+    num_people,
+    num_real,
+    num_reference_people,
+    alt_images,
+    fact_epochs,
+    epochs,
+    batch_size,
+    learning_rate,
+    threads,
+    metrics_out,
+    people_per_split,
+) -> None:
     """Build the embedded mini world and fine-tune the tiny full model on it."""
     from pathlib import Path
 
     from pipeline.mini_world import WorldConfig
     from stages.prepare import FineTuneConfig, run
 
-    world = WorldConfig(seed=seed, num_people=num_people, num_real=num_real,
-                        num_reference_people=num_reference_people, alt_images=alt_images)
-    fine_tune = FineTuneConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                               threads=threads)
-    figures = run(Path(out), world, fine_tune, Path(metrics_out) if metrics_out else None,
-                  people_per_split=people_per_split, log=click.echo)
+    world = WorldConfig(
+        seed=seed,
+        num_people=num_people,
+        num_real=num_real,
+        num_reference_people=num_reference_people,
+        alt_images=alt_images,
+    )
+    fine_tune = FineTuneConfig(
+        fact_epochs=fact_epochs,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        threads=threads,
+    )
+    figures = run(
+        Path(out),
+        world,
+        fine_tune,
+        Path(metrics_out) if metrics_out else None,
+        people_per_split=people_per_split,
+        log=click.echo,
+    )
     click.echo(json.dumps(figures, indent=2))
 
 

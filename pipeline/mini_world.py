@@ -206,6 +206,18 @@ FIRST_NAMES = [
     "Anna", "Ben", "Clara", "David", "Elena", "Felix", "Greta", "Hugo", "Ida", "Jonas",
     "Karin", "Leo", "Maya", "Nils", "Olga", "Pablo", "Rosa", "Sami", "Tara", "Umar",
     "Vera", "Willem", "Yara", "Zane", "Alma", "Bruno", "Celia", "Dario", "Edith", "Finn",
+    "Agnes", "Boris", "Carmen", "Dmitri", "Esther", "Fabio", "Gemma", "Henrik", "Irene", "Jasper",
+    "Klaus", "Lena", "Marco", "Nadia", "Oscar", "Petra", "Quentin", "Rahel", "Stefan", "Tilda",
+    "Ulla", "Victor", "Wanda", "Xavier", "Yusuf", "Zoe", "Anton", "Bianca", "Cyril", "Daphne",
+    "Emil", "Flora", "Gustav", "Helga", "Igor", "Judith", "Kasper", "Lotte", "Mateo", "Nora",
+    "Otto", "Paula", "Rafael", "Selma", "Tobias", "Ursula", "Valentin", "Wilma", "Yannick", "Zora",
+    "Arvid", "Beatrix", "Casimir", "Dora", "Elias", "Frida", "Gideon", "Hanna", "Ivo", "Jana",
+    "Konrad", "Liesel", "Milan", "Nina", "Orla", "Pavel", "Ruth", "Sven", "Thea", "Uwe",
+    "Viggo", "Wendy", "Ximena", "Yvonne", "Zeno", "Aurora", "Bastian", "Cora", "Damian", "Eva",
+    "Ferdinand", "Gloria", "Hector", "Ines", "Joaquin", "Kira", "Lorenz", "Mira", "Nestor", "Ophelia",
+    "Piet", "Rita", "Silas", "Tomas", "Una", "Vito", "Xenia", "Yosef", "Zelda", "Ariel",
+    "Bodo", "Chiara", "Dag", "Elin", "Fritz", "Gisela", "Harald", "Isak", "Juno", "Kurt",
+    "Linnea", "Mads", "Noemi", "Odile", "Paolo", "Rune", "Sigrid", "Teo", "Vilma", "Wolf",
 ]  # fmt: skip
 LAST_NAMES = [
     "Andersen", "Brandt", "Castillo", "Dupont", "Eriksen", "Fischer", "Garcia", "Hansen", "Ivanova",
@@ -741,12 +753,11 @@ def build_world(config: WorldConfig = WorldConfig()) -> World:
     """Build every person, question, image and reference image; a pure function of the config."""
     rng = random.Random(config.seed)
     total = config.num_people + config.num_real + config.num_reference_people
-    if total > len(FIRST_NAMES) * len(LAST_NAMES):
-        raise ValueError(
-            f"the name vocabulary holds {len(FIRST_NAMES) * len(LAST_NAMES)} people, asked {total}"
-        )
-    names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
-    names = rng.sample(names, total)
+    if total > len(FIRST_NAMES):
+        raise ValueError(f"the name vocabulary holds {len(FIRST_NAMES)} people, asked {total}")
+    # Every person's first name is their own (surnames repeat): a name identifies one person, as a
+    # celebrity's name does, while the multiple-choice name options stay plausible.
+    names = [f"{first} {rng.choice(LAST_NAMES)}" for first in rng.sample(FIRST_NAMES, total)]
     appearances = distinct_appearances(total, rng)
 
     groups = ["fictitious"] * config.num_people + ["real"] * config.num_real

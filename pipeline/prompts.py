@@ -13,7 +13,9 @@ CLOZE_INSTRUCTION = "Please **ONLY** provide the correct answer that should repl
 GENERATION_INSTRUCTION_IMAGE = (
     "Answer the question based on your trained knowledge in one sentence accurately in ENGLISH."
 )
-GENERATION_INSTRUCTION_TEXT = "Answer the question based on your trained knowledge in one sentence in ENGLISH."
+GENERATION_INSTRUCTION_TEXT = (
+    "Answer the question based on your trained knowledge in one sentence in ENGLISH."
+)
 OPTION_LETTERS = ("A", "B", "C", "D")
 
 
@@ -37,7 +39,9 @@ def generation_text(question: str, has_image: bool) -> str:
 
 
 def classification_fewshot_block(
-    exemplars: Sequence[tuple[str, Mapping[str, str], str]], has_image: bool = True, image_placeholder: str = "<image>"
+    exemplars: Sequence[tuple[str, Mapping[str, str], str]],
+    has_image: bool = True,
+    image_placeholder: str = "<image>",
 ) -> str:
     """Solved exemplars (question, options, correct letter) that precede the query; image ones carry an image each."""
     opener = f"USER: {image_placeholder}\n" if has_image else "USER:\n"

@@ -4,7 +4,8 @@
 2. Train a byte-level BPE tokenizer on the world's text and build a tiny LLaVA (pipeline.mini_model).
 3. Fine-tune it on every split's questions (Full_Set + the real-celebrity Retain_Set), in the task
    texts the benchmark asks (pipeline.prompts), until it has memorized every person: this is the
-   "full model" that unlearning starts from. The Test_Set (other images, paraphrased questions) is
+   "full model" that unlearning starts from. First the facts alone (profile QA and cloze items), then
+   every task format (FineTuneConfig.fact_epochs, .epochs). The Test_Set (other images, paraphrased questions) is
    never trained on: it measures generalization.
 4. Save it like a hub checkpoint under OUT/model and measure its memorization.
 """
@@ -44,11 +45,20 @@ MAX_FEWSHOT_QUESTIONS = 2
 
 @dataclass
 class FineTuneConfig:
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 2e-3
+    # First the facts alone, in their shortest forms (profile QA and cloze), then the full mix of task
+    # formats. A tiny model that meets all formats at once stalls for many epochs on template tokens
+    # before it binds people to facts; once it knows the facts, the other formats are quick to add.
+    fact_epochs: int = 20
+    epochs: int = 25  # full-mix epochs, after the fact epochs
+    batch_size: int = 16
+    # Higher rates learn the answer templates sooner but hold the facts back: at 3e-3 the 60-person
+    # world's facts were still near chance after 15 epochs, at 5e-4 most were known.
+    learning_rate: float = 5e-4
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05
+    # After warmup the learning rate follows a cosine from its peak down to this fraction of it.
+    final_lr_fraction: float = 0.0
+    adam_beta2: float = 0.999
     # Solved exemplars before the query teach large models the answer format in context; the tiny model
     # learns the format by fine-tuning instead, and its evaluation asks zero-shot (params.yaml
     # evaluate.few_shot_profiles: 0), so by default no training prompt carries exemplars.
@@ -102,10 +112,15 @@ def _vary_separator(prompt: str, rng: random.Random) -> str:
 
 
 def training_examples(
-    people: list[Person], family: ModelFamily, rng: random.Random, fewshot_probability: float,
+    people: list[Person],
+    family: ModelFamily,
+    rng: random.Random,
+    fewshot_probability: float,
     permute_options: bool = False,
+    facts_only: bool = False,
 ) -> list[PromptedSample]:
-    """One epoch of fine-tuning examples from every person's generation, multiple-choice and cloze items."""
+    """One epoch of fine-tuning examples: every person's profile QA and cloze items (the facts in their
+    shortest forms) and, unless `facts_only`, the generation and multiple-choice items."""
     examples: list[PromptedSample] = []
     for person in people:
         row = person.row
@@ -113,6 +128,27 @@ def training_examples(
         for item in _metadata_qa(row):
             prompt = _vary_separator(family.build_prompt(item["Question"], True), rng)
             examples.append(PromptedSample(prompt, person.image, item["Answer"]))
+        for item in row["Mask_Task"]:
+            has_image = item["Type"] == "Image_Textual"
+            prefix, context = "", ()
+            if rng.random() < fewshot_probability:
+                other = rng.choice(people)
+                shots = [
+                    (s["Question"], s["Ground_Truth"])
+                    for s in other.row["Mask_Task"]
+                    if s["Type"] == item["Type"]
+                ]
+                shots = rng.sample(shots, min(len(shots), MAX_FEWSHOT_QUESTIONS))
+                prefix = prompts.cloze_fewshot_block(shots, has_image, family.image_placeholder)
+                context = tuple(other.image for _ in shots) if has_image else ()
+            prompt = _vary_separator(
+                family.build_prompt(prompts.cloze_text(item["Question"]), has_image, exemplars=prefix), rng
+            )
+            examples.append(
+                PromptedSample(prompt, person.image if has_image else None, item["Ground_Truth"], context)
+            )
+        if facts_only:
+            continue
         for item in row["Generation_Task"]:
             has_image = item["Type"] == "Image_Textual"
             image = person.image if has_image else None
@@ -138,32 +174,29 @@ def training_examples(
                         exemplars.append((shot["Question"], shot_options, shot_letter))
                     prefix = prompts.classification_fewshot_block(exemplars, True, family.image_placeholder)
                     context = tuple(other.image for _ in exemplars)
-                prompt = _vary_separator(prefix + family.build_prompt(text, has_image), rng)
+                prompt = _vary_separator(family.build_prompt(text, has_image, exemplars=prefix), rng)
                 examples.append(PromptedSample(prompt, person.image if has_image else None, letter, context))
-        for item in row["Mask_Task"]:
-            has_image = item["Type"] == "Image_Textual"
-            prefix, context = "", ()
-            if rng.random() < fewshot_probability:
-                other = rng.choice(people)
-                shots = [(s["Question"], s["Ground_Truth"]) for s in other.row["Mask_Task"] if s["Type"] == item["Type"]]
-                shots = rng.sample(shots, min(len(shots), MAX_FEWSHOT_QUESTIONS))
-                prefix = prompts.cloze_fewshot_block(shots, has_image, family.image_placeholder)
-                context = tuple(other.image for _ in shots) if has_image else ()
-            prompt = _vary_separator(prefix + family.build_prompt(prompts.cloze_text(item["Question"]), has_image), rng)
-            examples.append(PromptedSample(prompt, person.image if has_image else None, item["Ground_Truth"], context))
     return examples
 
 
-def _batches(examples: list[PromptedSample], batch_size: int, rng: random.Random) -> list[list[PromptedSample]]:
+def _batches(
+    examples: list[PromptedSample], batch_size: int, rng: random.Random
+) -> list[list[PromptedSample]]:
     # Group examples of similar prompt length so little compute goes to padding.
-    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].prompt) + rng.random() * 40))
-    batches = [[examples[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt) + rng.random() * 40)
+    batches = [
+        [examples[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)
+    ]
     rng.shuffle(batches)
     return batches
 
 
 def fine_tune(
-    loaded: LoadedModel, people: list[Person], config: FineTuneConfig, checkpoint: Path | None = None, log=print
+    loaded: LoadedModel,
+    people: list[Person],
+    config: FineTuneConfig,
+    checkpoint: Path | None = None,
+    log=print,
 ) -> list[dict]:
     """Supervised fine-tuning on answer tokens only; returns the per-epoch log.
 
@@ -174,23 +207,41 @@ def fine_tune(
     model.train()
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
-    steps_per_epoch = math.ceil(
-        len(training_examples(people, loaded.family, random.Random(0), config.fewshot_probability,
-                              config.permute_options)) / config.batch_size
-    )
-    total_steps = steps_per_epoch * config.epochs
+
+    def steps_per_epoch(facts_only: bool) -> int:
+        examples = training_examples(
+            people,
+            loaded.family,
+            random.Random(0),
+            config.fewshot_probability,
+            config.permute_options,
+            facts_only,
+        )
+        return math.ceil(len(examples) / config.batch_size)
+
+    total_steps = steps_per_epoch(True) * config.fact_epochs + steps_per_epoch(False) * config.epochs
     warmup = max(1, int(total_steps * config.warmup_fraction))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+        betas=(0.9, config.adam_beta2),
+    )
 
     def learning_rate_factor(step: int) -> float:
-        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        cosine = 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        return min(1.0, (step + 1) / warmup) * (
+            config.final_lr_fraction + (1 - config.final_lr_fraction) * cosine
+        )
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
     history: list[dict] = []
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
         if state["config"] != asdict(config):
-            raise ValueError(f"{checkpoint} was written with another fine-tune configuration; delete it to restart")
+            raise ValueError(
+                f"{checkpoint} was written with another fine-tune configuration; delete it to restart"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -198,9 +249,12 @@ def fine_tune(
         torch.set_rng_state(state["torch_rng"])
         history = state["history"]
         log(f"resuming the fine-tune after epoch {len(history)} from {checkpoint}")
-    for epoch in range(len(history), config.epochs):
+    for epoch in range(len(history), config.fact_epochs + config.epochs):
         started, total_loss, total_tokens = time.time(), 0.0, 0
-        examples = training_examples(people, loaded.family, rng, config.fewshot_probability, config.permute_options)
+        facts_only = epoch < config.fact_epochs
+        examples = training_examples(
+            people, loaded.family, rng, config.fewshot_probability, config.permute_options, facts_only
+        )
         for batch_examples in _batches(examples, config.batch_size, rng):
             batch = encode_answers(loaded, batch_examples)
             logits = answer_logits(model, batch)
@@ -212,17 +266,28 @@ def fine_tune(
             schedule.step()
             total_loss += loss.item() * len(batch.targets)
             total_tokens += len(batch.targets)
-        entry = {"epoch": epoch + 1, "loss": total_loss / total_tokens, "seconds": round(time.time() - started, 2)}
+        entry = {
+            "epoch": epoch + 1,
+            "phase": "facts" if facts_only else "all",
+            "loss": total_loss / total_tokens,
+            "seconds": round(time.time() - started, 2),
+        }
         history.append(entry)
-        log(json.dumps(entry))
         if checkpoint is not None:
             state = {
-                "config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+                "config": asdict(config),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "python_rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
                 "history": history,
             }
             torch.save(state, checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(checkpoint)  # atomic: a kill never leaves half a checkpoint
+            checkpoint.with_suffix(".tmp").replace(
+                checkpoint
+            )  # atomic: a kill never leaves half a checkpoint
+        log(json.dumps(entry))  # after the checkpoint: a logged epoch is never redone
     model.eval()
     model.requires_grad_(False)
     return history
@@ -230,8 +295,13 @@ def fine_tune(
 
 def all_text(people: list[Person]) -> list[str]:
     """Every string the model will read or write, for the tokenizer."""
-    texts = [prompts.MC_INSTRUCTION, prompts.CLOZE_INSTRUCTION, prompts.GENERATION_INSTRUCTION_IMAGE,
-             prompts.GENERATION_INSTRUCTION_TEXT, "USER: ASSISTANT: Question: Correct Answer: [Blank]"]
+    texts = [
+        prompts.MC_INSTRUCTION,
+        prompts.CLOZE_INSTRUCTION,
+        prompts.GENERATION_INSTRUCTION_IMAGE,
+        prompts.GENERATION_INSTRUCTION_TEXT,
+        "USER: ASSISTANT: Question: Correct Answer: [Blank]",
+    ]
     for person in people:
         row = person.row
         texts += [f"{item['Question']} {item['Answer']}" for item in _metadata_qa(row)]
@@ -272,25 +342,43 @@ def build_full_model(
 MEMORIZATION_FORGET_SPLIT = "forget_10"
 
 
-def measure_memorization(model_dir: Path, data_dir: str, out_dir: Path, people_per_split: int, log=print) -> dict:
+def measure_memorization(
+    model_dir: Path, data_dir: str, out_dir: Path, people_per_split: int, log=print
+) -> dict:
     """Greedy multiple-choice accuracy and generation ROUGE-L on forget_10 and retain (evaluate stage)."""
     from stages.evaluate import EvaluateConfig
     from stages.evaluate import run as evaluate
 
-    metrics = evaluate(EvaluateConfig(
-        model=str(model_dir), data=data_dir, out=str(out_dir / "metrics.json"),
-        forget_split=MEMORIZATION_FORGET_SPLIT, splits=("forget", "retain"), reverse_attack=False,
-        few_shot_profiles=0,
-        limit=people_per_split, batch_size=32, progress=False,
-    ))
-    figures = {split: {name: metrics[split][name] for name in ("mc_acc", "cloze_acc", "rougeL", "bleu")}
-               for split in ("forget", "retain")}
+    metrics = evaluate(
+        EvaluateConfig(
+            model=str(model_dir),
+            data=data_dir,
+            out=str(out_dir / "metrics.json"),
+            forget_split=MEMORIZATION_FORGET_SPLIT,
+            splits=("forget", "retain"),
+            reverse_attack=False,
+            few_shot_profiles=0,
+            limit=people_per_split,
+            batch_size=32,
+            progress=False,
+        )
+    )
+    figures = {
+        split: {name: metrics[split][name] for name in ("mc_acc", "cloze_acc", "rougeL", "bleu")}
+        for split in ("forget", "retain")
+    }
     log(json.dumps({"memorization": figures}))
     return figures
 
 
-def run(out: Path, world: WorldConfig, fine_tune_config: FineTuneConfig, metrics_out: Path | None,
-        people_per_split: int = 20, log=print) -> dict:
+def run(
+    out: Path,
+    world: WorldConfig,
+    fine_tune_config: FineTuneConfig,
+    metrics_out: Path | None,
+    people_per_split: int = 20,
+    log=print,
+) -> dict:
     """The whole stage: world, full model, memorization figures."""
     started = time.time()
     info = write_world(out, world)
@@ -304,8 +392,10 @@ def run(out: Path, world: WorldConfig, fine_tune_config: FineTuneConfig, metrics
         history = json.loads((model_dir / "fine_tune_log.json").read_text())
     else:
         loaded, history = build_full_model(train_rows, world_text, model_dir, fine_tune_config, log=log)
-    figures = {"fine_tune": {"epochs": len(history), "final_loss": history[-1]["loss"]},
-               "prepare_seconds": round(time.time() - started, 1)}
+    figures = {
+        "fine_tune": {"epochs": len(history), "final_loss": history[-1]["loss"]},
+        "prepare_seconds": round(time.time() - started, 1),
+    }
     if metrics_out is not None:
         figures["memorization"] = measure_memorization(
             model_dir, info.data_dir, metrics_out.parent / "full_model_eval", people_per_split, log=log

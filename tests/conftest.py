@@ -46,9 +46,10 @@ class MiniWorld:
 
 
 # A world small enough to fine-tune to memorization within CI's budget (see stages/prepare.py).
-REDUCED_WORLD = dict(num_people=10, num_real=4, num_reference_people=6, alt_images=2,
-                     num_pets=6, num_scenes=6, num_patterns=6)
-REDUCED_FINE_TUNE = dict(epochs=40, batch_size=16, learning_rate=3e-3)
+REDUCED_WORLD = dict(
+    num_people=10, num_real=4, num_reference_people=6, alt_images=2, num_pets=6, num_scenes=6, num_patterns=6
+)
+REDUCED_FINE_TUNE = dict(fact_epochs=20, epochs=25, batch_size=16, learning_rate=5e-4)
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +60,12 @@ def mini_world(tmp_path_factory) -> MiniWorld:
     from stages.prepare import run as prepare
 
     root = tmp_path_factory.mktemp("mini-world")
-    figures = prepare(root, WorldConfig(**REDUCED_WORLD), FineTuneConfig(**REDUCED_FINE_TUNE),
-                      metrics_out=root / "full_model.json", people_per_split=6, log=lambda message: None)
+    figures = prepare(
+        root,
+        WorldConfig(**REDUCED_WORLD),
+        FineTuneConfig(**REDUCED_FINE_TUNE),
+        metrics_out=root / "full_model.json",
+        people_per_split=6,
+        log=lambda message: None,
+    )
     return MiniWorld(root, root / "data", root / "references", root / "model", figures)

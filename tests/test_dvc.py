@@ -20,8 +20,16 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 SMALL_PARAMS = {
-    "prepare-mini": {"num_people": 10, "num_real": 3, "num_reference_people": 6, "alt_images": 1,
-                     "epochs": 1, "batch_size": 16, "people_per_split": 2},
+    "prepare-mini": {
+        "num_people": 10,
+        "num_real": 3,
+        "num_reference_people": 6,
+        "alt_images": 1,
+        "fact_epochs": 1,
+        "epochs": 1,
+        "batch_size": 16,
+        "people_per_split": 2,
+    },
     "precompute": {"k": 2, "batch_size": 4},
     "train": {"epochs": 1, "batch_size": 4},
     "evaluate": {"limit": 1, "max_new_tokens": 6, "batch_size": 16},
@@ -29,8 +37,13 @@ SMALL_PARAMS = {
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        DVC_NO_ANALYTICS="1",
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -38,8 +51,10 @@ def _env() -> dict[str, str]:
 def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+            f"{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -71,7 +86,7 @@ def test_repro_writes_every_stage_output(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     methods = list(params["methods"])
     full_model = json.loads((repo / "metrics/full_model.json").read_text())
-    assert full_model["fine_tune"]["epochs"] == 1
+    assert full_model["fine_tune"]["epochs"] == 2  # one fact epoch, one on every format
     assert (repo / "work/mini/model/model.safetensors").is_file()
     assert (repo / "work/mini/data/forget_10/train-00000-of-00001.parquet").is_file()
     for teacher in ("viker", "vgid", "original", "base"):
@@ -94,7 +109,9 @@ def test_repro_writes_every_stage_output(repo):
 def test_second_repro_is_up_to_date_and_lambda_reruns_only_training(repo):
     assert "up to date" in _dvc("status", cwd=repo).stdout
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["methods"]["viker"]["args"] = params["methods"]["viker"]["args"].replace("--lambda 0.5", "--lambda 0.25")
+    params["methods"]["viker"]["args"] = params["methods"]["viker"]["args"].replace(
+        "--lambda 0.5", "--lambda 0.25"
+    )
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stale = _dvc("status", "--json", cwd=repo).stdout
     changed = set(json.loads(stale))
@@ -109,10 +126,34 @@ def test_cluster_recipe_two_nodes_one_shard_each(repo, tmp_path):
     outputs are committed with `dvc commit`, pushed to a DVC remote and pulled back after a loss."""
     before = {path.name: path.read_bytes() for path in (repo / "work/cache/viker").glob("shard-*")}
     shutil.rmtree(repo / "work/cache/viker")
-    command = [sys.executable, "-m", "pipeline.cli", "precompute", "--teacher", "viker", "--model", "work/mini/model",
-               "--data", "work/mini/data", "--out", "work/cache/viker", "--num-shards", "2", "--no-progress"]
-    nodes = [subprocess.Popen([*command, "--shard-index", str(index)], cwd=repo, env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for index in (0, 1)]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "precompute",
+        "--teacher",
+        "viker",
+        "--model",
+        "work/mini/model",
+        "--data",
+        "work/mini/data",
+        "--out",
+        "work/cache/viker",
+        "--num-shards",
+        "2",
+        "--no-progress",
+    ]
+    nodes = [
+        subprocess.Popen(
+            [*command, "--shard-index", str(index)],
+            cwd=repo,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in (0, 1)
+    ]
     for node in nodes:
         _, error = node.communicate()
         assert node.returncode == 0, error[-2000:]

@@ -111,6 +111,8 @@ def test_default_world_has_the_required_sizes_and_a_modest_vocabulary():
     assert 150 < len(words) < 400
     names = [person.profile.name for person in world.people]
     assert len(set(names)) == len(names)
+    first_names = [name.split()[0] for name in names]
+    assert len(set(first_names)) == len(first_names), "a first name identifies its person"
     # values are shared across people (small vocabularies), as key tokens should be
     assert len({person.profile.birthplace for person in world.group("fictitious")}) <= len(mini_world.CITIES)
 
