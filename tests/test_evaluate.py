@@ -453,9 +453,8 @@ def test_full_mini_model_reproduces_its_memorization(mini_world, tmp_path):
     for split in ("forget", "retain"):
         for name, value in recorded[split].items():
             assert metrics[split][name] == pytest.approx(value), (split, name)
-        # The reduced world's short fine-tune (CI budget) memorizes well above chance (0.25); the 0.9
-        # acceptance of the default world is measured by `prepare-mini` into metrics/full_model.json.
-        assert metrics[split]["mc_acc"] >= 0.6, metrics[split]
+        # The acceptance (measured on the default world by `prepare-mini`), here on the reduced world.
+        assert metrics[split]["mc_acc"] >= 0.9, metrics[split]
         assert metrics[split]["rougeL"] >= 0.8, metrics[split]
         assert metrics[split]["coherence"] >= 0.8, metrics[split]
 
