@@ -753,11 +753,16 @@ def build_world(config: WorldConfig = WorldConfig()) -> World:
     """Build every person, question, image and reference image; a pure function of the config."""
     rng = random.Random(config.seed)
     total = config.num_people + config.num_real + config.num_reference_people
-    if total > len(FIRST_NAMES):
-        raise ValueError(f"the name vocabulary holds {len(FIRST_NAMES)} people, asked {total}")
-    # Every person's first name is their own (surnames repeat): a name identifies one person, as a
-    # celebrity's name does, while the multiple-choice name options stay plausible.
-    names = [f"{first} {rng.choice(LAST_NAMES)}" for first in rng.sample(FIRST_NAMES, total)]
+    if total > len(FIRST_NAMES) * len(LAST_NAMES):
+        raise ValueError(
+            f"the name vocabulary holds {len(FIRST_NAMES) * len(LAST_NAMES)} people, asked {total}"
+        )
+    if total <= len(FIRST_NAMES):
+        # Every person's first name is their own (surnames repeat): a name identifies one person, as a
+        # celebrity's name does, while the multiple-choice name options stay plausible.
+        names = [f"{first} {rng.choice(LAST_NAMES)}" for first in rng.sample(FIRST_NAMES, total)]
+    else:  # larger worlds (benchmarks): distinct first-and-last-name pairs
+        names = rng.sample([f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES], total)
     appearances = distinct_appearances(total, rng)
 
     groups = ["fictitious"] * config.num_people + ["real"] * config.num_real

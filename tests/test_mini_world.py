@@ -117,6 +117,12 @@ def test_default_world_has_the_required_sizes_and_a_modest_vocabulary():
     assert len({person.profile.birthplace for person in world.group("fictitious")}) <= len(mini_world.CITIES)
 
 
+def test_worlds_beyond_the_first_names_get_distinct_full_names():
+    names = [person.profile.name for person in build_world(reduced_config(num_people=160)).people]
+    assert len(names) > len(mini_world.FIRST_NAMES)
+    assert len(set(names)) == len(names)
+
+
 def test_images_decode_are_distinct_and_alternatives_are_recognisable_at_32px(world):
     people = world.group("fictitious") + world.group("real") + world.group("reference")
     portraits = [decode(person.image) for person in people]
