@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from cache.format import ShardWriter, concat_samples  # noqa: E402
 from pipeline.losses import AnswerPredictions, compute_loss  # noqa: E402
+from pipeline.mini_model import llava_tokenizer  # noqa: E402
 from pipeline.models import (  # noqa: E402
     DTYPES,
     LlavaFamily,
@@ -127,7 +128,6 @@ def model_config(tiny: bool) -> dict:
 def llava_layout_tokenizer(corpus: list[str], vocab_size: int = 4000):
     """A byte-level BPE trained on corpus, with LLaVA-1.5's special token ids (filler rows up to 32000)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trained = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -149,15 +149,7 @@ def llava_layout_tokenizer(corpus: list[str], vocab_size: int = 4000):
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(["<image>", "<pad>"])  # 32000, 32001 as in llava-hf
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
-    )
+    wrapped = llava_tokenizer(tokenizer)
     assert wrapped.convert_tokens_to_ids("<image>") == 32000 and wrapped.pad_token_id == 32001
     return wrapped
 

@@ -33,7 +33,6 @@ class TinyLlavaConfig:
 def train_tokenizer(corpus: Iterable[str], vocab_size: int):
     """A byte-level BPE tokenizer (with `<image>`) trained on the given text, as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -45,8 +44,15 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int):
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer)
+    return llava_tokenizer(tokenizer)
+
+
+def llava_tokenizer(tokenizer_object):
+    """A `tokenizers.Tokenizer` wrapped as a transformers tokenizer with LLaVA-1.5's special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+        tokenizer_object=tokenizer_object,
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",

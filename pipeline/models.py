@@ -253,8 +253,12 @@ class TeacherForcingBatch:
     @property
     def sample_index(self) -> torch.Tensor:
         """(N,) which sample each answer token belongs to."""
-        lengths = torch.tensor(self.answer_lengths, device=self.targets.device)
-        return torch.repeat_interleave(torch.arange(len(self.answer_lengths), device=lengths.device), lengths)
+        return _sample_of_token(torch.tensor(self.answer_lengths, device=self.targets.device))
+
+
+def _sample_of_token(lengths: torch.Tensor) -> torch.Tensor:
+    """(sum(lengths),) the index of the sample each token of the concatenated answers belongs to."""
+    return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -302,7 +306,7 @@ def encode_answers(loaded: LoadedModel, samples: list[PromptedSample]) -> Teache
     # Keep the last (max_len + 1) positions: position t predicts token t + 1, so the logits of an
     # answer of length n sit at window offsets window - 1 - n ... window - 2.
     window = int(lengths.max()) + 1
-    sample_of_token = torch.repeat_interleave(torch.arange(len(answers)), lengths)
+    sample_of_token = _sample_of_token(lengths)
     first_token = torch.cumsum(lengths, 0) - lengths
     offset_in_answer = torch.arange(int(lengths.sum())) - first_token[sample_of_token]
     positions = sample_of_token * window + (window - 1 - lengths[sample_of_token]) + offset_in_answer

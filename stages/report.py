@@ -206,6 +206,12 @@ def tradeoff_plot(runs: Sequence[Run], out_path: str | Path) -> Path | None:
         axis.set_ylabel(f"retain {header}")
         axis.grid(alpha=0.3)
     figure.suptitle("Unlearning completeness vs model utility (upper right is better)")
+    return _save_figure(figure, out_path)
+
+
+def _save_figure(figure, out_path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     out_path = Path(out_path)
     figure.savefig(out_path, dpi=120)
@@ -340,11 +346,7 @@ def token_probability_plot(
         else ("no reference images: key tokens not marked")
     )
     axes[0, 0].set_title(f"{table.sample_id}: {table.question}\n{legend}", fontsize=9)
-    figure.tight_layout()
-    out_path = Path(out_path)
-    figure.savefig(out_path, dpi=120)
-    plt.close(figure)
-    return out_path
+    return _save_figure(figure, out_path)
 
 
 # ------------------------------------------------------------------------------------------ key tokens

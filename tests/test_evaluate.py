@@ -288,34 +288,26 @@ def rewrite(path: Path, change) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
+def evaluate_fixture_copy(data: Path, model_dir: Path, tmp_path: Path, **options) -> dict:
+    out = tmp_path / "m.json"
+    config = EvaluateConfig(
+        model=str(model_dir), data=str(data), out=str(out), forget_split="forget_5", progress=False, **options
+    )
+    return run(config)
+
+
 def test_missing_split_is_named(tmp_path, tiny_model_dir):
     data = copy_fixture(tmp_path)
     shutil.rmtree(data / "Test_Set")
     with pytest.raises(DataError, match="Test_Set"):
-        run(
-            EvaluateConfig(
-                model=str(tiny_model_dir),
-                data=str(data),
-                out=str(tmp_path / "m.json"),
-                forget_split="forget_5",
-                progress=False,
-            )
-        )
+        evaluate_fixture_copy(data, tiny_model_dir, tmp_path)
 
 
 def test_missing_field_is_named(tmp_path, tiny_model_dir):
     data = copy_fixture(tmp_path)
     rewrite(data / "forget_5" / "train-00000-of-00001.parquet", lambda row: row.pop("Generation_Task"))
     with pytest.raises(DataError, match="Generation_Task"):
-        run(
-            EvaluateConfig(
-                model=str(tiny_model_dir),
-                data=str(data),
-                out=str(tmp_path / "m.json"),
-                forget_split="forget_5",
-                progress=False,
-            )
-        )
+        evaluate_fixture_copy(data, tiny_model_dir, tmp_path)
 
 
 def test_image_that_does_not_decode_is_named(tmp_path, tiny_model_dir):
@@ -326,16 +318,7 @@ def test_image_that_does_not_decode_is_named(tmp_path, tiny_model_dir):
 
     rewrite(data / "forget_5" / "train-00000-of-00001.parquet", corrupt)
     with pytest.raises(ValueError, match=r"forget_5/001/.*does not decode"):
-        run(
-            EvaluateConfig(
-                model=str(tiny_model_dir),
-                data=str(data),
-                out=str(tmp_path / "m.json"),
-                forget_split="forget_5",
-                splits=("forget",),
-                progress=False,
-            )
-        )
+        evaluate_fixture_copy(data, tiny_model_dir, tmp_path, splits=("forget",))
     assert not (tmp_path / "m.json").exists()  # nothing half-written
 
 

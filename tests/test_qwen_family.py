@@ -32,15 +32,6 @@ VARIANTS = ["qwen2_vl", "qwen2_5_vl"]
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP threads stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=VARIANTS)
 def qwen_dir(request, tmp_path_factory):
     return build_random_tiny_qwen2_vl(tmp_path_factory.mktemp(request.param) / "model", 0, request.param)

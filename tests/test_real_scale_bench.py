@@ -16,15 +16,6 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "real_scale.py"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP threads stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def real_scale():
     spec = importlib.util.spec_from_file_location("real_scale", BENCH)

@@ -28,16 +28,6 @@ FORGET, RETAIN = "forget_5", "retain_95"
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matrices are too small for two threads to help; on a busy 2-core machine they
-    make each step several times slower. Restored for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Tiny caches written with the cache writer, from the tiny model itself
 
