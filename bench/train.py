@@ -2,7 +2,7 @@
 
     python bench/train.py [--model work/mini/model] [--threads 1]
 
-One epoch of ViKeR (k = 5, people pool, top-p 0.99, max support 64: the precompute defaults) over the
+One epoch of ViKeR (k = 5, people pool, top-p 0.995, max support 256: the precompute defaults) over the
 mini world's 700 `full` samples (forget_10's people and the rest; 350 steps at batch 2), the same student,
 seed and order in every mode, at the paper's batch 2 (the headline numbers) and the pipeline's batch 4:
   speedup_vs_online  step time with the teacher computed online in the loop (k = 5 reference-image passes of

@@ -24,21 +24,25 @@ sample is concatenated into one flat list with a per-token size list (no list<li
     support_sizes      list<uint16>   (T)   |S_t| per token
     support_ids        list<int32>    (sum |S_t|)  S_t = top-p set (capped) + the answer token y_t,
                                             ascending ids per token
-    support_probs      list<float16>  (sum |S_t|)  R_t(v), normalised over the full vocabulary
+    support_probs      list<float16>  (sum |S_t|)  R_t(v), normalised over the full vocabulary, rounded
+                                            to an absolute precision of 2^-14 (see below)
     tail_mass          list<float32>  (T)   R_t(V \\ S_t), measured at capture time
-    entropy            list<float32>  (T)   H(R_t) of the full distribution (nats)
+    entropy            list<float16>  (T)   H(R_t) of the full distribution (nats; for analysis only)
     target_log_prob    list<float32>  (T)   log R_t(y_t) of the full distribution, before truncation
                                             (for an `original`/`base` teacher: the frozen model's
                                             reference log-prob, used by NPO / DPO / KL baselines)
 
-Everything is zstd (level 9); floats use BYTE_STREAM_SPLIT (exponent bytes group together and
-compress), ints PLAIN. Measured on the mini model's ViKeR rows (bench/precompute.py, "layouts" in
-bench/results/precompute.json), over every combination of fp16/fp32 probabilities, delta-coded/absolute
-ids, BYTE_STREAM_SPLIT/PLAIN floats and DELTA_BINARY_PACKED/PLAIN ints, plus one row per token: fp16 +
-BYTE_STREAM_SPLIT + PLAIN ints is smallest (DELTA_BINARY_PACKED defeats zstd on these short lists,
-+18%; delta-coding sorted ids gains nothing, +1%; fp32 probabilities +30%; a row per token +8%).
-fp16 support probabilities add ~6e-5 nats of KL error per token; the tail mass stays float32. The
-layout is recorded in the header, so a cache written with another layout still reads correctly.
+Everything is zstd (level 9); floats use BYTE_STREAM_SPLIT, ints PLAIN. The probabilities are the bulk of
+the file, and what matters for a KL is their absolute precision (an entry moved by dr changes the KL by
+about dr * log(r/q)): each is rounded to the coarser of 2^-14 and one mantissa bit
+(cache.distributions.quantize_probabilities; probabilities from 2^-4 up keep float16's full precision),
+the zeroed low bits compress away, and the reader rescales the support so that support + tail = 1
+(renormalize_support), which makes the rounding errors cancel. Measured on the mini model's ViKeR rows
+(bench/precompute.py, "layouts" in bench/results/precompute.json), in bytes per answer token at top-p
+0.995: this layout 46.8; plain float16 probabilities 67.8 (the rounding costs ~3e-5 nats of KL error per
+token); float32 probabilities 108; float32 entropy +1.5; DELTA_BINARY_PACKED ints 58.6 (it defeats zstd
+on these short lists); delta-coded sorted ids +2.3; PLAIN floats +0.7; one row per token 83.4.
+The layout is recorded in the header, so a cache written with another layout still reads correctly.
 """
 
 from __future__ import annotations
@@ -59,9 +63,15 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from cache.distributions import PAD_ID, TruncatedDistributions, sparse_kl
+from cache.distributions import (
+    PAD_ID,
+    TruncatedDistributions,
+    quantize_probabilities,
+    renormalize_support,
+    sparse_kl,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SHARD_PATTERN = re.compile(r"^shard-(\d{5})-of-(\d{5})\.(parquet|json)$")
 
 
@@ -81,6 +91,10 @@ class Layout:
     """How the columns are encoded. Only DEFAULT_LAYOUT is written in production; the bench compares."""
 
     prob_dtype: str = "float16"  # support_probs: float16 | float32
+    # float16 probabilities rounded to this absolute precision (cache.distributions.quantize_probabilities);
+    # None: plain float16 / float32 rounding.
+    prob_absolute_step: float | None = 2.0**-14
+    entropy_dtype: str = "float16"  # entropy is for analysis (ViKeR Sec. 5): float16 | float32
     delta_ids: bool = False  # support_ids as gaps within a token instead of absolute ids
     float_encoding: str = "BYTE_STREAM_SPLIT"  # or PLAIN
     int_encoding: str = "PLAIN"  # or DELTA_BINARY_PACKED
@@ -88,6 +102,7 @@ class Layout:
 
     def schema(self) -> pa.Schema:
         prob_type = {"float16": pa.float16(), "float32": pa.float32()}[self.prob_dtype]
+        entropy_type = {"float16": pa.float16(), "float32": pa.float32()}[self.entropy_dtype]
         return pa.schema(
             [
                 ("sample_id", pa.string()),
@@ -96,10 +111,18 @@ class Layout:
                 ("support_ids", pa.list_(pa.int32())),
                 ("support_probs", pa.list_(prob_type)),
                 ("tail_mass", pa.list_(pa.float32())),
-                ("entropy", pa.list_(pa.float32())),
+                ("entropy", pa.list_(entropy_type)),
                 ("target_log_prob", pa.list_(pa.float32())),
             ]
         )
+
+    def stored_probs(self, probs: np.ndarray) -> np.ndarray:
+        """The support probabilities as written (the reader renormalises them, renormalize_support)."""
+        if self.prob_dtype == "float32":
+            return probs.astype(np.float32)
+        if self.prob_absolute_step is None:
+            return probs.astype(np.float16)
+        return quantize_probabilities(torch.from_numpy(probs), self.prob_absolute_step).numpy()
 
     def writer_options(self) -> dict[str, Any]:
         encodings = {}
@@ -487,16 +510,15 @@ class ShardWriter:
         if not self._pending:
             return
         columns: dict[str, list] = {name: [] for name in self._schema.names}
-        prob_dtype = np.float16 if self.layout.prob_dtype == "float16" else np.float32
         for sample, record in self._pending:
             sizes, ids, probs = _flatten_support(sample, self.layout.delta_ids)
             columns["sample_id"].append(sample.sample_id)
             columns["answer_token_ids"].append(sample.answer_token_ids.numpy().astype(np.int32))
             columns["support_sizes"].append(sizes.astype(np.uint16))
             columns["support_ids"].append(ids.astype(np.int32))
-            columns["support_probs"].append(probs.astype(prob_dtype))
+            columns["support_probs"].append(self.layout.stored_probs(probs))
             columns["tail_mass"].append(sample.tail_mass.numpy().astype(np.float32))
-            columns["entropy"].append(sample.entropy.numpy().astype(np.float32))
+            columns["entropy"].append(sample.entropy.numpy().astype(self.layout.entropy_dtype))
             columns["target_log_prob"].append(sample.target_log_prob.numpy().astype(np.float32))
             self._records.append(record)
             self._num_tokens += sample.num_tokens
@@ -601,6 +623,7 @@ def _decode_batch(batch: pa.RecordBatch, layout: Layout) -> list[CachedSample]:
     padded_ids[entry_token, entry_position] = ids
     padded_probs[entry_token, entry_position] = probs.astype(np.float32)
 
+    tail = torch.from_numpy(tail_mass.astype(np.float32))
     samples = []
     for row, sample_id in enumerate(sample_ids):
         start, stop = int(token_offsets[row]), int(token_offsets[row + 1])
@@ -610,8 +633,10 @@ def _decode_batch(batch: pa.RecordBatch, layout: Layout) -> list[CachedSample]:
                 sample_id=sample_id,
                 answer_token_ids=torch.from_numpy(answer_ids[start:stop].astype(np.int64)),
                 support_ids=torch.from_numpy(padded_ids[start:stop, :own_width].copy()),
-                support_probs=torch.from_numpy(padded_probs[start:stop, :own_width].copy()),
-                tail_mass=torch.from_numpy(tail_mass[start:stop].astype(np.float32)),
+                support_probs=renormalize_support(
+                    torch.from_numpy(padded_probs[start:stop, :own_width].copy()), tail[start:stop]
+                ),
+                tail_mass=tail[start:stop].clone(),
                 entropy=torch.from_numpy(entropy[start:stop].astype(np.float32)),
                 target_log_prob=torch.from_numpy(target_log_prob[start:stop].astype(np.float32)),
             )

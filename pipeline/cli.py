@@ -18,6 +18,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the kernel.
+
+    Every batch allocates and frees the same large activation buffers; by default glibc hands each one
+    back (munmap / trim) and the next batch page-faults it in again. On the 2-core CPU that was 20% of a
+    precompute shard's time in the kernel (2.5 M page faults; with this: 0.1 M, stage 9% faster, measured
+    on bench/precompute.py's 200-person world). Resident memory stays at its peak, which it reaches in
+    the first batch anyway. No effect (False) where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None or not hasattr(ctypes.CDLL(name), "mallopt"):
+        return False
+    libc = ctypes.CDLL(name)
+    trim_threshold, mmap_threshold = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD in malloc.h
+    # 32 MiB is glibc's largest mmap threshold on 64-bit: only larger blocks still go to mmap.
+    return bool(libc.mallopt(trim_threshold, 1 << 30)) and bool(libc.mallopt(mmap_threshold, 32 << 20))
+
+
 class ParamsGroup(click.Group):
     """A click group whose option defaults are read from params.yaml (or --params FILE)."""
 
@@ -40,6 +61,7 @@ class ParamsGroup(click.Group):
 )
 def main(params_file: str) -> None:
     """Unlearning for multimodal LLMs: prepare-mini, precompute, train, evaluate, report."""
+    keep_freed_memory()
 
 
 def _seed_list(seeds: str | None) -> list[str]:
@@ -177,7 +199,7 @@ def cache_verify(directory: str) -> None:
     "--icu-prompt", default="strict", show_default=True, help="Vgid/icu: strict | declarative | polite."
 )
 @click.option(
-    "--top-p", default=0.99, show_default=True, help="Keep the smallest support of this mass per token."
+    "--top-p", default=0.995, show_default=True, help="Keep the smallest support of this mass per token."
 )
 @click.option("--max-support", default=256, show_default=True, help="At most this many tokens per support.")
 @click.option("--model", "model_path", required=True, help="The frozen full model (directory or hub id).")

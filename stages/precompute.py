@@ -20,10 +20,8 @@ from __future__ import annotations
 import re
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from inspect import signature
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +44,7 @@ from cache.format import (
     shard_name,
 )
 from pipeline.data import load_reference_pool, load_unlearning_samples, samples_fingerprint
-from pipeline.models import LoadedModel, answer_logits, encode_answers, load_model
+from pipeline.models import LoadedModel, VisionFeatureCache, answer_logits, encode_answers, load_model
 from pipeline.perturbations import PERTURBATIONS
 from pipeline.samples import QASample, sha256_hex
 from pipeline.teachers import ICU_PROMPTS, TEACHERS, TeacherConfig, TeacherContext, TeacherInput, original
@@ -72,7 +70,7 @@ class PrecomputeConfig:
     perturbation: str = "random-noise"
     sigma: float = 0.4
     icu_prompt: str = "strict"
-    top_p: float = 0.99
+    top_p: float = 0.995
     max_support: int = 256
     split: str | None = None
     kinds: tuple[str, ...] = ("qa",)
@@ -343,73 +341,6 @@ class TeacherExtractor:
                 )
 
 
-class VisionFeatureCache:
-    """Vision-tower features by image content key, so a reference image is encoded once per run.
-
-    Works for models whose forward accepts `mm_encoder_outputs` with one pixel tensor per image
-    (LLaVA); for others (e.g. Qwen2-VL's packed patches) it steps aside and the model encodes as usual.
-    """
-
-    def __init__(self, model: torch.nn.Module, capacity: int = 4096) -> None:
-        inner = getattr(model, "model", None)
-        self.encoder = getattr(inner, "get_image_features", None)
-        self.enabled = (
-            self.encoder is not None and "mm_encoder_outputs" in signature(model.forward).parameters
-        )
-        self.capacity = capacity
-        self.features: OrderedDict[str, Tensor] = OrderedDict()
-        self.encoded = self.reused = 0
-
-    def model_kwargs(self, inputs: dict[str, Tensor], keys: list[str | None]) -> dict[str, Any]:
-        """Replace inputs['pixel_values'] by cached/fresh features; {} when not applicable."""
-        pixel_values = inputs.get("pixel_values")
-        if (
-            not self.enabled
-            or pixel_values is None
-            or pixel_values.dim() != 4
-            or pixel_values.shape[0] != len(keys)
-            or "image_sizes" in inputs
-        ):
-            return {}
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        first_of_key: dict[str, int] = {}
-        to_encode = []
-        for position, key in enumerate(keys):
-            if key is None:
-                to_encode.append(position)
-            elif key not in self.features and key not in first_of_key:
-                first_of_key[key] = position
-                to_encode.append(position)
-        fresh: dict[int, Tensor] = {}
-        if to_encode:
-            output = self.encoder(pixel_values=pixel_values[to_encode], return_dict=True).pooler_output
-            fresh = dict(zip(to_encode, output, strict=True))
-        features = []
-        for position, key in enumerate(keys):
-            if key is None:
-                features.append(fresh[position])
-                continue
-            if key in first_of_key and first_of_key[key] == position:
-                self._remember(key, fresh[position])
-                self.encoded += 1
-            else:
-                self.features.move_to_end(key)
-                self.reused += 1
-            features.append(self.features[key])
-        self.encoded += sum(1 for key in keys if key is None)
-        del inputs["pixel_values"]
-        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
-
-    def clear(self) -> None:
-        self.features.clear()
-
-    def _remember(self, key: str, value: Tensor) -> None:
-        self.features[key] = value
-        while len(self.features) > self.capacity:
-            self.features.popitem(last=False)
-
-
 # ---------------------------------------------------------------- measuring a cache against exact teachers
 
 
@@ -529,7 +460,6 @@ __all__ = [
     "PrecomputeConfig",
     "PrecomputeError",
     "TeacherExtractor",
-    "VisionFeatureCache",
     "measure_cache_kl",
     "run",
 ]

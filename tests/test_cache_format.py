@@ -26,6 +26,7 @@ from cache import (
     inspect_cache,
     iter_cache,
     read_manifest,
+    renormalize_support,
     shard_bounds,
     truncate_top_p,
     verify_cache,
@@ -87,14 +88,28 @@ def cache_dir(tmp_path, samples) -> Path:
     return tmp_path / "cache"
 
 
-def assert_same(read: CachedSample, written: CachedSample, prob_dtype=np.float16) -> None:
+def assert_same(read: CachedSample, written: CachedSample, layout: Layout = Layout()) -> None:
+    """Ids, tail mass and log-probs come back exactly; probabilities as the layout stores them, then
+    renormalised so that support + tail = 1; entropy in the layout's dtype."""
     assert read.sample_id == written.sample_id
     torch.testing.assert_close(read.answer_token_ids, written.answer_token_ids)
     torch.testing.assert_close(read.support_ids, written.support_ids, rtol=0, atol=0)
-    rounded = torch.from_numpy(written.support_probs.numpy().astype(prob_dtype).astype(np.float32))
-    torch.testing.assert_close(read.support_probs, rounded, rtol=0, atol=0)
-    for name in ("tail_mass", "entropy", "target_log_prob"):  # float32 exactly
+    for name in ("tail_mass", "target_log_prob"):  # float32 exactly
         torch.testing.assert_close(getattr(read, name), getattr(written, name), rtol=0, atol=0)
+    entropy = written.entropy.numpy().astype(layout.entropy_dtype).astype(np.float32)
+    torch.testing.assert_close(read.entropy, torch.from_numpy(entropy), rtol=0, atol=0)
+    valid = written.support_ids >= 0
+    stored = torch.zeros_like(written.support_probs)
+    stored[valid] = torch.from_numpy(
+        layout.stored_probs(written.support_probs[valid].numpy()).astype(np.float32)
+    )
+    torch.testing.assert_close(read.support_probs, renormalize_support(stored, written.tail_mass))
+    mass = read.support_probs.double().sum(-1) + read.tail_mass.double()
+    torch.testing.assert_close(mass, torch.ones_like(mass), rtol=0, atol=1e-6)
+    # Stored precision: float16's relative 2^-11, or the layout's absolute step (halved by rounding).
+    step = layout.prob_absolute_step or 0.0
+    tolerance = torch.maximum(written.support_probs * 2.0**-10, torch.full_like(written.support_probs, step))
+    assert bool(((read.support_probs - written.support_probs).abs() <= tolerance + 1e-6).all())
 
 
 # ---------------------------------------------------------------- round trip
@@ -104,7 +119,8 @@ def assert_same(read: CachedSample, written: CachedSample, prob_dtype=np.float16
     "layout",
     [
         Layout(),
-        Layout(prob_dtype="float32"),
+        Layout(prob_dtype="float32", entropy_dtype="float32"),
+        Layout(prob_absolute_step=None),
         Layout(delta_ids=True),
         Layout(float_encoding="PLAIN", int_encoding="DELTA_BINARY_PACKED"),
     ],
@@ -113,9 +129,8 @@ def test_round_trip_preserves_every_value(tmp_path, samples, layout):
     write_cache(tmp_path / "c", samples, num_shards=2, layout=layout)
     read = list(iter_cache(tmp_path / "c"))
     assert [s.sample_id for s in read] == [s.sample_id for s in samples]
-    dtype = np.float16 if layout.prob_dtype == "float16" else np.float32
     for got, want in zip(read, samples, strict=True):
-        assert_same(got, want, dtype)
+        assert_same(got, want, layout)
 
 
 @settings(max_examples=15, deadline=None)

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from cache.distributions import (
     PAD_ID,
     SPARSE_DIVERGENCES,
+    quantize_probabilities,
+    renormalize_support,
     sparse_cosine,
     sparse_jsd,
     sparse_kl,
@@ -305,3 +307,55 @@ def test_included_tokens_join_the_support_within_the_cap(case, top_p, max_suppor
             rtol=0,
             atol=0,
         )
+
+
+# ---------------------------------------------------------------- storage precision
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(0.0, 1.0), min_size=1, max_size=50),
+    st.sampled_from([2.0**-10, 2.0**-14, 2.0**-18]),
+    st.integers(0, 10),
+)
+def test_quantization_keeps_the_coarser_of_absolute_and_relative_precision(values, step, bits):
+    probs = torch.tensor(values, dtype=torch.float64)
+    stored = quantize_probabilities(probs, step, bits)
+    assert stored.dtype == torch.float16
+    error = (stored.double() - probs).abs()
+    # Rounding to the coarser grid: half an absolute step, or half a `bits`-bit mantissa step, whichever is
+    # larger; never worse than float16's own rounding (+ its subnormal spacing).
+    allowed = torch.maximum(torch.full_like(probs, step / 2), probs * 2.0 ** -(bits + 1))
+    allowed = torch.maximum(allowed, probs * 2.0**-11) + 2.0**-25
+    assert bool((error <= allowed).all())
+    assert bool((stored[probs == 0] == 0).all())
+    torch.testing.assert_close(
+        quantize_probabilities(stored, step, bits), stored, rtol=0, atol=0
+    )  # idempotent
+    order = torch.argsort(probs)
+    assert bool((torch.diff(stored[order].double()) >= 0).all())  # monotone
+
+
+def test_large_probabilities_keep_float16_precision():
+    probs = torch.tensor([0.5 + 2.0**-11, 0.9, 0.123456, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(quantize_probabilities(probs), probs.half(), rtol=0, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases, st.floats(0.5, 0.999))
+def test_renormalised_quantized_support_sums_to_one_and_stays_close_in_kl(case, top_p):
+    seed, rows, vocab, sharpness = case
+    teacher_logits, student_logits = random_case(seed, rows, vocab, sharpness)
+    truncated = truncate_top_p(teacher_logits, top_p, vocab)
+    valid = truncated.support_ids >= 0
+    stored = torch.where(valid, quantize_probabilities(truncated.support_probs).double(), 0.0)
+    probs = renormalize_support(stored, truncated.tail_mass.double())
+    mass = probs.sum(-1) + truncated.tail_mass.double()
+    torch.testing.assert_close(mass, torch.ones_like(mass))
+    exact = sparse_kl(truncated.support_ids, truncated.support_probs, truncated.tail_mass, student_logits)
+    rounded = sparse_kl(truncated.support_ids, probs, truncated.tail_mass, student_logits)
+    # First-order bound: each entry moves by |dr| <= r 2^-2 or 2^-15, and costs |dr| (|log r/q| + 1).
+    log_q = torch.log_softmax(student_logits, -1).gather(1, truncated.support_ids.clamp(min=0))
+    weight = torch.where(valid, (torch.log(truncated.support_probs.clamp_min(1e-300)) - log_q).abs() + 1, 0.0)
+    moved = torch.where(valid, (probs - truncated.support_probs).abs(), 0.0)
+    assert bool(((rounded - exact).abs() <= 2 * (moved * weight).sum(-1) + 1e-6).all())

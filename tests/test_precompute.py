@@ -23,7 +23,8 @@ from pipeline.models import PromptedSample, answer_logits, encode_answers
 from pipeline.perturbations import PERTURBATIONS
 from pipeline.samples import QASample
 from pipeline.teachers import ICU_PROMPTS, TEACHERS, TeacherConfig, TeacherContext
-from stages.precompute import PrecomputeConfig, PrecomputeError, TeacherExtractor, VisionFeatureCache, run
+from pipeline.models import VisionFeatureCache
+from stages.precompute import PrecomputeConfig, PrecomputeError, TeacherExtractor, run
 
 SMALL_WORLD = WorldConfig(
     num_people=10, num_real=2, num_reference_people=6, num_pets=3, num_scenes=3, num_patterns=3, alt_images=1
@@ -92,13 +93,13 @@ def test_viker_rows_are_the_mean_of_k_reference_softmaxes(world, tiny_model, vik
     for token in range(cached.num_tokens):
         ids = cached.support_ids[token][cached.support_ids[token] >= 0]
         torch.testing.assert_close(
-            cached.support_probs[token, : len(ids)].double(), mean[token, ids], rtol=2e-3, atol=1e-6
-        )
+            cached.support_probs[token, : len(ids)].double(), mean[token, ids], rtol=2e-3, atol=2.0**-14
+        )  # stored to an absolute precision of 2^-14 (cache.format.Layout), renormalised on reading
         dropped = torch.ones(mean.shape[1], dtype=torch.bool)
         dropped[ids] = False
         assert cached.tail_mass[token].item() == pytest.approx(mean[token, dropped].sum().item(), abs=1e-5)
         entropy = -torch.special.xlogy(mean[token], mean[token]).sum()
-        assert cached.entropy[token].item() == pytest.approx(entropy.item(), rel=1e-4)
+        assert cached.entropy[token].item() == pytest.approx(entropy.item(), rel=1e-3)  # float16
         target = cached.answer_token_ids[token]
         assert cached.target_log_prob[token].item() == pytest.approx(
             torch.log(mean[token, target]).item(), abs=1e-4
@@ -406,3 +407,22 @@ def test_cli_precompute_and_measure(world, tiny_model_dir, tmp_path):
     assert 0 <= summary["kl_error"] < 0.1
     result = runner.invoke(main, [*args[:7], "--teacher", "viker", "--k", "50", "--no-progress"])
     assert result.exit_code != 0 and "fewer than --k 50" in result.output
+
+
+def test_keep_freed_memory_stops_page_faulting_reused_buffers():
+    """After keep_freed_memory, a freed large buffer is reused without new page faults (glibc)."""
+    import resource
+
+    from pipeline.cli import keep_freed_memory
+
+    assert keep_freed_memory()  # this machine's C library is glibc
+
+    def faults_of_a_few_large_allocations() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            buffer = torch.ones(4 << 20)  # 16 MiB, below the 32 MiB mmap threshold set above
+            del buffer
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults_of_a_few_large_allocations()  # the first one grows the heap
+    assert faults_of_a_few_large_allocations() < 1000  # 5 x 16 MiB fresh would be ~20 000 faults
