@@ -470,6 +470,13 @@ def key_tokens_command(cache_dir, epsilon, model_path, limit) -> None:
     help="Comma list: one run per seed in this process, '{seed}' in --out replaced by each (overrides --seed).",
 )
 @click.option("--checkpoint-every", default=0, show_default=True, type=int, help="Optimizer steps; 0: never.")
+@click.option(
+    "--image-feature-cache",
+    default=4096,
+    show_default=True,
+    type=int,
+    help="Images whose (frozen) vision features are kept between steps; 0: encode at every step.",
+)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--progress/--quiet", default=False, show_default=True, help="Print each step's log row.")

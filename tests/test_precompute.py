@@ -19,11 +19,10 @@ from cache import IncompatibleCacheError, iter_cache, read_manifest, verify_cach
 from pipeline.cli import main
 from pipeline.data import DataError, load_reference_pool, load_unlearning_samples
 from pipeline.mini_world import WorldConfig, write_world
-from pipeline.models import PromptedSample, answer_logits, encode_answers
+from pipeline.models import PromptedSample, VisionFeatureCache, answer_logits, encode_answers
 from pipeline.perturbations import PERTURBATIONS
 from pipeline.samples import QASample
 from pipeline.teachers import ICU_PROMPTS, TEACHERS, TeacherConfig, TeacherContext
-from pipeline.models import VisionFeatureCache
 from stages.precompute import PrecomputeConfig, PrecomputeError, TeacherExtractor, run
 
 SMALL_WORLD = WorldConfig(

@@ -150,6 +150,32 @@ def test_viker_trains_a_peft_adapter_on_the_language_model_only(tiny_model_dir, 
     assert not (out / "checkpoints").exists()
 
 
+def test_kept_image_features_give_the_same_adapter_as_encoding_every_step(
+    tiny_model_dir, caches, tmp_path, monkeypatch
+):
+    """The vision tower and projector are frozen: features kept between steps change nothing but the time."""
+    import pipeline.models as models
+
+    caches_made = []
+
+    class Recording(models.VisionFeatureCache):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            caches_made.append(self)
+
+    monkeypatch.setattr(models, "VisionFeatureCache", Recording)
+    # vgid: forget and retain images in one batch, 2 epochs so that every image comes back.
+    run(config(tiny_model_dir, tmp_path / "kept", "vgid", caches, epochs=2))
+    run(config(tiny_model_dir, tmp_path / "encoded", "vgid", caches, epochs=2, image_feature_cache=0))
+    kept, encoded = caches_made
+    assert kept.enabled and kept.reused > kept.encoded > 0
+    assert not encoded.enabled and encoded.reused == 0
+    kept_weights, encoded_weights = adapter_weights(tmp_path / "kept"), adapter_weights(tmp_path / "encoded")
+    assert kept_weights.keys() == encoded_weights.keys()
+    for name in kept_weights:
+        torch.testing.assert_close(kept_weights[name], encoded_weights[name], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["ga", "ga_diff", "kl_min", "npo", "idkpo", "vgid"])
 def test_every_method_trains(method, tiny_model_dir, caches, tmp_path, monkeypatch):
     calls = []
