@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cache import Layout, ShardWriter, inspect_cache, read_manifest  # noqa: E402
+from cache import Layout, ShardWriter, read_manifest  # noqa: E402
 from pipeline.mini_world import WorldConfig, write_world  # noqa: E402
 from pipeline.models import answer_logits, encode_answers, load_model  # noqa: E402
 from pipeline.teachers import TEACHERS  # noqa: E402
@@ -387,51 +387,35 @@ def main() -> None:
         started = time.perf_counter()
         run(defaults)
         results["precompute_s"] = time.perf_counter() - started
-        summary = inspect_cache(work / "viker")
+        summary = measure_cache_kl(work / "viker", args.model, args.data, device=args.device)
         results["bytes_per_token"] = summary["bytes_per_token"]
         results["cache"] = {
             key: summary[key] for key in ("samples", "tokens", "mean_support_size", "mean_tail_mass")
         }
-
-        measured = measure_cache_kl(work / "viker", args.model, args.data, device=args.device)
-        results["kl_error"] = measured["kl_error"]
-        results["kl_error_max"] = measured["kl_error_max"]
-        results["kl_exact_mean"] = measured["kl_exact_mean"]
+        for key in ("kl_error", "kl_error_max", "kl_exact_mean"):
+            results[key] = summary[key]
 
         results["layouts"] = compare_layouts(defaults, read_manifest(work / "viker").header, work)
 
-        other_teachers = {}
-        for teacher in ("vgid", "original"):
-            out = work / teacher
-            run(
-                PrecomputeConfig(
-                    model=args.model, data=args.data, out=str(out), teacher=teacher, split=args.split
-                )
-            )
-            size, tokens = cache_size(out)
-            other_teachers[teacher] = {
-                "bytes_per_token": size / tokens,
-                "mean_support_size": inspect_cache(out)["mean_support_size"],
-                "kl_error": measure_cache_kl(out, args.model, args.data, device=args.device)["kl_error"],
-            }
-        results["other_teachers"] = other_teachers
+        def figures(measured: dict) -> dict[str, float]:
+            return {key: measured[key] for key in ("bytes_per_token", "mean_support_size", "kl_error")}
 
+        def measure_variant(**changes) -> dict[str, float]:
+            """Size and KL error of the split's cache with these PrecomputeConfig changes."""
+            name = "-".join(f"{key}-{value}" for key, value in changes.items())
+            config = replace(defaults, out=str(work / name), **changes)
+            run(config)
+            return figures(measure_cache_kl(config.out, args.model, args.data, device=args.device))
+
+        results["other_teachers"] = {
+            teacher: measure_variant(teacher=teacher) for teacher in ("vgid", "original")
+        }
         # Why the default top-p is 0.995: the truncation error alone at 0.99 is above the goal.
-        tradeoff = {}
-        for top_p in (0.99, 0.995, 0.998):
-            out = work / f"top-p-{top_p}"
-            run(
-                PrecomputeConfig(
-                    model=args.model, data=args.data, out=str(out), split=args.split, top_p=top_p
-                )
-            )
-            size, tokens = cache_size(out)
-            tradeoff[str(top_p)] = {
-                "bytes_per_token": size / tokens,
-                "mean_support_size": inspect_cache(out)["mean_support_size"],
-                "kl_error": measure_cache_kl(out, args.model, args.data, device=args.device)["kl_error"],
-            }
-        results["top_p_tradeoff"] = tradeoff
+        results["top_p_tradeoff"] = {
+            "0.99": measure_variant(top_p=0.99),
+            str(defaults.top_p): figures(summary),
+            "0.998": measure_variant(top_p=0.998),
+        }
 
         overhead = measure_overhead(defaults, work)
         results["extraction_overhead"] = overhead.pop("extraction_overhead")

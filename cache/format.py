@@ -622,8 +622,9 @@ def _decode_batch(batch: pa.RecordBatch, layout: Layout) -> list[CachedSample]:
     padded_probs = np.zeros((total_tokens, width), dtype=np.float32)
     padded_ids[entry_token, entry_position] = ids
     padded_probs[entry_token, entry_position] = probs.astype(np.float32)
+    tail_mass = tail_mass.astype(np.float32)
+    padded_probs = renormalize_support(torch.from_numpy(padded_probs), torch.from_numpy(tail_mass)).numpy()
 
-    tail = torch.from_numpy(tail_mass.astype(np.float32))
     samples = []
     for row, sample_id in enumerate(sample_ids):
         start, stop = int(token_offsets[row]), int(token_offsets[row + 1])
@@ -633,10 +634,8 @@ def _decode_batch(batch: pa.RecordBatch, layout: Layout) -> list[CachedSample]:
                 sample_id=sample_id,
                 answer_token_ids=torch.from_numpy(answer_ids[start:stop].astype(np.int64)),
                 support_ids=torch.from_numpy(padded_ids[start:stop, :own_width].copy()),
-                support_probs=renormalize_support(
-                    torch.from_numpy(padded_probs[start:stop, :own_width].copy()), tail[start:stop]
-                ),
-                tail_mass=tail[start:stop].clone(),
+                support_probs=torch.from_numpy(padded_probs[start:stop, :own_width].copy()),
+                tail_mass=torch.from_numpy(tail_mass[start:stop].copy()),
                 entropy=torch.from_numpy(entropy[start:stop].astype(np.float32)),
                 target_log_prob=torch.from_numpy(target_log_prob[start:stop].astype(np.float32)),
             )

@@ -31,9 +31,9 @@ def keep_freed_memory() -> bool:
     import ctypes.util
 
     name = ctypes.util.find_library("c")
-    if name is None or not hasattr(ctypes.CDLL(name), "mallopt"):
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt"):
         return False
-    libc = ctypes.CDLL(name)
     trim_threshold, mmap_threshold = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD in malloc.h
     # 32 MiB is glibc's largest mmap threshold on 64-bit: only larger blocks still go to mmap.
     return bool(libc.mallopt(trim_threshold, 1 << 30)) and bool(libc.mallopt(mmap_threshold, 32 << 20))

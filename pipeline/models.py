@@ -334,8 +334,9 @@ class VisionFeatureCache:
 
     Stage one reuses a reference image's features across samples; training reuses the student's image
     features across steps and epochs (valid while the vision tower and projector are frozen: LoRA on the
-    language model only). Works for models whose forward accepts `mm_encoder_outputs` with one pixel tensor per image
-    (LLaVA); for others (e.g. Qwen2-VL's packed patches) it steps aside and the model encodes as usual.
+    language model only). Works for models whose forward accepts `mm_encoder_outputs` with one pixel
+    tensor per image (LLaVA); for others (e.g. Qwen2-VL's packed patches) it steps aside and the model
+    encodes as usual.
     """
 
     def __init__(self, model: torch.nn.Module, capacity: int = 4096) -> None:
