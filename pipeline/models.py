@@ -286,6 +286,14 @@ def _encode_model_inputs(
     loaded: LoadedModel, prompts: list[str], images: list[Image.Image], suffixes: list[list[int]]
 ) -> dict[str, torch.Tensor]:
     encoded = loaded.family.encode_prompts(loaded.processor, prompts, images)
+    return _padded_inputs(loaded, encoded, suffixes)
+
+
+def _padded_inputs(
+    loaded: LoadedModel, encoded: dict[str, Any], suffixes: list[list[int]]
+) -> dict[str, torch.Tensor]:
+    """encode_prompts' output with each prompt's `suffix` appended, left-padded into model inputs."""
+    encoded = dict(encoded)
     sequences = [ids + suffix for ids, suffix in zip(encoded.pop("input_ids"), suffixes, strict=True)]
     pad_id = loaded.tokenizer.pad_token_id
     if pad_id is None:
@@ -296,15 +304,63 @@ def _encode_model_inputs(
     return inputs
 
 
+class EncodedSamples:
+    """Each sample's prompt tokens, image tensors and answer tokens, encoded once and reused.
+
+    Training asks the same samples every epoch, and tokenizing and preprocessing them again at every
+    step costs about a sixth of a mini-model step (bench/train.py). Entries are keyed by the caller's
+    sample key together with the prompt and answer text, so a key never stands for another input.
+    A batch built from the entries equals `encode_answers` on the same samples: prompts are encoded
+    one at a time, and the families' image tensors (one row per image or per image patch) concatenate
+    along their first dimension in sample order, as a batched processor call lays them out.
+    """
+
+    def __init__(self, loaded: LoadedModel, capacity: int = 65536) -> None:
+        self.loaded = loaded
+        self.capacity = capacity
+        self.entries: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+
+    def batch(self, samples: list[PromptedSample], keys: list[Any]) -> TeacherForcingBatch:
+        entries = [self._entry(key, sample) for key, sample in zip(keys, samples, strict=True)]
+        encoded: dict[str, Any] = {"input_ids": [entry["input_ids"] for entry in entries]}
+        for name in dict.fromkeys(name for entry in entries for name in entry["images"]):
+            encoded[name] = torch.cat([entry["images"][name] for entry in entries if name in entry["images"]])
+        answers = [entry["answer_ids"] for entry in entries]
+        return _teacher_forcing_batch(_padded_inputs(self.loaded, encoded, answers), answers)
+
+    def _entry(self, key: Any, sample: PromptedSample) -> dict[str, Any]:
+        full_key = (key, sample.prompt, sample.answer)
+        entry = self.entries.get(full_key)
+        if entry is None:
+            encoded = self.loaded.family.encode_prompts(self.loaded.processor, [sample.prompt], sample.images)
+            entry = {
+                "input_ids": encoded.pop("input_ids")[0],
+                "images": encoded,
+                "answer_ids": _checked_answer_ids(self.loaded, sample),
+            }
+            self.entries[full_key] = entry
+            while len(self.entries) > self.capacity:
+                self.entries.popitem(last=False)
+        else:
+            self.entries.move_to_end(full_key)
+        return entry
+
+
+def _checked_answer_ids(loaded: LoadedModel, sample: PromptedSample) -> list[int]:
+    if sample.answer is None:
+        raise ValueError(f"teacher forcing needs an answer; prompt {sample.prompt[:60]!r} has none")
+    return answer_token_ids(loaded, sample.answer)
+
+
 def encode_answers(loaded: LoadedModel, samples: list[PromptedSample]) -> TeacherForcingBatch:
     """Tokenize prompts + ground-truth answers for one teacher-forced pass."""
-    answers = []
-    for sample in samples:
-        if sample.answer is None:
-            raise ValueError(f"teacher forcing needs an answer; prompt {sample.prompt[:60]!r} has none")
-        answers.append(answer_token_ids(loaded, sample.answer))
+    answers = [_checked_answer_ids(loaded, sample) for sample in samples]
     images = [image for sample in samples for image in sample.images]
     inputs = _encode_model_inputs(loaded, [s.prompt for s in samples], images, answers)
+    return _teacher_forcing_batch(inputs, answers)
+
+
+def _teacher_forcing_batch(inputs: dict[str, torch.Tensor], answers: list[list[int]]) -> TeacherForcingBatch:
     lengths = torch.tensor([len(ids) for ids in answers], dtype=torch.long)
     # Keep the last (max_len + 1) positions: position t predicts token t + 1, so the logits of an
     # answer of length n sit at window offsets window - 1 - n ... window - 2.

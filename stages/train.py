@@ -488,7 +488,7 @@ def run(
     for the ViKeR teacher computed online in the loop.
     """
     from pipeline.data import load_unlearning_samples
-    from pipeline.models import VisionFeatureCache, answer_logits, encode_answers, load_model
+    from pipeline.models import EncodedSamples, VisionFeatureCache, answer_logits, load_model
     from pipeline.teachers import image_key
 
     processes, device = start_processes(config.device)
@@ -617,6 +617,9 @@ def run(
     trains_vision = any("language_model" not in name for name, _ in named_trainable(peft_model))
     image_features.enabled &= config.image_feature_cache > 0 and not trains_vision
 
+    # Every sample is tokenized and its image preprocessed once, not at every step (bench/train.py).
+    encoded_samples = EncodedSamples(loaded)
+
     def forward_loss(forget_items, retain_items) -> dict[str, torch.Tensor]:
         """One forward over forget (+ refusal, + retain) samples and the method's loss on it."""
         forget_qas = [sample for sample, _ in forget_items]
@@ -631,8 +634,10 @@ def run(
             inputs += [prompted(loaded, sample) for sample, _ in retain_items]
             students += [sample for sample, _ in retain_items]
             counts.append(len(retain_items))
-        batch = encode_answers(loaded, inputs).to(device)
-        keys = [image_key(sample) for sample in students if sample.image is not None]
+        image_keys = [image_key(sample) for sample in students]
+        sample_keys = [(sample.sample_id, key) for sample, key in zip(students, image_keys, strict=True)]
+        batch = encoded_samples.batch(inputs, sample_keys).to(device)
+        keys = [key for key in image_keys if key is not None]
         logits = answer_logits(model, batch, **image_features.model_kwargs(batch.inputs, keys))
         predictions = AnswerPredictions(logits, batch.targets, batch.answer_lengths)
         parts = iter(predictions.split(counts))

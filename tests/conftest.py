@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,35 @@ def tiny_model(tiny_model_dir):
     from pipeline.models import load_model
 
     return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def check_encoded_samples():
+    """check(loaded, samples): EncodedSamples builds, from stored entries and in any grouping, exactly the
+    batch that encode_answers builds from the samples themselves."""
+    from pipeline.models import EncodedSamples, encode_answers
+
+    def check(loaded, samples) -> None:
+        memo = EncodedSamples(loaded, capacity=len(samples) - 1)
+        keys = [f"sample-{index}" for index in range(len(samples))]
+        groupings = [list(range(len(samples))), list(reversed(range(len(samples)))), [0, 2], [1]]
+        for group in groupings * 2:  # the second pass reads the entries the first one stored
+            expected = encode_answers(loaded, [samples[i] for i in group])
+            built = memo.batch([samples[i] for i in group], [keys[i] for i in group])
+            assert built.inputs.keys() == expected.inputs.keys()
+            for name, value in expected.inputs.items():
+                assert torch.equal(built.inputs[name], value), name
+            assert torch.equal(built.predict_positions, expected.predict_positions)
+            assert torch.equal(built.targets, expected.targets)
+            assert built.answer_lengths == expected.answer_lengths
+        assert len(memo.entries) == len(samples) - 1  # the capacity holds
+        # The same key with another answer (IdkPO's refusal) is another entry, not the stored one.
+        refusal = replace(samples[0], answer="I do not know.")
+        assert torch.equal(
+            memo.batch([refusal], [keys[0]]).targets, encode_answers(loaded, [refusal]).targets
+        )
+
+    return check
 
 
 @dataclass(frozen=True)

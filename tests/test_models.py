@@ -51,6 +51,18 @@ def test_batched_answer_logits_equal_each_sample_alone(tiny_model):
     assert batch.sample_index.tolist() == sum(([i] * n for i, n in enumerate(batch.answer_lengths)), [])
 
 
+def test_encoded_samples_equal_encoding_every_step(tiny_model, check_encoded_samples):
+    family = tiny_model.family
+    exemplar = Image.new("RGB", (64, 64), (10, 10, 200))
+    with_exemplar = PromptedSample(
+        family.build_prompt("Who is it?", True, exemplars=family.image_placeholder + " A\n"),
+        exemplar,
+        "B",
+        (exemplar,),
+    )
+    check_encoded_samples(tiny_model, [*_samples(family), with_exemplar])
+
+
 def test_answer_ends_with_eos_and_empty_answer_is_refused(tiny_model):
     ids = answer_token_ids(tiny_model, "painting")
     assert ids[-1] == tiny_model.tokenizer.eos_token_id

@@ -165,6 +165,10 @@ def test_left_padded_batch_equals_each_sample_alone(qwen):
                 assert torch.allclose(logits, alone, atol=1e-5)
 
 
+def test_encoded_samples_equal_encoding_every_step(qwen, check_encoded_samples):
+    check_encoded_samples(qwen, _samples(qwen.family))
+
+
 def test_image_pads_follow_the_image_grid(qwen):
     batch = encode_answers(qwen, _samples(qwen.family))
     pad = qwen.tokenizer.convert_tokens_to_ids("<|image_pad|>")
