@@ -164,9 +164,84 @@ def report_markdown(runs: Sequence[Run], figures: Sequence[str] = ()) -> str:
             "",
             markdown_table(summary, methods, reverse_groups, COLUMNS[:3]),
         ]
+    checked = findings(summary)
+    if checked:
+        lines += ["", "## The papers' findings on these runs (means over seeds)", ""]
+        lines += [f"- {'reproduced' if holds else '**not reproduced**'}: {claim} ({measured})"
+                  for claim, holds, measured in checked]  # fmt: skip
     for figure in figures:
         lines += ["", f"![{Path(figure).stem}]({Path(figure).name})"]
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ findings
+
+CHANCE_MC = 0.25  # four options
+
+
+def _mean(summary, method: str, split: str, metric: str) -> float | None:
+    entry = summary.get(method, {}).get(split, {}).get(metric)
+    return None if entry is None else entry[0]
+
+
+def findings(summary) -> list[tuple[str, bool, str]]:
+    """The papers' claims on this benchmark, each checked on the means over seeds:
+    (claim, holds, the measured values). A claim whose runs are missing is left out."""
+
+    def m(method: str, split: str, metric: str) -> float:
+        value = _mean(summary, method, split, metric)
+        if value is None:
+            raise KeyError(method)
+        return value
+
+    claims = [
+        ("The full model remembers: forget MC ≥ 0.9, forget ROUGE-L ≥ 0.8",
+         lambda: (m("full", "forget", "mc_acc") >= 0.9 and m("full", "forget", "rougeL") >= 0.8,
+                  f"MC {m('full', 'forget', 'mc_acc'):.2f}, ROUGE-L {m('full', 'forget', 'rougeL'):.2f}")),
+        ("GA destroys retention and coherence: retain ROUGE-L and GIB below half the full model's",
+         lambda: (m("ga", "retain", "rougeL") < 0.5 * m("full", "retain", "rougeL")
+                  and m("ga", "retain", "coherence") < 0.5 * m("full", "retain", "coherence"),
+                  f"ROUGE-L {m('ga', 'retain', 'rougeL'):.2f} vs {m('full', 'retain', 'rougeL'):.2f}, "
+                  f"GIB {m('ga', 'retain', 'coherence'):.2f} vs {m('full', 'retain', 'coherence'):.2f}")),
+        (f"ViKeR forgets: forget MC within 0.15 of chance ({CHANCE_MC})",
+         lambda: (abs(m("viker", "forget", "mc_acc") - CHANCE_MC) <= 0.15,
+                  f"MC {m('viker', 'forget', 'mc_acc'):.2f}")),
+        ("ViKeR keeps: retain ROUGE-L ≥ 0.8 × and GIB ≥ 0.9 × the full model's",
+         lambda: (m("viker", "retain", "rougeL") >= 0.8 * m("full", "retain", "rougeL")
+                  and m("viker", "retain", "coherence") >= 0.9 * m("full", "retain", "coherence"),
+                  f"ROUGE-L {m('viker', 'retain', 'rougeL'):.2f} vs {m('full', 'retain', 'rougeL'):.2f}, "
+                  f"GIB {m('viker', 'retain', 'coherence'):.2f} vs {m('full', 'retain', 'coherence'):.2f}")),
+        # Comparable forgetting: ViKeR's forget MC is at least as close to chance (the accuracy of a model
+        # that never saw the people, ViKeR's "Origin"), give or take 0.15; below chance is no better.
+        *[(f"ViKeR beats {METHOD_NAMES[other]} on retain ROUGE-L at comparable forgetting (forget MC as "
+           "close to chance, within 0.15)",
+           lambda other=other: (m("viker", "retain", "rougeL") > m(other, "retain", "rougeL")
+                                and abs(m("viker", "forget", "mc_acc") - CHANCE_MC)
+                                <= abs(m(other, "forget", "mc_acc") - CHANCE_MC) + 0.15,
+                                f"ViKeR {m('viker', 'retain', 'rougeL'):.2f} at forget MC "
+                                f"{m('viker', 'forget', 'mc_acc'):.2f}, {METHOD_NAMES[other]} "
+                                f"{m(other, 'retain', 'rougeL'):.2f} at {m(other, 'forget', 'mc_acc'):.2f}"))
+          for other in ("ga", "npo")],
+        ("Vgid: forget ROUGE-L drops by ≥ 0.3, retain ROUGE-L by ≤ 0.06",
+         lambda: (m("full", "forget", "rougeL") - m("vgid", "forget", "rougeL") >= 0.3
+                  and m("full", "retain", "rougeL") - m("vgid", "retain", "rougeL") <= 0.06,
+                  f"forget drop {m('full', 'forget', 'rougeL') - m('vgid', 'forget', 'rougeL'):.3f}, "
+                  f"retain drop {m('full', 'retain', 'rougeL') - m('vgid', 'retain', 'rougeL'):.3f}")),
+        ("ViKeR w/o GA forgets less: higher forget MC than ViKeR",
+         lambda: (m("viker_no_ga", "forget", "mc_acc") > m("viker", "forget", "mc_acc"),
+                  f"{m('viker_no_ga', 'forget', 'mc_acc'):.2f} vs {m('viker', 'forget', 'mc_acc'):.2f}")),
+        ("ViKeR w/o Vis keeps less: lower retain ROUGE-L than ViKeR",
+         lambda: (m("viker_no_vis", "retain", "rougeL") < m("viker", "retain", "rougeL"),
+                  f"{m('viker_no_vis', 'retain', 'rougeL'):.2f} vs {m('viker', 'retain', 'rougeL'):.2f}")),
+    ]  # fmt: skip
+    results = []
+    for claim, check in claims:
+        try:
+            holds, measured = check()
+        except KeyError:  # a run the claim needs was not evaluated
+            continue
+        results.append((claim, holds, measured))
+    return results
 
 
 # ------------------------------------------------------------------------------------------ figures

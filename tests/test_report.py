@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from stages.report import (
+    findings,
     key_tokens,
     load_runs,
     method_of,
@@ -87,6 +88,54 @@ def test_markdown_table_in_the_papers_layout(runs_dir):
     assert "| 100.0 |" in rows[0]  # one run: no ±
     assert "Coherence (GIB) scorer: ngram-fluency" in text
     assert "Reverse-engineering attack" in text and "Warning" not in text
+
+
+def _summary(values: dict[str, dict[str, dict[str, float]]]):
+    return {method: {split: {metric: (value, None, 1) for metric, value in metrics.items()}
+                     for split, metrics in splits.items()} for method, splits in values.items()}  # fmt: skip
+
+
+def _paper_like() -> dict[str, dict[str, dict[str, float]]]:
+    def run(forget_mc, forget_rouge, retain_rouge, coherence):
+        return {"forget": {"mc_acc": forget_mc, "rougeL": forget_rouge},
+                "retain": {"rougeL": retain_rouge, "coherence": coherence}}  # fmt: skip
+
+    return {
+        "full": run(1.0, 1.0, 1.0, 1.0), "ga": run(0.1, 0.0, 0.2, 0.3), "npo": run(0.3, 0.2, 0.5, 0.6),
+        "viker": run(0.3, 0.5, 0.9, 0.95), "vgid": run(0.8, 0.6, 0.95, 1.0),
+        "viker_no_ga": run(0.8, 0.9, 1.0, 1.0), "viker_no_vis": run(0.3, 0.3, 0.6, 0.7),
+    }  # fmt: skip
+
+
+def test_findings_check_each_claim_on_the_means():
+    checked = findings(_summary(_paper_like()))
+    assert len(checked) == 9 and all(holds for _, holds, _ in checked)
+    # Each claim fails when its numbers say otherwise, and only the claims that read them.
+    for method, split, metric, value, failing in [
+        ("full", "forget", "mc_acc", 0.8, ["The full model"]),
+        ("ga", "retain", "coherence", 0.9, ["GA destroys"]),
+        ("viker", "forget", "mc_acc", 0.42, ["ViKeR forgets"]),
+        # Far from chance, ViKeR's forgetting no longer compares with GA's (0.1) or NPO's (0.3).
+        ("viker", "forget", "mc_acc", 0.7, ["ViKeR forgets", "ViKeR beats GA", "ViKeR beats NPO"]),
+        ("viker", "retain", "rougeL", 0.75, ["ViKeR keeps"]),
+        ("npo", "retain", "rougeL", 0.95, ["ViKeR beats NPO"]),
+        ("vgid", "forget", "rougeL", 0.8, ["Vgid"]),
+        ("vgid", "retain", "rougeL", 0.9, ["Vgid"]),
+        ("viker_no_ga", "forget", "mc_acc", 0.2, ["ViKeR w/o GA"]),
+        ("viker_no_vis", "retain", "rougeL", 0.95, ["ViKeR w/o Vis"]),
+    ]:
+        values = _paper_like()
+        values[method][split][metric] = value
+        failed = [claim for claim, holds, _ in findings(_summary(values)) if not holds]
+        assert len(failed) == len(failing), (method, metric, failed)
+        assert all(claim.startswith(start) for claim, start in zip(failed, failing, strict=True)), failed
+    # A claim whose runs were not evaluated is left out, not failed.
+    partial = {name: runs for name, runs in _paper_like().items() if name in ("full", "viker")}
+    assert [claim for claim, _, _ in findings(_summary(partial))] == [
+        "The full model remembers: forget MC ≥ 0.9, forget ROUGE-L ≥ 0.8",
+        "ViKeR forgets: forget MC within 0.15 of chance (0.25)",
+        "ViKeR keeps: retain ROUGE-L ≥ 0.8 × and GIB ≥ 0.9 × the full model's",
+    ]
 
 
 def test_report_warns_when_runs_were_scored_differently(runs_dir):
