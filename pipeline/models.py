@@ -315,9 +315,12 @@ class EncodedSamples:
     along their first dimension in sample order, as a batched processor call lays them out.
     """
 
-    def __init__(self, loaded: LoadedModel, capacity: int = 65536) -> None:
+    def __init__(self, loaded: LoadedModel, max_bytes: int = 1 << 30) -> None:
+        # Bounded by size, not count: a real model's preprocessed image is over a megabyte (LLaVA-1.5 at
+        # 336 px: 1.35 MB), so a retain set of thousands must not all stay in memory.
         self.loaded = loaded
-        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self.entries: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
 
     def batch(self, samples: list[PromptedSample], keys: list[Any]) -> TeacherForcingBatch:
@@ -338,9 +341,13 @@ class EncodedSamples:
                 "images": encoded,
                 "answer_ids": _checked_answer_ids(self.loaded, sample),
             }
+            entry["bytes"] = 8 * (len(entry["input_ids"]) + len(entry["answer_ids"])) + sum(
+                tensor.nbytes for tensor in encoded.values()
+            )
             self.entries[full_key] = entry
-            while len(self.entries) > self.capacity:
-                self.entries.popitem(last=False)
+            self.bytes += entry["bytes"]
+            while self.bytes > self.max_bytes and len(self.entries) > 1:
+                self.bytes -= self.entries.popitem(last=False)[1]["bytes"]
         else:
             self.entries.move_to_end(full_key)
         return entry

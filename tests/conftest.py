@@ -41,7 +41,10 @@ def check_encoded_samples():
     from pipeline.models import EncodedSamples, encode_answers
 
     def check(loaded, samples) -> None:
-        memo = EncodedSamples(loaded, capacity=len(samples) - 1)
+        # One byte short of room for every entry: some are evicted on the way and encoded again.
+        probe = EncodedSamples(loaded)
+        probe.batch(samples, ["probe"] * len(samples))
+        memo = EncodedSamples(loaded, max_bytes=probe.bytes - 1)
         keys = [f"sample-{index}" for index in range(len(samples))]
         groupings = [list(range(len(samples))), list(reversed(range(len(samples)))), [0, 2], [1]]
         for group in groupings * 2:  # the second pass reads the entries the first one stored
@@ -53,7 +56,8 @@ def check_encoded_samples():
             assert torch.equal(built.predict_positions, expected.predict_positions)
             assert torch.equal(built.targets, expected.targets)
             assert built.answer_lengths == expected.answer_lengths
-        assert len(memo.entries) == len(samples) - 1  # the capacity holds
+        assert memo.bytes <= memo.max_bytes and len(memo.entries) < len(samples)  # the bound holds
+        assert memo.bytes == sum(entry["bytes"] for entry in memo.entries.values())
         # The same key with another answer (IdkPO's refusal) is another entry, not the stored one.
         refusal = replace(samples[0], answer="I do not know.")
         assert torch.equal(
