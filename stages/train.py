@@ -617,7 +617,7 @@ def run(
     trains_vision = any("language_model" not in name for name, _ in named_trainable(peft_model))
     image_features.enabled &= config.image_feature_cache > 0 and not trains_vision
 
-    # Every sample is tokenized and its image preprocessed once, not at every step (bench/train.py).
+    # Each sample is tokenized and its image preprocessed once (within 1 GiB), not at every step.
     encoded_samples = EncodedSamples(loaded)
 
     def forward_loss(forget_items, retain_items) -> dict[str, torch.Tensor]:
