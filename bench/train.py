@@ -305,6 +305,7 @@ def main() -> None:
             timing["speedup_vs_online_reusing_vision_features"] = (
                 median["online_reusing_vision_features"] / median["cached"]
             )
+        if batch_size == 2:
             # From the second epoch on the trainer also reuses each sample's tokens and image tensors
             # (EncodedSamples), in both modes alike; the online teacher still encodes its k x B inputs.
             two_epochs = train_config(

@@ -308,8 +308,9 @@ class EncodedSamples:
     """Each sample's prompt tokens, image tensors and answer tokens, encoded once and reused.
 
     Training asks the same samples every epoch, and tokenizing and preprocessing them again at every
-    step costs 3.5 ms of a 25 ms mini-model step at batch 2 (0.6 ms from memory; README "Measured"). Entries are keyed by the caller's
-    sample key together with the prompt and answer text, so a key never stands for another input.
+    step costs 3.5 ms of a 25 ms mini-model step at batch 2 (0.6 ms from memory; README "Measured").
+    Entries are keyed by the caller's sample key together with the prompt and answer text, so a key
+    never stands for another input.
     A batch built from the entries equals `encode_answers` on the same samples: prompts are encoded
     one at a time, and the families' image tensors (one row per image or per image patch) concatenate
     along their first dimension in sample order, as a batched processor call lays them out.
