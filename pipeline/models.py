@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from inspect import signature
 from pathlib import Path
@@ -305,15 +306,16 @@ def _padded_inputs(
 
 
 class EncodedSamples:
-    """Each sample's prompt tokens, image tensors and answer tokens, encoded once and reused.
+    """Each input's prompt tokens, image tensors and answer tokens, encoded once and reused.
 
     Training asks the same samples every epoch, and tokenizing and preprocessing them again at every
     step costs 3.5 ms of a 25 ms mini-model step at batch 2 (0.6 ms from memory; README "Measured").
-    Entries are keyed by the caller's sample key together with the prompt and answer text, so a key
-    never stands for another input.
-    A batch built from the entries equals `encode_answers` on the same samples: prompts are encoded
+    The caller names each input by a key that identifies it completely (its image, question and answer;
+    training uses the QASample itself with the answer text) and gives a function that builds the input:
+    it runs only for keys not stored, so a stored input is neither rebuilt nor its image decoded.
+    A batch built from the entries equals `encode_answers` on the same inputs: prompts are encoded
     one at a time, and the families' image tensors (one row per image or per image patch) concatenate
-    along their first dimension in sample order, as a batched processor call lays them out.
+    along their first dimension in input order, as a batched processor call lays them out.
     """
 
     def __init__(self, loaded: LoadedModel, max_bytes: int = 1 << 30) -> None:
@@ -322,35 +324,38 @@ class EncodedSamples:
         self.loaded = loaded
         self.max_bytes = max_bytes
         self.bytes = 0
-        self.entries: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        self.entries: OrderedDict[Hashable, dict[str, Any]] = OrderedDict()
 
-    def batch(self, samples: list[PromptedSample], keys: list[Any]) -> TeacherForcingBatch:
-        entries = [self._entry(key, sample) for key, sample in zip(keys, samples, strict=True)]
+    def batch(self, keys: list[Hashable], build: Callable[[int], PromptedSample]) -> TeacherForcingBatch:
+        """The teacher-forced batch of inputs 0..len(keys)-1; build(i) makes input i when keys[i] is new."""
+        entries = []
+        for index, key in enumerate(keys):
+            entry = self.entries.get(key)
+            if entry is None:
+                entry = self._store(key, build(index))
+            else:
+                self.entries.move_to_end(key)
+            entries.append(entry)
         encoded: dict[str, Any] = {"input_ids": [entry["input_ids"] for entry in entries]}
         for name in dict.fromkeys(name for entry in entries for name in entry["images"]):
             encoded[name] = torch.cat([entry["images"][name] for entry in entries if name in entry["images"]])
         answers = [entry["answer_ids"] for entry in entries]
         return _teacher_forcing_batch(_padded_inputs(self.loaded, encoded, answers), answers)
 
-    def _entry(self, key: Any, sample: PromptedSample) -> dict[str, Any]:
-        full_key = (key, sample.prompt, sample.answer)
-        entry = self.entries.get(full_key)
-        if entry is None:
-            encoded = self.loaded.family.encode_prompts(self.loaded.processor, [sample.prompt], sample.images)
-            entry = {
-                "input_ids": encoded.pop("input_ids")[0],
-                "images": encoded,
-                "answer_ids": _checked_answer_ids(self.loaded, sample),
-            }
-            entry["bytes"] = 8 * (len(entry["input_ids"]) + len(entry["answer_ids"])) + sum(
-                tensor.nbytes for tensor in encoded.values()
-            )
-            self.entries[full_key] = entry
-            self.bytes += entry["bytes"]
-            while self.bytes > self.max_bytes and len(self.entries) > 1:
-                self.bytes -= self.entries.popitem(last=False)[1]["bytes"]
-        else:
-            self.entries.move_to_end(full_key)
+    def _store(self, key: Hashable, sample: PromptedSample) -> dict[str, Any]:
+        encoded = self.loaded.family.encode_prompts(self.loaded.processor, [sample.prompt], sample.images)
+        entry = {
+            "input_ids": encoded.pop("input_ids")[0],
+            "images": encoded,
+            "answer_ids": _checked_answer_ids(self.loaded, sample),
+        }
+        entry["bytes"] = 8 * (len(entry["input_ids"]) + len(entry["answer_ids"])) + sum(
+            tensor.nbytes for tensor in encoded.values()
+        )
+        self.entries[key] = entry
+        self.bytes += entry["bytes"]
+        while self.bytes > self.max_bytes and len(self.entries) > 1:
+            self.bytes -= self.entries.popitem(last=False)[1]["bytes"]
         return entry
 
 

@@ -43,13 +43,21 @@ def check_encoded_samples():
     def check(loaded, samples) -> None:
         # One byte short of room for every entry: some are evicted on the way and encoded again.
         probe = EncodedSamples(loaded)
-        probe.batch(samples, ["probe"] * len(samples))
+        probe.batch(list(range(len(samples))), lambda index: samples[index])
         memo = EncodedSamples(loaded, max_bytes=probe.bytes - 1)
-        keys = [f"sample-{index}" for index in range(len(samples))]
+        built_inputs: list[int] = []
+
+        def build(group):
+            def sample(index: int):
+                built_inputs.append(group[index])
+                return samples[group[index]]
+
+            return sample
+
         groupings = [list(range(len(samples))), list(reversed(range(len(samples)))), [0, 2], [1]]
         for group in groupings * 2:  # the second pass reads the entries the first one stored
             expected = encode_answers(loaded, [samples[i] for i in group])
-            built = memo.batch([samples[i] for i in group], [keys[i] for i in group])
+            built = memo.batch([f"sample-{i}" for i in group], build(group))
             assert built.inputs.keys() == expected.inputs.keys()
             for name, value in expected.inputs.items():
                 assert torch.equal(built.inputs[name], value), name
@@ -58,10 +66,14 @@ def check_encoded_samples():
             assert built.answer_lengths == expected.answer_lengths
         assert memo.bytes <= memo.max_bytes and len(memo.entries) < len(samples)  # the bound holds
         assert memo.bytes == sum(entry["bytes"] for entry in memo.entries.values())
-        # The same key with another answer (IdkPO's refusal) is another entry, not the stored one.
+        # Inputs are built only for keys not stored: once each, plus again after an eviction.
+        assert len(set(built_inputs)) == len(samples)
+        assert len(samples) < len(built_inputs) < sum(len(group) for group in groupings * 2)
+        # Another key (IdkPO's refusal: the same sample with another answer) is another entry.
         refusal = replace(samples[0], answer="I do not know.")
         assert torch.equal(
-            memo.batch([refusal], [keys[0]]).targets, encode_answers(loaded, [refusal]).targets
+            memo.batch(["sample-0-refusal"], lambda _: refusal).targets,
+            encode_answers(loaded, [refusal]).targets,
         )
 
     return check
