@@ -41,7 +41,7 @@ def check_encoded_samples():
     from pipeline.models import EncodedSamples, encode_answers
 
     def check(loaded, samples) -> None:
-        # One byte short of room for every entry: some are evicted on the way and encoded again.
+        # One byte short of room for every entry: the last one is not kept and is encoded at every use.
         probe = EncodedSamples(loaded)
         probe.batch(list(range(len(samples))), lambda index: samples[index])
         memo = EncodedSamples(loaded, max_bytes=probe.bytes - 1)
@@ -66,9 +66,11 @@ def check_encoded_samples():
             assert built.answer_lengths == expected.answer_lengths
         assert memo.bytes <= memo.max_bytes and len(memo.entries) < len(samples)  # the bound holds
         assert memo.bytes == sum(entry["bytes"] for entry in memo.entries.values())
-        # Inputs are built only for keys not stored: once each, plus again after an eviction.
-        assert len(set(built_inputs)) == len(samples)
-        assert len(samples) < len(built_inputs) < sum(len(group) for group in groupings * 2)
+        # Full, it keeps the inputs it stored first; inputs are built only for keys not stored.
+        kept = [f"sample-{i}" for i in range(len(samples) - 1)]
+        assert list(memo.entries) == kept
+        not_kept_uses = sum(group.count(len(samples) - 1) for group in groupings * 2)
+        assert sorted(built_inputs) == sorted([*range(len(samples) - 1), *[len(samples) - 1] * not_kept_uses])
         # Another key (IdkPO's refusal: the same sample with another answer) is another entry.
         refusal = replace(samples[0], answer="I do not know.")
         assert torch.equal(
