@@ -176,6 +176,36 @@ def test_kept_image_features_give_the_same_adapter_as_encoding_every_step(
         torch.testing.assert_close(kept_weights[name], encoded_weights[name], rtol=1e-5, atol=1e-6)
 
 
+def test_the_train_bench_times_runs_taking_turns_that_train_as_alone(tiny_model_dir, caches, tmp_path):
+    """bench/train.py's timing: runs alternate step by step in threads, each training exactly as it would alone
+    (its own dropout masks across turns), so that its figures are those of the real stage."""
+    import importlib.util
+    from dataclasses import replace
+
+    spec = importlib.util.spec_from_file_location("train_bench", REPO / "bench" / "train.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+
+    runs = {
+        "viker": config(tiny_model_dir, tmp_path / "viker", "viker", caches, epochs=2, lambda_=0.5),
+        "vgid": config(tiny_model_dir, tmp_path / "vgid", "vgid", caches, epochs=2),
+    }
+    assert all(run_config.lora_dropout > 0 for run_config in runs.values())  # masks draw random numbers
+    alone = {}
+    for name, run_config in runs.items():
+        run(replace(run_config, out=str(tmp_path / f"alone-{name}")))
+        alone[name] = [
+            row["loss"] for row in json.loads((tmp_path / f"alone-{name}" / "train_log.json").read_text())
+        ]
+    timed = bench.alternating_runs({name: (run_config, None) for name, run_config in runs.items()})
+    for name in runs:
+        assert timed[name].losses == alone[name]
+        steps = len(alone[name])
+        assert len(timed[name].step_cpu) == len(timed[name].step_wall) == steps - 1  # step 1 left out
+        assert all(seconds > 0 for seconds in timed[name].step_cpu + timed[name].step_wall)
+
+
 @pytest.mark.parametrize("method", ["ga", "ga_diff", "kl_min", "npo", "idkpo", "vgid"])
 def test_every_method_trains(method, tiny_model_dir, caches, tmp_path, monkeypatch):
     calls = []
