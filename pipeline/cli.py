@@ -471,11 +471,11 @@ def key_tokens_command(cache_dir, epsilon, model_path, limit) -> None:
 )
 @click.option("--checkpoint-every", default=0, show_default=True, type=int, help="Optimizer steps; 0: never.")
 @click.option(
-    "--image-feature-cache",
+    "--image-feature-cache-mb",
     default=4096,
     show_default=True,
     type=int,
-    help="Images whose (frozen) vision features are kept between steps; 0: encode at every step.",
+    help="MiB of (frozen) vision features kept between steps, on the device; 0: encode at every step.",
 )
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--device", default="cpu", show_default=True)

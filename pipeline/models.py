@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from inspect import signature
@@ -403,17 +402,20 @@ class VisionFeatureCache:
     features across steps and epochs (valid while the vision tower and projector are frozen: LoRA on the
     language model only). Works for models whose forward accepts `mm_encoder_outputs` with one pixel
     tensor per image (LLaVA); for others (e.g. Qwen2-VL's packed patches) it steps aside and the model
-    encodes as usual.
+    encodes as usual. Bounded by size (LLaVA-1.5-7B: 576 x 4096 values, 4.7 MB per image in bf16, kept
+    on the model's device); once full it keeps what it holds and encodes other images at every use, as
+    EncodedSamples does, for the same reason (an epoch is a shuffled scan).
     """
 
-    def __init__(self, model: torch.nn.Module, capacity: int = 4096) -> None:
+    def __init__(self, model: torch.nn.Module, max_bytes: int = 4 << 30) -> None:
         inner = getattr(model, "model", None)
         self.encoder = getattr(inner, "get_image_features", None)
         self.enabled = (
             self.encoder is not None and "mm_encoder_outputs" in signature(model.forward).parameters
         )
-        self.capacity = capacity
-        self.features: OrderedDict[str, Tensor] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.features: dict[str, Tensor] = {}
         self.encoded = self.reused = 0
 
     def model_kwargs(self, inputs: dict[str, Tensor], keys: list[str | None]) -> dict[str, Any]:
@@ -429,14 +431,14 @@ class VisionFeatureCache:
             return {}
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        # Encode each image not kept, once per batch (an unkeyed image every time).
         first_of_key: dict[str, int] = {}
         to_encode = []
         for position, key in enumerate(keys):
-            if key is None:
+            if key is None or (key not in self.features and key not in first_of_key):
                 to_encode.append(position)
-            elif key not in self.features and key not in first_of_key:
-                first_of_key[key] = position
-                to_encode.append(position)
+                if key is not None:
+                    first_of_key[key] = position
         fresh: dict[int, Tensor] = {}
         if to_encode:
             with torch.no_grad():  # frozen tower: nothing to differentiate, and no graph kept in the cache
@@ -444,27 +446,27 @@ class VisionFeatureCache:
             fresh = dict(zip(to_encode, output, strict=True))
         features = []
         for position, key in enumerate(keys):
-            if key is None:
-                features.append(fresh[position])
-                continue
-            if key in first_of_key and first_of_key[key] == position:
-                self._remember(key, fresh[position])
+            if position in fresh:
+                feature = fresh[position]
+                if key is not None:
+                    self._keep(key, feature)
                 self.encoded += 1
             else:
-                self.features.move_to_end(key)
+                feature = self.features[key] if key in self.features else fresh[first_of_key[key]]
                 self.reused += 1
-            features.append(self.features[key])
-        self.encoded += sum(1 for key in keys if key is None)
+            features.append(feature)
         del inputs["pixel_values"]
         return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
 
     def clear(self) -> None:
         self.features.clear()
+        self.bytes = 0
 
-    def _remember(self, key: str, value: Tensor) -> None:
-        self.features[key] = value
-        while len(self.features) > self.capacity:
-            self.features.popitem(last=False)
+    def _keep(self, key: str, value: Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if self.bytes + size <= self.max_bytes:
+            self.features[key] = value
+            self.bytes += size
 
 
 @torch.inference_mode()

@@ -89,3 +89,31 @@ def test_generate_returns_only_new_text_and_is_batch_invariant(tiny_model):
     alone = [generate(tiny_model, [s], max_new_tokens=6)[0] for s in samples]
     assert together == alone
     assert all("ASSISTANT" not in reply for reply in together)
+
+
+def test_vision_feature_cache_keeps_what_fits_and_gives_every_image_its_features(tiny_model):
+    from pipeline.models import VisionFeatureCache
+
+    size = tiny_model.model.config.vision_config.image_size
+    pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = tiny_model.model.model.get_image_features(
+            pixel_values=pixels, return_dict=True
+        ).pooler_output
+    one_image = expected[0].numel() * expected[0].element_size()
+    cache = VisionFeatureCache(tiny_model.model, max_bytes=one_image)  # room for one image's features
+    assert cache.enabled
+
+    def features(images: list[int], keys: list[str | None]) -> None:
+        """The features handed to the model are each image's own, kept or fresh."""
+        kwargs = cache.model_kwargs({"pixel_values": pixels[images]}, keys)
+        handed = kwargs["mm_encoder_outputs"]["image"].pooler_output
+        assert len(handed) == len(images)
+        for feature, image in zip(handed, images, strict=True):
+            torch.testing.assert_close(feature, expected[image])
+
+    features([0, 1, 0, 2], ["a", "b", "a", None])  # "a" twice in one batch: encoded once
+    assert list(cache.features) == ["a"] and cache.bytes == one_image  # full: "b" is not kept
+    assert (cache.encoded, cache.reused) == (3, 1)
+    features([1, 0], ["b", "a"])  # "a" kept, "b" encoded again
+    assert list(cache.features) == ["a"] and (cache.encoded, cache.reused) == (4, 2)

@@ -166,7 +166,7 @@ def test_kept_image_features_give_the_same_adapter_as_encoding_every_step(
     monkeypatch.setattr(models, "VisionFeatureCache", Recording)
     # vgid: forget and retain images in one batch, 2 epochs so that every image comes back.
     run(config(tiny_model_dir, tmp_path / "kept", "vgid", caches, epochs=2))
-    run(config(tiny_model_dir, tmp_path / "encoded", "vgid", caches, epochs=2, image_feature_cache=0))
+    run(config(tiny_model_dir, tmp_path / "encoded", "vgid", caches, epochs=2, image_feature_cache_mb=0))
     kept, encoded = caches_made
     assert kept.enabled and kept.reused > kept.encoded > 0
     assert not encoded.enabled and encoded.reused == 0
