@@ -36,9 +36,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
 from cache import Layout, ShardWriter, read_manifest  # noqa: E402
-from pipeline.mini_world import WorldConfig, write_world  # noqa: E402
+from pipeline.mini_world.config import WorldConfig  # noqa: E402
+from pipeline.mini_world.world import write_world  # noqa: E402
 from pipeline.models import answer_logits, encode_answers, load_model  # noqa: E402
 from pipeline.teachers import TEACHERS  # noqa: E402
 from stages.precompute import (  # noqa: E402

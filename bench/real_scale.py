@@ -40,10 +40,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-from cache.format import ShardWriter, concat_samples  # noqa: E402
+from cache import ShardWriter, concat_samples  # noqa: E402
 from pipeline.losses import AnswerPredictions, compute_loss  # noqa: E402
-from pipeline.mini_model import llava_tokenizer  # noqa: E402
+from pipeline.mini_world.config import WorldConfig  # noqa: E402
+from pipeline.mini_world.tiny_model import llava_tokenizer  # noqa: E402
+from pipeline.mini_world.world import build_world  # noqa: E402
 from pipeline.models import (  # noqa: E402
     DTYPES,
     LlavaFamily,
@@ -54,9 +55,9 @@ from pipeline.models import (  # noqa: E402
     tokenizer_fingerprint,
 )
 from pipeline.samples import QASample  # noqa: E402
-from pipeline.teachers import TEACHERS, TeacherConfig, TeacherContext  # noqa: E402
+from pipeline.teachers import TEACHERS, TeacherContext  # noqa: E402
+from pipeline.training.streams import prompted  # noqa: E402
 from stages.precompute import TeacherExtractor  # noqa: E402
-from stages.train import prompted  # noqa: E402
 
 # llava-hf/llava-1.5-7b-hf/config.json, with the defaults it relies on written out.
 LLAVA_15_7B = {
@@ -190,7 +191,6 @@ def build_model(
 
 def mini_world_data(num_samples: int) -> tuple[list[QASample], list[tuple[str, bytes]], list[str]]:
     """Forget-style image questions, the people reference pool and the text corpus of the mini world."""
-    from pipeline.mini_world import WorldConfig, build_world
 
     world = build_world(WorldConfig(num_people=max(20, num_samples // 5 + 1), num_reference_people=40))
     samples = world.samples(kinds=("qa",), groups=("fictitious",))
@@ -254,7 +254,10 @@ def pinned(batch: TeacherForcingBatch, device: torch.device) -> TeacherForcingBa
 def measure_precompute(loaded, samples, pool, args, device, work: Path) -> tuple[dict, dict]:
     """Stage one's loop (teacher -> TeacherExtractor -> shard writer) over batches of forget samples."""
     context = TeacherContext(
-        family=loaded.family, config=TeacherConfig(k=args.k), reference_pool=pool, reference_kind="people"
+        family=loaded.family,
+        arguments={"k": args.k, "reference_kind": "people", "seed": 0},
+        reference_pool=pool,
+        reference_kind="people",
     )
     teacher = TEACHERS["viker"]
     extractor = TeacherExtractor(loaded, top_p=0.99, max_support=64)

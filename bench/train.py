@@ -53,14 +53,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
 from cache import inspect_cache, read_manifest  # noqa: E402
 from pipeline.data import load_unlearning_samples  # noqa: E402
+from pipeline.mini_world.config import TinyLlavaConfig, WorldConfig  # noqa: E402
+from pipeline.mini_world.tiny_model import build_tiny_llava, save_model, train_tokenizer  # noqa: E402
+from pipeline.mini_world.world import write_world  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.teachers import TEACHERS  # noqa: E402
-from stages.precompute import PrecomputeConfig, TeacherExtractor, teacher_context  # noqa: E402
+from pipeline.training.processes import Processes  # noqa: E402
+from pipeline.training.streams import sample_stream  # noqa: E402
+from stages.config import PrecomputeConfig, TrainConfig  # noqa: E402
+from stages.precompute import TeacherExtractor, teacher_context  # noqa: E402
 from stages.precompute import run as precompute  # noqa: E402
-from stages.train import Processes, TrainConfig, run, sample_stream  # noqa: E402
+from stages.train import run  # noqa: E402
 
 SMALL_SPLIT, LARGE_SPLIT = "forget_10", "full"
 
@@ -71,7 +76,7 @@ SMALL_SPLIT, LARGE_SPLIT = "forget_10", "full"
 # per-operation cost, where k x B teacher sequences in one forward pass cost little more than the
 # student's B; here, as at real scale, compute dominates both.
 LLAVA_SHAPED = {
-    "image_size": 192,
+    "vision_image_size": 192,
     "text_hidden": 256,
     "text_layers": 4,
     "text_heads": 4,
@@ -80,14 +85,12 @@ LLAVA_SHAPED = {
 
 
 def write_mini_world(work: Path) -> str:
-    from pipeline.mini_world import WorldConfig, write_world
 
     return write_world(work / "mini", WorldConfig(num_people=100)).data_dir
 
 
 def untrained_model(data: str, out: Path, **sizes: int) -> str:
     """A tiny LLaVA of the mini model's architecture (or `sizes`), tokenizer trained on the world's text."""
-    from pipeline.mini_model import TinyLlavaConfig, build_tiny_llava, save_model, train_tokenizer
 
     config = TinyLlavaConfig(**sizes)
     samples = load_unlearning_samples(data, LARGE_SPLIT)
@@ -125,7 +128,7 @@ def train_config(
 
 def in_memory_source(config: TrainConfig):
     """The cache's rows for the epoch, decoded into tensors before the clock starts, in the stream's order."""
-    from stages.train import Cache
+    from pipeline.training.streams import Cache
 
     loaded = load_model(config.model)
     samples = load_unlearning_samples(config.data, config.forget_split)
@@ -136,7 +139,7 @@ def in_memory_source(config: TrainConfig):
 
 def stream_forget_cache(config: TrainConfig, epoch: int):
     """The forget stream exactly as the trainer reads it (stages.train.sample_stream over the cache)."""
-    from stages.train import Cache
+    from pipeline.training.streams import Cache
 
     samples = load_unlearning_samples(config.data, config.forget_split)
     manifest_only = Cache(config.forget_cache, read_manifest(config.forget_cache), "viker")
@@ -148,7 +151,7 @@ def online_source(config: TrainConfig, data: str, reuse_vision_features: bool):
     frozen model (one batch), mean of the softmaxes, top-p truncation: exactly what stage one caches.
     reuse_vision_features keeps the reference images' vision-tower features from step to step (stage one's
     optimisation); without it every step runs the whole model, as a single-stage script does."""
-    from stages.train import Cache
+    from pipeline.training.streams import Cache
 
     defaults = PrecomputeConfig(
         model=config.model, data=data, out="unused", teacher="viker", split=config.forget_split

@@ -1,4 +1,9 @@
-"""The teacher-distribution cache: truncated per-token distributions in sharded zstd Parquet."""
+"""The teacher-distribution cache: truncated per-token distributions in sharded zstd Parquet.
+
+One file per part of the format: `distributions` (the math of truncated rows), `schema` (columns,
+encoding, shard names), `manifest` (what a shard holds; completeness checks), `writer`, `reader` and
+`inspect`.
+"""
 
 from cache.distributions import (
     PAD_ID,
@@ -13,27 +18,29 @@ from cache.distributions import (
     truncate_probabilities,
     truncate_top_p,
 )
-from cache.format import (
+from cache.inspect import inspect_cache
+from cache.manifest import (
+    CacheManifest,
+    ShardManifest,
+    check_compatible,
+    completed_shard,
+    read_manifest,
+    verify_cache,
+)
+from cache.reader import iter_cache
+from cache.schema import (
     DEFAULT_LAYOUT,
     SCHEMA_VERSION,
     CachedSample,
     CacheError,
-    CacheManifest,
     IncompatibleCacheError,
     Layout,
-    ShardManifest,
-    ShardWriter,
-    check_compatible,
-    completed_shard,
     concat_samples,
-    inspect_cache,
-    iter_cache,
-    read_manifest,
     shard_bounds,
     shard_header,
     shard_name,
-    verify_cache,
 )
+from cache.writer import ShardWriter
 
 __all__ = [
     "DEFAULT_LAYOUT",
@@ -50,13 +57,13 @@ __all__ = [
     "TruncatedDistributions",
     "check_compatible",
     "coarse_cells",
-    "quantize_probabilities",
-    "renormalize_support",
     "completed_shard",
     "concat_samples",
     "inspect_cache",
     "iter_cache",
+    "quantize_probabilities",
     "read_manifest",
+    "renormalize_support",
     "shard_bounds",
     "shard_header",
     "shard_name",

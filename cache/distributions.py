@@ -287,15 +287,5 @@ def sparse_cosine(
     return 1.0 - torch.nn.functional.cosine_similarity(cells.teacher, student, dim=-1, eps=1e-12)
 
 
+# D(R || Q) per answer token from a sparse teacher and the student's logits (ViKeR Table 9), by name.
 SPARSE_DIVERGENCES = {"kl": sparse_kl, "jsd": sparse_jsd, "cosine": sparse_cosine}
-
-
-def pad_rows(rows: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Stack per-token (ids, probs) 1-D pairs of varying length into the padded (N, S_max) layout."""
-    width = max((len(ids) for ids, _ in rows), default=1) or 1
-    support_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-    support_probs = torch.zeros((len(rows), width), dtype=torch.float32)
-    for row, (ids, probs) in enumerate(rows):
-        support_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-        support_probs[row, : len(probs)] = torch.as_tensor(probs, dtype=torch.float32)
-    return support_ids, support_probs

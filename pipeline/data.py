@@ -23,7 +23,6 @@ Logical split names accepted everywhere a split is asked for:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +30,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline import prompts
-from pipeline.samples import QASample, sha256_hex
+from pipeline.hashing import sha256_hex, stable_int
+from pipeline.samples import QASample
 
 SPLIT_FILE = "train-00000-of-00001.parquet"
 HUB_FOLDERS = ("Test_Set", "Retain_Set", "Full_Set")
 LOGICAL_FOLDERS = {"test": "Test_Set", "real": "Retain_Set", "full": "Full_Set"}
 
 UNLEARNING_KINDS = ("qa", "generation", "mc", "cloze")
-REFERENCE_KINDS = ("people", "pets", "scene", "pattern")
+IMAGE_POOLS = ("people", "pets", "scene", "pattern")  # folders of images: references/<kind>/
+SPLIT_POOLS = ("forget", "retain")  # the images of the current forget / retain split's people
+REFERENCE_KINDS = IMAGE_POOLS + SPLIT_POOLS  # ViKeR Fig. 7's reference pools
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -51,17 +53,48 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def split_ratio(split: str) -> tuple[str, int] | None:
+    """("forget", 10) for forget_10, likewise retain_K and test_K; None for any other name."""
+    prefix, _, ratio = split.partition("_")
+    if prefix in ("forget", "retain", "test") and ratio.isdigit():
+        return prefix, int(ratio)
+    return None
+
+
+def split_names(forget_split: str) -> dict[str, str]:
+    """Role -> split name of one experiment, e.g. forget_10 -> forget_10, test_10, retain_90, real."""
+    parsed = split_ratio(forget_split)
+    if parsed is None or parsed[0] != "forget" or not 0 < parsed[1] < 100:
+        raise ValueError(f"--forget-split must look like forget_10, got {forget_split!r}")
+    ratio = parsed[1]
+    return {
+        "forget": forget_split,
+        "test": f"test_{ratio}",
+        "retain": f"retain_{100 - ratio}",
+        "real": "real",
+    }
+
+
+def forget_ratio(split: str) -> int:
+    """The K of the forget_K a split belongs to (forget_K, retain_(100-K), test_K); 10 for other splits."""
+    parsed = split_ratio(split)
+    if parsed is None:
+        return 10
+    prefix, ratio = parsed
+    return 100 - ratio if prefix == "retain" else ratio
+
+
 def resolve_split(split: str) -> tuple[str, str | None]:
     """Logical split name -> (hub folder, forget folder whose ids filter it or None)."""
     if split in LOGICAL_FOLDERS:
         return LOGICAL_FOLDERS[split], None
     if split in HUB_FOLDERS:
         return split, None
-    if split.startswith("test_") and split[5:].isdigit():
-        return "Test_Set", f"forget_{split[5:]}"
-    for prefix in ("forget_", "retain_"):
-        if split.startswith(prefix) and split[len(prefix) :].isdigit():
-            return split, None
+    parsed = split_ratio(split)
+    if parsed is not None and parsed[0] == "test":
+        return "Test_Set", f"forget_{parsed[1]}"
+    if parsed is not None:
+        return split, None
     raise DataError(
         f"unknown split {split!r}: use forget_K, retain_K, test_K, test, real, full "
         f"or a hub folder ({', '.join(HUB_FOLDERS)})"
@@ -140,7 +173,7 @@ def row_image(row: dict) -> tuple[bytes, str]:
     images = row.get("images")
     if not images:
         raise DataError(f"{source}: row ID={row.get('ID')!r} has no field 'image' (nor 'images')")
-    index = int(hashlib.sha256(str(row["ID"]).encode()).hexdigest(), 16) % len(images)
+    index = stable_int(str(row["ID"])) % len(images)
     return _image_bytes(
         row, images[index], f"field 'images'[{index}]"
     ), f"{source} ID={row['ID']} images[{index}]"
@@ -426,7 +459,7 @@ def load_reference_pool(root: str | Path, kind: str, forget_ratio: int = 10) -> 
     forget|retain (with forget_ratio): the images of that split's people, from ROOT/data (or ROOT).
     """
     root = Path(root)
-    if kind in REFERENCE_KINDS:
+    if kind in IMAGE_POOLS:
         candidates = [root / "references" / kind, root / kind]
         directory = next((path for path in candidates if path.is_dir()), None)
         if directory is None:
@@ -487,7 +520,7 @@ def load_clear_samples(root: str | Path, config: str, mode: str = "recognition")
             elif mode == "recognition":
                 question, answer = CLEAR_NAME_QUESTION, _field(row, "name")
             else:
-                pick = int(hashlib.sha256(sample_id.encode()).hexdigest(), 16) % len(CLEAR_CAPTION_QUESTIONS)
+                pick = stable_int(sample_id) % len(CLEAR_CAPTION_QUESTIONS)
                 question, answer = CLEAR_CAPTION_QUESTIONS[pick], _field(row, "caption")
             if image_bytes is None and not row.get("question"):
                 raise DataError(f"{path}: row {index} has no field 'image' (needed for mode {mode!r})")
@@ -585,11 +618,8 @@ def _canonical(value):
 
 
 def rows_fingerprint(rows: list[dict]) -> str:
-    digest = hashlib.sha256()
-    for row in rows:
-        digest.update(json.dumps(_canonical(row), sort_keys=True, ensure_ascii=False).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
+    lines = [json.dumps(_canonical(row), sort_keys=True, ensure_ascii=False) + "\n" for row in rows]
+    return sha256_hex("".join(lines).encode())
 
 
 def dataset_fingerprint(data_dir: str | Path, split: str) -> str:
@@ -600,10 +630,9 @@ def dataset_fingerprint(data_dir: str | Path, split: str) -> str:
 
 def samples_fingerprint(samples: list[QASample]) -> str:
     """sha256 over the triples themselves (ids, text and image hashes), in order."""
-    digest = hashlib.sha256()
+    lines = []
     for sample in samples:
         image_hash = sha256_hex(sample.image) if sample.image is not None else ""
         record = [sample.sample_id, sample.person_id, sample.question, sample.answer, image_hash, sample.kind]
-        digest.update(json.dumps(record, ensure_ascii=False).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    return sha256_hex("".join(lines).encode())

@@ -8,7 +8,8 @@ compute (and which caches to stream) without a table beside the registry:
     forget_reference_log_probs       (B,) log p(y | I, x; theta_full) of the frozen model
     refusal_reference_log_probs      (B,) log p(y_idk | I, x; theta_full)
 
-Keyword-only parameters are hyperparameters (with the papers' defaults). Every loss returns a dict
+Keyword-only parameters are the loss's own arguments (with the papers' defaults); params.yaml's method
+entries set them (pipeline.methods). Every loss returns a dict
 with "loss" (the scalar to minimise) and its terms (for the training log).
 
 Normalisation, the same for every method: ViKeR Eq. 2 and 5 sum over the answer tokens of a sample and
@@ -20,7 +21,6 @@ sequence log-probability log p(y|x), i.e. the same per-sample token sum.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,17 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cache.distributions import TruncatedDistributions, sparse_cosine, sparse_jsd, sparse_kl
+from cache.distributions import SPARSE_DIVERGENCES, TruncatedDistributions
+from pipeline.hashing import stable_int
 from pipeline.registry import Registry
 
 LossTerms = dict[str, Tensor]
 LOSSES: Registry[Callable[..., LossTerms]] = Registry("loss")
-
-# D(R || Q) per answer token, from a sparse teacher and the student's logits (ViKeR Table 9).
-REGULARIZERS: Registry[Callable[..., Tensor]] = Registry("regularizer")
-REGULARIZERS.register("kl")(sparse_kl)
-REGULARIZERS.register("jsd")(sparse_jsd)
-REGULARIZERS.register("cosine")(sparse_cosine)
 
 REFUSALS_FILE = Path(__file__).with_name("refusals.txt")
 
@@ -98,7 +93,9 @@ def divergence(name: str, teacher: TruncatedDistributions, predictions: AnswerPr
     """
     if len(teacher) != len(predictions.targets):
         raise ValueError(f"{len(teacher)} teacher rows for {len(predictions.targets)} answer tokens")
-    divergence_of = REGULARIZERS[name]
+    if name not in SPARSE_DIVERGENCES:
+        raise ValueError(f"unknown regularizer {name!r}; known: {', '.join(SPARSE_DIVERGENCES)}")
+    divergence_of = SPARSE_DIVERGENCES[name]
     per_token = divergence_of(
         teacher.support_ids, teacher.support_probs, teacher.tail_mass, predictions.logits
     )
@@ -147,13 +144,13 @@ def kl_min(
 
 
 @LOSSES.register("npo")
-def npo(forget: AnswerPredictions, forget_reference_log_probs: Tensor, *, npo_beta: float = 0.4) -> LossTerms:
+def npo(forget: AnswerPredictions, forget_reference_log_probs: Tensor, *, beta: float = 0.4) -> LossTerms:
     """L_NPO = -(2/beta) E_{D_f} log sigma(-beta log(p(y|I,x;theta) / p(y|I,x;theta_full)))  (ViKeR A.3).
 
     Equal to MLLMU-Bench Eq. 15, (2/beta) E log(1 + (pi_theta/pi_ref)^beta); beta = 0.4 there and in ViKeR.
     """
     log_ratio = forget.answer_log_probs() - forget_reference_log_probs
-    loss = -(2.0 / npo_beta) * F.logsigmoid(-npo_beta * log_ratio).mean()
+    loss = -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
     return {"loss": loss, "forget_log_ratio": log_ratio.mean()}
 
 
@@ -164,16 +161,16 @@ def idkpo(
     forget_reference_log_probs: Tensor,
     refusal_reference_log_probs: Tensor,
     *,
-    npo_beta: float = 0.4,
+    beta: float = 0.4,
 ) -> LossTerms:
     """L_IdkPO = -(1/beta) E log sigma(beta log ratio(y_idk) - beta log ratio(y))  (ViKeR A.3).
 
     DPO (Vgid Eq. 9) with a refusal as the preferred answer and the true answer as the dispreferred one,
-    scaled by 1/beta as ViKeR writes it. beta is the same 0.4 as NPO's (ViKeR A.4), hence `npo_beta`.
+    scaled by 1/beta as ViKeR writes it. beta is the same 0.4 as NPO's (ViKeR A.4).
     """
     refusal_log_ratio = refusal.answer_log_probs() - refusal_reference_log_probs
     forget_log_ratio = forget.answer_log_probs() - forget_reference_log_probs
-    loss = preference_loss(refusal_log_ratio, forget_log_ratio, npo_beta).mean() / npo_beta
+    loss = preference_loss(refusal_log_ratio, forget_log_ratio, beta).mean() / beta
     return {
         "loss": loss,
         "refusal_log_ratio": refusal_log_ratio.mean(),
@@ -231,23 +228,19 @@ def loss_inputs(method: str) -> list[str]:
     return [p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
 
 
-def loss_hyperparameters(method: str) -> dict[str, object]:
-    """A method's hyperparameters (its keyword-only parameters) with their paper defaults."""
+def loss_arguments(method: str) -> dict[str, object]:
+    """A loss's own arguments (its keyword-only parameters) with their paper defaults."""
     parameters = inspect.signature(LOSSES[method]).parameters.values()
     return {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def compute_loss(method: str, inputs: dict[str, object], hyperparameters: dict[str, object]) -> LossTerms:
-    """Call a method's loss with the inputs it declares and the hyperparameters it accepts."""
+def compute_loss(method: str, inputs: dict[str, object], arguments: dict[str, object]) -> LossTerms:
+    """Call a loss with the inputs it declares and its arguments (checked: pipeline.methods)."""
     needed = loss_inputs(method)
     missing = [name for name in needed if inputs.get(name) is None]
     if missing:
         raise ValueError(f"loss {method!r} needs {', '.join(missing)}")
-    accepted = loss_hyperparameters(method)
-    return LOSSES[method](
-        **{name: inputs[name] for name in needed},
-        **{name: value for name, value in hyperparameters.items() if name in accepted},
-    )
+    return LOSSES[method](**{name: inputs[name] for name in needed}, **arguments)
 
 
 def load_refusals(path: str | Path = REFUSALS_FILE) -> list[str]:
@@ -262,5 +255,4 @@ def load_refusals(path: str | Path = REFUSALS_FILE) -> list[str]:
 def choose_refusal(sample_id: str, refusals: list[str], seed: int) -> str:
     """The refusal a forget sample is paired with: random across samples, fixed for a (seed, sample) pair,
     so the frozen model's log-probability of it can be computed once before training."""
-    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
-    return refusals[int.from_bytes(digest[:8], "big") % len(refusals)]
+    return refusals[stable_int(f"{seed}:{sample_id}", num_bytes=8) % len(refusals)]

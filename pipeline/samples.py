@@ -6,7 +6,6 @@ precompute, train and evaluate never look at raw rows.
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass
 
@@ -47,7 +46,3 @@ def decode_image(data: bytes, what: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise ValueError(f"image of {what} does not decode: {error}") from error
     return image.convert("RGB")
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -19,7 +19,6 @@ show the unmodified input (recorded in the manifest as intervention "none: text-
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,10 +28,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.hashing import sha256_hex, stable_int
 from pipeline.models import ModelFamily, PromptedSample
 from pipeline.perturbations import PERTURBATIONS
 from pipeline.registry import Registry
-from pipeline.samples import QASample, decode_image, sha256_hex
+from pipeline.samples import QASample, decode_image
 
 # Vgid Appendix A.1, verbatim.
 ICU_PROMPTS = {
@@ -54,32 +54,9 @@ ICU_PROMPTS = {
     ),
 }
 
-# Which parameters change each teacher's output (recorded in the cache header; others are ignored).
-TEACHER_PARAMETERS = {
-    "viker": ("k", "reference_kind", "seed"),
-    "vgid": ("perturbation", "sigma", "icu_prompt", "seed"),
-    "icu": ("icu_prompt",),
-    "noise": ("perturbation", "sigma", "seed"),
-    "original": (),
-    "base": (),
-}
-
 
 class TeacherInputError(ValueError):
     """A sample or reference pool a teacher cannot be built from; the message names it."""
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    k: int = 5
-    reference_kind: str = "people"
-    perturbation: str = "random-noise"
-    sigma: float = 0.4  # gaussian only
-    icu_prompt: str = "strict"
-    seed: int = 0
-
-    def params_for(self, teacher: str) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in TEACHER_PARAMETERS[teacher]}
 
 
 @dataclass
@@ -109,14 +86,13 @@ class TeacherContext:
     """Everything a teacher function needs besides the sample."""
 
     family: ModelFamily
-    config: TeacherConfig
+    arguments: dict[str, Any]  # the teacher's declared parameters (Teacher.parameters) and their values
     reference_pool: list[tuple[str, bytes]] | None = None  # (image id, encoded bytes), for viker
     reference_kind: str = ""
 
     def sample_seed(self, sample: QASample) -> int:
         """A per-sample seed independent of sharding and batching."""
-        digest = hashlib.sha256(f"{self.config.seed}:{sample.sample_id}".encode()).digest()
-        return int.from_bytes(digest[:4], "little")
+        return stable_int(f"{self.arguments['seed']}:{sample.sample_id}", num_bytes=4, byteorder="little")
 
     @cached_property
     def _decoded_pool(self) -> list[tuple[str, str, Image.Image]]:
@@ -147,27 +123,54 @@ class TeacherContext:
 
     def icu_instruction(self) -> str:
         try:
-            return ICU_PROMPTS[self.config.icu_prompt]
+            return ICU_PROMPTS[self.arguments["icu_prompt"]]
         except KeyError:
             raise TeacherInputError(
-                f"unknown --icu-prompt {self.config.icu_prompt!r}; choose from {', '.join(ICU_PROMPTS)}"
+                f"unknown --icu-prompt {self.arguments['icu_prompt']!r}; choose from {', '.join(ICU_PROMPTS)}"
             ) from None
 
     def perturbed(self, sample: QASample) -> tuple[Image.Image, int]:
         seed = self.sample_seed(sample)
-        perturb = PERTURBATIONS[self.config.perturbation]
-        return perturb(sample.pil_image(), np.random.default_rng(seed), self.config.sigma), seed
+        perturb = PERTURBATIONS[self.arguments["perturbation"]]
+        return perturb(sample.pil_image(), np.random.default_rng(seed), self.arguments["sigma"]), seed
 
 
 TeacherFunction = Callable[[QASample, TeacherContext], TeacherInput]
-TEACHERS: Registry[TeacherFunction] = Registry("teacher")
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A teacher function and what it declares: the stage reads these, never the teacher's name."""
+
+    build: TeacherFunction
+    parameters: tuple[str, ...] = ()  # the precompute options that change its rows (the cache header's)
+    reference_pool: bool = False  # draws irrelevant reference images (the stage loads the pool)
+    instruction: bool = False  # prepends the in-context unlearning instruction (recorded in the header)
+    split_role: str = "forget"  # the split it caches unless told: forget or retain
+    unmodified: bool = False  # the unmodified input: its target log-probs are the frozen model's own
+
+    def __call__(self, sample: QASample, context: TeacherContext) -> TeacherInput:
+        return self.build(sample, context)
+
+
+TEACHERS: Registry[Teacher] = Registry("teacher")
+
+
+def teacher(name: str, **declared: Any) -> Callable[[TeacherFunction], TeacherFunction]:
+    """Register a teacher function under `name` with what it declares (see Teacher)."""
+
+    def register(function: TeacherFunction) -> TeacherFunction:
+        TEACHERS.register(name)(Teacher(build=function, **declared))
+        return function
+
+    return register
 
 
 def image_key(sample: QASample) -> str | None:
     return f"sha256:{sha256_hex(sample.image)}" if sample.image is not None else None
 
 
-@TEACHERS.register("original")
+@teacher("original", unmodified=True)
 def original(sample: QASample, context: TeacherContext) -> TeacherInput:
     """The unmodified input."""
     image = sample.pil_image() if sample.image is not None else None
@@ -179,26 +182,27 @@ def original(sample: QASample, context: TeacherContext) -> TeacherInput:
     )
 
 
-TEACHERS.register("base")(original)
+# Vgid Eq. 4 and KL_Min: the frozen model on the retain split, the same computation.
+teacher("base", split_role="retain", unmodified=True)(original)
 
 
-@TEACHERS.register("viker")
+@teacher("viker", parameters=("k", "reference_kind", "seed"), reference_pool=True)
 def viker(sample: QASample, context: TeacherContext) -> TeacherInput:
     """ViKeR Eq. 4: the same question with k irrelevant images; R = (1/k) sum_j p(. | I'_j, x)."""
     if sample.image is None:
         return _text_only(original(sample, context))
     sample.pil_image()  # the replaced image must still be a readable image: bad data is never silent
     prompt = context.prompt(sample)
-    references = context.reference_images(sample, context.config.k)
+    references = context.reference_images(sample, context.arguments["k"])
     return TeacherInput(
         variants=[PromptedSample(prompt, image, sample.answer) for _, _, image in references],
         image_sources=[f"{context.reference_kind}/{image_id}" for image_id, _, _ in references],
         image_keys=[f"sha256:{digest}" for _, digest, _ in references],
-        intervention=f"{context.config.k} reference images from pool {context.reference_kind!r}",
+        intervention=f"{context.arguments['k']} reference images from pool {context.reference_kind!r}",
     )
 
 
-@TEACHERS.register("vgid")
+@teacher("vgid", parameters=("perturbation", "sigma", "icu_prompt", "seed"), instruction=True)
 def vgid(sample: QASample, context: TeacherContext) -> TeacherInput:
     """Vgid Eq. 2: pi_T(y | x_f) = pi_theta0(y | P_phi(v_f), t_ic + t_f)."""
     instruction = context.icu_instruction()
@@ -206,19 +210,19 @@ def vgid(sample: QASample, context: TeacherContext) -> TeacherInput:
         return TeacherInput(
             variants=[PromptedSample(context.prompt(sample, instruction), None, sample.answer)],
             image_sources=[],
-            intervention=f"icu {context.config.icu_prompt} (text-only sample: no image to perturb)",
+            intervention=f"icu {context.arguments['icu_prompt']} (text-only sample: no image to perturb)",
         )
     image, seed = context.perturbed(sample)
     return TeacherInput(
         variants=[PromptedSample(context.prompt(sample, instruction), image, sample.answer)],
-        image_sources=[f"{context.config.perturbation}({sample.image_source})"],
+        image_sources=[f"{context.arguments['perturbation']}({sample.image_source})"],
         perturbation_seeds=[seed],
         image_keys=[_perturbed_key(context, image)],
-        intervention=f"{context.config.perturbation} + icu {context.config.icu_prompt}",
+        intervention=f"{context.arguments['perturbation']} + icu {context.arguments['icu_prompt']}",
     )
 
 
-@TEACHERS.register("icu")
+@teacher("icu", parameters=("icu_prompt",), instruction=True)
 def icu(sample: QASample, context: TeacherContext) -> TeacherInput:
     """ICU-T: the in-context-unlearning instruction, original image."""
     unmodified = original(sample, context)
@@ -226,11 +230,11 @@ def icu(sample: QASample, context: TeacherContext) -> TeacherInput:
         PromptedSample(context.prompt(sample, context.icu_instruction()), variant.image, sample.answer)
         for variant in unmodified.variants
     ]
-    unmodified.intervention = f"icu {context.config.icu_prompt}"
+    unmodified.intervention = f"icu {context.arguments['icu_prompt']}"
     return unmodified
 
 
-@TEACHERS.register("noise")
+@teacher("noise", parameters=("perturbation", "sigma", "seed"))
 def noise(sample: QASample, context: TeacherContext) -> TeacherInput:
     """Noise-T: the perturbed image, original question."""
     if sample.image is None:
@@ -238,16 +242,16 @@ def noise(sample: QASample, context: TeacherContext) -> TeacherInput:
     image, seed = context.perturbed(sample)
     return TeacherInput(
         variants=[PromptedSample(context.prompt(sample), image, sample.answer)],
-        image_sources=[f"{context.config.perturbation}({sample.image_source})"],
+        image_sources=[f"{context.arguments['perturbation']}({sample.image_source})"],
         perturbation_seeds=[seed],
         image_keys=[_perturbed_key(context, image)],
-        intervention=context.config.perturbation,
+        intervention=context.arguments["perturbation"],
     )
 
 
 def _perturbed_key(context: TeacherContext, image: Image.Image) -> str | None:
     """White images are all alike (reusable); noise images are unique per sample."""
-    if context.config.perturbation == "white":
+    if context.arguments["perturbation"] == "white":
         return f"white:{image.width}x{image.height}"
     return None
 

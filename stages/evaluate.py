@@ -38,7 +38,7 @@ from typing import Any
 from PIL import Image
 
 from pipeline import prompts
-from pipeline.data import DataError, EvalItem, EvalItems, load_eval_items
+from pipeline.data import DataError, EvalItem, EvalItems, load_eval_items, split_names
 from pipeline.metrics import (
     bleu,
     build_coherence_scorer,
@@ -48,8 +48,10 @@ from pipeline.metrics import (
     parse_option_letter,
     rouge_l_f1,
 )
+from pipeline.models import PromptedSample, generate, load_model
 from pipeline.registry import Registry
 from pipeline.samples import decode_image
+from stages.config import EvaluateConfig
 
 # Vgid App. A.3.7, verbatim.
 REVERSE_PROMPT = (
@@ -63,19 +65,6 @@ FEW_SHOT_ROLES = ("forget", "test", "retain")  # eval.py: the celebrity split ge
 
 class AdapterMismatchError(ValueError):
     """The adapter was trained on another base model (or tokenizer) than the one given."""
-
-
-def split_names(forget_split: str) -> dict[str, str]:
-    """Role -> the data loader's split name, e.g. forget_10 -> forget_10, test_10, retain_90, real."""
-    prefix, _, ratio = forget_split.partition("_")
-    if prefix != "forget" or not ratio.isdigit() or not 0 < int(ratio) < 100:
-        raise ValueError(f"--forget-split must look like forget_10, got {forget_split!r}")
-    return {
-        "forget": forget_split,
-        "test": f"test_{ratio}",
-        "retain": f"retain_{100 - int(ratio)}",
-        "real": "real",
-    }
 
 
 # ------------------------------------------------------------------------------------------ protocols
@@ -388,106 +377,52 @@ def load_adapter(loaded, adapter_dir: str | Path):
 # ------------------------------------------------------------------------------------------ the stage
 
 
-@dataclass
-class EvaluateConfig:
-    model: str
-    data: str
-    out: str
-    adapter: str | None = None
-    forget_split: str = "forget_10"
-    protocol: str = "fixed"
-    max_new_tokens: int = 50
-    batch_size: int = 8
-    reverse_attack: bool = True
-    gib_model: str | None = None
-    limit: int | None = None  # at most this many people per split (tests, quick looks)
-    seed: int = 0
-    few_shot_profiles: int | None = None  # default: the protocol's (official 2 for LLaVA, fixed 1)
-    few_shot_questions: int | None = None  # default: the protocol's (official all, fixed 2); 0 = all
-    instruction: str | None = None  # an in-context unlearning prefix (Vgid's ICU baseline)
-    splits: tuple[str, ...] = SPLIT_ROLES
-    dtype: str = "fp32"
-    device: str = "cpu"
-    progress: bool = True
-
-
 def _write_atomic(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(text)
     temporary.replace(path)
 
 
-def run(config: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate and write metrics.json, meta.json and responses.jsonl; returns the metrics."""
-    import torch
-
-    from pipeline.models import PromptedSample, generate, load_model
-
-    started = time.time()
-    protocol = PROTOCOLS[config.protocol]()
-    unknown = set(config.splits) - set(SPLIT_ROLES)
-    if unknown:
-        raise ValueError(f"unknown split roles {sorted(unknown)}; choose from {SPLIT_ROLES}")
-    names = split_names(config.forget_split)
-    if not Path(config.data).is_dir():
-        raise DataError(f"--data {config.data} is not a directory")
-    items = {role: load_eval_items(config.data, names[role]) for role in config.splits}
-    for role, role_items in items.items():
-        if not len(role_items):
-            raise DataError(f"split {names[role]} under {config.data} has no evaluation questions")
-
-    torch.manual_seed(config.seed)
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
-    model = load_adapter(loaded, config.adapter) if config.adapter else loaded.model
-
-    few_shot_count = (
+def few_shot_plan(
+    config: EvaluateConfig,
+    protocol: EvalProtocol,
+    family_name: str,
+    items: dict[str, EvalItems],
+    names: dict[str, str],
+) -> tuple[int, int | None, EvalItems | None, dict[str, dict[str, list[str]]]]:
+    """(exemplar profiles, exemplar questions, the exemplar pool, role -> task -> exemplar person ids)."""
+    count = (
         config.few_shot_profiles
         if config.few_shot_profiles is not None
-        else protocol.few_shot_profiles(loaded.family.name)
+        else protocol.few_shot_profiles(family_name)
     )
-    few_shot_questions = (
+    questions = (
         (config.few_shot_questions or None)
         if config.few_shot_questions is not None
         else protocol.few_shot_questions
     )
-    exemplar_items = None
+    pool = None
+    if count > 0 and any(role in FEW_SHOT_ROLES for role in config.splits):
+        pool = exemplar_pool(config.data, names)
     few_shot: dict[str, dict[str, list[str]]] = {}
-    if few_shot_count > 0 and any(role in FEW_SHOT_ROLES for role in config.splits):
-        exemplar_items = exemplar_pool(config.data, names)
     for role in config.splits:
         few_shot[role] = {}
-        if role not in FEW_SHOT_ROLES or few_shot_count <= 0:
+        if role not in FEW_SHOT_ROLES or count <= 0:
             continue
         # eval.py draws exemplar profiles among the split's ids (the forget ids for the test split).
         ids = items[role].person_ids()
-        count = min(few_shot_count, len(ids) - 1)  # keep at least one profile to evaluate
+        drawn = min(count, len(ids) - 1)  # keep at least one profile to evaluate
         for task in ("classification", "cloze"):
             few_shot[role][task] = (
-                protocol.few_shot_ids(ids, count, config.seed, names[role], task) if count else []
+                protocol.few_shot_ids(ids, drawn, config.seed, names[role], task) if drawn else []
             )
+    return count, questions, pool, few_shot
 
-    images = ImageCache()
-    questions: list[Question] = []
-    runs = [(role, role, False) for role in config.splits]
-    if config.reverse_attack:
-        runs += [(f"{role}_reverse", role, True) for role in REVERSE_ROLES if role in config.splits]
-    for split, role, reverse in runs:
-        questions += build_questions(
-            items[role],
-            exemplar_items,
-            few_shot[role],
-            protocol,
-            loaded.family,
-            split,
-            images,
-            limit=config.limit,
-            instruction=config.instruction,
-            reverse=reverse,
-            few_shot_questions=few_shot_questions,
-            seed=config.seed,
-        )
 
-    # Generate in order of prompt length so batches carry little padding, then score in item order.
+def answer_questions(
+    config: EvaluateConfig, loaded, model, protocol: EvalProtocol, questions: list[Question]
+) -> None:
+    """Generate every reply (in order of prompt length, so batches carry little padding) and score it."""
     order = sorted(range(len(questions)), key=lambda index: len(questions[index].prompt))
     samples = [
         PromptedSample(questions[i].prompt, questions[i].image, None, questions[i].context_images)
@@ -508,6 +443,76 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     for question in questions:
         score_question(question)
 
+
+def write_outputs(
+    out: Path, metrics: dict[str, Any], meta: dict[str, Any], questions: list[Question]
+) -> None:
+    """metrics.json, meta.json and responses.jsonl, each replaced only once written whole."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    records = [
+        {
+            "split": question.split,
+            "item_id": question.item.item_id,
+            "task": question.item.task,
+            "modality": question.item.modality,
+            "prompt": question.prompt,
+            "generated": question.generated,
+            "reply": question.reply,
+            "target": question.item.target(),
+            "scores": question.scores,
+        }
+        for question in questions
+    ]
+    _write_atomic(
+        out.parent / "responses.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    )
+    _write_atomic(out.parent / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    _write_atomic(out, json.dumps(metrics, indent=2) + "\n")
+
+
+def run(config: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate and write metrics.json, meta.json and responses.jsonl; returns the metrics."""
+    import torch
+
+    started = time.time()
+    protocol = PROTOCOLS[config.protocol]()
+    unknown = set(config.splits) - set(SPLIT_ROLES)
+    if unknown:
+        raise ValueError(f"unknown split roles {sorted(unknown)}; choose from {SPLIT_ROLES}")
+    names = split_names(config.forget_split)
+    if not Path(config.data).is_dir():
+        raise DataError(f"--data {config.data} is not a directory")
+    items = {role: load_eval_items(config.data, names[role]) for role in config.splits}
+    for role, role_items in items.items():
+        if not len(role_items):
+            raise DataError(f"split {names[role]} under {config.data} has no evaluation questions")
+
+    torch.manual_seed(config.seed)
+    loaded = load_model(
+        config.model,
+        dtype=config.dtype,
+        device=config.device,
+        attn_implementation=config.attn_implementation,
+        trust_remote_code=config.trust_remote_code,
+    )
+    model = load_adapter(loaded, config.adapter) if config.adapter else loaded.model
+    few_shot_count, few_shot_questions, exemplar_items, few_shot = few_shot_plan(
+        config, protocol, loaded.family.name, items, names
+    )
+
+    images = ImageCache()
+    questions: list[Question] = []
+    runs = [(role, role, False) for role in config.splits]
+    if config.reverse_attack:
+        runs += [(f"{role}_reverse", role, True) for role in REVERSE_ROLES if role in config.splits]
+    for split, role, reverse in runs:
+        questions += build_questions(
+            items[role], exemplar_items, few_shot[role], protocol, loaded.family, split, images,
+            limit=config.limit, instruction=config.instruction, reverse=reverse,
+            few_shot_questions=few_shot_questions, seed=config.seed,
+        )  # fmt: skip
+    answer_questions(config, loaded, model, protocol, questions)
+
     references = [item.ground_truth for role_items in items.values() for item in role_items.generation]
     scorer = build_coherence_scorer(references, config.gib_model)
     answers = [question for question in questions if question.item.task == "generation"]
@@ -519,9 +524,6 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     for split, _, _ in runs:
         metrics[split], counts[split] = aggregate([q for q in questions if q.split == split])
     metrics["meta"] = {"protocol": protocol.name, "coherence_scorer": scorer.name}
-
-    out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "config": asdict(config),
         "protocol": protocol.name,
@@ -537,21 +539,5 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         "counts": counts,
         "seconds": round(time.time() - started, 1),
     }
-    with (out.parent / ".responses.jsonl.tmp").open("w") as handle:
-        for question in questions:
-            record = {
-                "split": question.split,
-                "item_id": question.item.item_id,
-                "task": question.item.task,
-                "modality": question.item.modality,
-                "prompt": question.prompt,
-                "generated": question.generated,
-                "reply": question.reply,
-                "target": question.item.target(),
-                "scores": question.scores,
-            }
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    (out.parent / ".responses.jsonl.tmp").replace(out.parent / "responses.jsonl")
-    _write_atomic(out.parent / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(out, json.dumps(metrics, indent=2) + "\n")
+    write_outputs(Path(config.out), metrics, meta, questions)
     return metrics

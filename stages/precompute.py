@@ -5,10 +5,10 @@ images for ViKeR, a perturbed image and an unlearning instruction for Vgid, the 
 `original` / `base`. The model runs teacher-forced on the ground-truth answer; only the answer positions
 go through the output layer (pipeline.models.answer_logits), the per-token distribution is the mean of
 the variants' softmaxes (ViKeR Eq. 4; one variant otherwise), and it is truncated to its top-p support on
-the device before anything is copied. Rows go to sharded zstd Parquet (cache.format).
+the device before anything is copied. Rows go to sharded zstd Parquet (cache.writer).
 
 Distribution: `--shard-index i --num-shards N` computes exactly the contiguous slice i of the split
-(cache.format.shard_bounds), so N processes (a Slurm array, one per GPU) produce the whole cache.
+(cache.shard_bounds), so N processes (a Slurm array, one per GPU) produce the whole cache.
 Without --shard-index a process computes every shard in turn. A shard that is complete and whose
 checksum verifies is skipped; a missing, half-written or corrupt one, or one left by a run with other
 settings (model, parameters, data), is computed again. An output directory written with another
@@ -17,19 +17,17 @@ tokenizer is refused.
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from cache.distributions import truncate_probabilities
-from cache.format import (
+from cache import (
     CachedSample,
     CacheError,
     IncompatibleCacheError,
@@ -43,79 +41,52 @@ from cache.format import (
     shard_header,
     shard_name,
 )
-from pipeline.data import load_reference_pool, load_unlearning_samples, samples_fingerprint
+from cache.distributions import truncate_probabilities
+from pipeline.data import (
+    REFERENCE_KINDS,
+    SPLIT_POOLS,
+    forget_ratio,
+    load_reference_pool,
+    load_unlearning_samples,
+    samples_fingerprint,
+)
+from pipeline.hashing import sha256_hex
 from pipeline.models import LoadedModel, VisionFeatureCache, answer_logits, encode_answers, load_model
 from pipeline.perturbations import PERTURBATIONS
-from pipeline.samples import QASample, sha256_hex
-from pipeline.teachers import ICU_PROMPTS, TEACHERS, TeacherConfig, TeacherContext, TeacherInput, original
+from pipeline.samples import QASample
+from pipeline.teachers import ICU_PROMPTS, TEACHERS, Teacher, TeacherContext, TeacherInput, original
+from stages.config import PrecomputeConfig
 
-DEFAULT_SPLITS = {"base": "retain_90"}  # every other teacher works on the forget split
-DEFAULT_FORGET_SPLIT = "forget_10"
-REFERENCE_KINDS = ("people", "pets", "scene", "pattern", "forget", "retain")  # ViKeR Fig. 7
+DEFAULT_SPLITS = {"forget": "forget_10", "retain": "retain_90"}  # a teacher's split role -> split
 
 
 class PrecomputeError(ValueError):
     """Input the stage cannot turn into correct rows; the message names the sample or file."""
 
 
-@dataclass
-class PrecomputeConfig:
-    model: str
-    data: str
-    out: str
-    teacher: str = "viker"
-    k: int = 5
-    reference_kind: str = "people"
-    references: str | None = None  # folder holding references/<kind>/ (default: next to --data)
-    perturbation: str = "random-noise"
-    sigma: float = 0.4
-    icu_prompt: str = "strict"
-    top_p: float = 0.995
-    max_support: int = 256
-    split: str | None = None
-    kinds: tuple[str, ...] = ("qa",)
-    shard_index: int | None = None
-    num_shards: int = 1
-    batch_size: int = 8
-    seed: int = 0
-    dtype: str = "fp32"
-    device: str = "cpu"
-    threads: int = 0  # torch threads; 0 keeps torch's default
-    limit: int | None = None  # only the first `limit` samples of the split (smoke tests, benches)
-    progress: bool = False
-    teacher_config: TeacherConfig = field(init=False)
+def checked(config: PrecomputeConfig) -> tuple[PrecomputeConfig, Teacher]:
+    """The config with its split chosen, and its teacher; refuses unknown names before anything loads."""
+    if config.teacher not in TEACHERS:
+        raise PrecomputeError(f"unknown --teacher {config.teacher!r}; known: {', '.join(TEACHERS.names())}")
+    if config.shard_index is not None and not 0 <= config.shard_index < config.num_shards:
+        raise PrecomputeError(f"--shard-index {config.shard_index} is outside 0..{config.num_shards - 1}")
+    for option, value, known in (
+        ("--perturbation", config.perturbation, PERTURBATIONS.names()),
+        ("--icu-prompt", config.icu_prompt, list(ICU_PROMPTS)),
+        ("--reference-kind", config.reference_kind, list(REFERENCE_KINDS)),
+    ):
+        if value not in known:
+            raise PrecomputeError(f"unknown {option} {value!r}; known: {', '.join(known)}")
+    teacher = TEACHERS[config.teacher]
+    config = replace(
+        config, split=config.split or DEFAULT_SPLITS[teacher.split_role], kinds=tuple(config.kinds)
+    )
+    return config, teacher
 
-    def __post_init__(self) -> None:
-        if self.teacher not in TEACHERS:
-            raise PrecomputeError(f"unknown --teacher {self.teacher!r}; known: {', '.join(TEACHERS.names())}")
-        self.split = self.split or DEFAULT_SPLITS.get(self.teacher, DEFAULT_FORGET_SPLIT)
-        self.kinds = tuple(self.kinds)
-        if self.k < 1:
-            raise PrecomputeError(f"--k must be >= 1, got {self.k}")
-        if self.num_shards < 1:
-            raise PrecomputeError(f"--num-shards must be >= 1, got {self.num_shards}")
-        if self.shard_index is not None and not 0 <= self.shard_index < self.num_shards:
-            raise PrecomputeError(f"--shard-index {self.shard_index} is outside 0..{self.num_shards - 1}")
-        if self.perturbation not in PERTURBATIONS:
-            raise PrecomputeError(
-                f"unknown --perturbation {self.perturbation!r}; known: {', '.join(PERTURBATIONS.names())}"
-            )
-        if self.icu_prompt not in ICU_PROMPTS:
-            raise PrecomputeError(
-                f"unknown --icu-prompt {self.icu_prompt!r}; known: {', '.join(ICU_PROMPTS)}"
-            )
-        if self.reference_kind not in REFERENCE_KINDS:
-            raise PrecomputeError(
-                f"unknown --reference-kind {self.reference_kind!r}; known: {', '.join(REFERENCE_KINDS)}"
-            )
-        self.teacher_config = TeacherConfig(
-            k=self.k,
-            reference_kind=self.reference_kind,
-            perturbation=self.perturbation,
-            sigma=self.sigma,
-            icu_prompt=self.icu_prompt,
-            seed=self.seed,
-        )
+
+def teacher_arguments(config: PrecomputeConfig, teacher: Teacher) -> dict[str, Any]:
+    """The options the teacher declares it reads, with their values (the cache header's teacher_params)."""
+    return {name: getattr(config, name) for name in teacher.parameters}
 
 
 # ---------------------------------------------------------------- the stage, top to bottom
@@ -123,17 +94,23 @@ class PrecomputeConfig:
 
 def run(config: PrecomputeConfig) -> list[ShardManifest]:
     """Compute (or skip, when complete) the shards this process owns; returns their manifests."""
+    config, teacher = checked(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     samples = load_samples(config)
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
-    context = teacher_context(config, loaded)
-    header = cache_header(config, loaded, samples, context)
+    loaded = load_model(
+        config.model,
+        dtype=config.dtype,
+        device=config.device,
+        attn_implementation=config.attn_implementation,
+        trust_remote_code=config.trust_remote_code,
+    )
+    context = teacher_context(config, teacher, loaded)
+    header = cache_header(config, teacher, loaded, samples, context)
     expected_header = shard_header(header, config.num_shards)
     check_existing_shards(Path(config.out), expected_header)
 
     extractor = TeacherExtractor(loaded, config.top_p, config.max_support)
-    teacher = TEACHERS[config.teacher]
     owned = range(config.num_shards) if config.shard_index is None else [config.shard_index]
     manifests = []
     for shard_index in owned:
@@ -175,9 +152,9 @@ def load_samples(config: PrecomputeConfig) -> list[QASample]:
     return samples
 
 
-def teacher_context(config: PrecomputeConfig, loaded: LoadedModel) -> TeacherContext:
+def teacher_context(config: PrecomputeConfig, teacher: Teacher, loaded: LoadedModel) -> TeacherContext:
     pool = None
-    if config.teacher == "viker":
+    if teacher.reference_pool:
         pool = load_reference_pool(references_root(config), config.reference_kind, forget_ratio(config.split))
         if len(pool) < config.k:
             raise PrecomputeError(
@@ -186,20 +163,24 @@ def teacher_context(config: PrecomputeConfig, loaded: LoadedModel) -> TeacherCon
             )
     return TeacherContext(
         family=loaded.family,
-        config=config.teacher_config,
+        arguments=teacher_arguments(config, teacher),
         reference_pool=pool,
         reference_kind=config.reference_kind,
     )
 
 
 def cache_header(
-    config: PrecomputeConfig, loaded: LoadedModel, samples: list[QASample], context: TeacherContext
+    config: PrecomputeConfig,
+    teacher: Teacher,
+    loaded: LoadedModel,
+    samples: list[QASample],
+    context: TeacherContext,
 ) -> dict[str, Any]:
     """Everything that determines the cached numbers; identical in every shard of the run."""
-    instruction = context.icu_instruction() if config.teacher in ("vgid", "icu") else None
+    instruction = context.icu_instruction() if teacher.instruction else None
     header = {
         "teacher": config.teacher,
-        "teacher_params": config.teacher_config.params_for(config.teacher),
+        "teacher_params": context.arguments,
         "top_p": config.top_p,
         "max_support": config.max_support,
         "prompt_template": loaded.family.build_prompt("{question}", True, instruction),
@@ -375,11 +356,11 @@ def measure_cache_kl(
         device=device,
         **params,
     )
+    config, teacher = checked(config)
     samples = {sample.sample_id: sample for sample in load_samples(config)}
-    context = teacher_context(config, loaded)
+    context = teacher_context(config, teacher, loaded)
     recorded = {record["sample_id"]: record for record in manifest.samples}
     extractor = TeacherExtractor(loaded, header["top_p"], header["max_support"])
-    teacher = TEACHERS[config.teacher]
 
     def exact(cached: list[CachedSample]) -> Iterator[tuple[Tensor, Tensor]]:
         for chunk in _batched(cached, batch_size):
@@ -422,17 +403,9 @@ def references_root(config: PrecomputeConfig) -> Path:
     if config.references:
         return Path(config.references)
     data = Path(config.data)
-    if config.reference_kind in ("forget", "retain"):
+    if config.reference_kind in SPLIT_POOLS:
         return data
     return data.parent if (data.parent / "references").is_dir() else data
-
-
-def forget_ratio(split: str) -> int:
-    """The K of forget_K / retain_(100-K), for the forget|retain reference pools."""
-    match = re.fullmatch(r"(forget|retain)_(\d+)", split)
-    if not match:
-        return 10
-    return int(match.group(2)) if match.group(1) == "forget" else 100 - int(match.group(2))
 
 
 def _batched(items: Sequence, size: int) -> Iterator[list]:

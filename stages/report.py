@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stages.config import KEY_TOKEN_EPSILON, ReportConfig
+
 # Row order and display names of the papers' tables; other runs follow in alphabetical order.
 METHOD_NAMES = {
     "origin": "Origin", "base": "Base", "full": "Full", "icu": "ICU", "ga": "GA", "ga_diff": "GA_Diff",
@@ -32,7 +34,7 @@ SPLIT_GROUPS = (("forget", "Forget"), ("test", "Generalization"), ("retain", "Re
 COLUMNS = (("mc_acc", "ACC"), ("cloze_acc", "Cloze"), ("rougeL", "ROUGE-L"), ("bleu", "BLEU"),
            ("coherence", "GIB"), ("rec", "REC"))  # fmt: skip
 SEED_SUFFIX = re.compile(r"^(?P<method>.+?)-s(?P<seed>\d+)$")
-DEFAULT_EPSILON = 0.5  # nats; ViKeR leaves epsilon to the user
+NUM_REFERENCES = 9  # reference images the token plot's ViKeR teacher averages over
 
 
 @dataclass
@@ -380,7 +382,7 @@ def token_probabilities(
 
 
 def token_probability_plot(
-    table: TokenProbabilities, out_path: str | Path, epsilon: float = DEFAULT_EPSILON
+    table: TokenProbabilities, out_path: str | Path, epsilon: float = KEY_TOKEN_EPSILON
 ) -> Path:
     """Bars of p(y_i) per model; red bars are key tokens (H(R_i) >= epsilon), gray bars normal ones."""
     import matplotlib
@@ -428,7 +430,7 @@ class KeyTokens:
 
 
 def key_tokens(
-    cache_dir: str | Path, epsilon: float = DEFAULT_EPSILON, tokenizer=None, limit: int | None = None
+    cache_dir: str | Path, epsilon: float = KEY_TOKEN_EPSILON, tokenizer=None, limit: int | None = None
 ) -> Iterator[KeyTokens]:
     """ViKeR Definition 2 over a teacher cache: y_i is key iff H(R_i) >= epsilon (the cache stores H)."""
     from cache import CacheError, iter_cache, read_manifest
@@ -461,28 +463,20 @@ def format_key_tokens(entry: KeyTokens) -> str:
 # ------------------------------------------------------------------------------------------ the stage
 
 
-def run(
-    runs_dir: str | Path,
-    out: str | Path,
-    reference_dir: str | None = None,
-    sample_index: int = 0,
-    epsilon: float = DEFAULT_EPSILON,
-    token_plot: bool = True,
-    num_references: int = 9,
-    device: str = "cpu",
-) -> Path:
-    """Write report.md (+ tradeoff.png, token_probs.png) from every run under runs_dir."""
-    runs = load_runs(runs_dir)
-    out = Path(out)
+def run(config: ReportConfig) -> Path:
+    """Write report.md (+ tradeoff.png, token_probs.png) from every run under config.runs."""
+    runs = load_runs(config.runs)
+    out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figures: list[str] = []
     tradeoff = tradeoff_plot(runs, out.parent / "tradeoff.png")
     if tradeoff:
         figures.append(str(tradeoff))
-    if token_plot:
+    if config.token_plot:
         figure = _token_plot_from_runs(
-            runs, out.parent / "token_probs.png", reference_dir, sample_index, epsilon, num_references, device
-        )
+            runs, out.parent / "token_probs.png", config.references, config.sample_index, config.epsilon,
+            NUM_REFERENCES, config.device,
+        )  # fmt: skip
         if figure:
             figures.append(str(figure))
     out.write_text(report_markdown(runs, figures))

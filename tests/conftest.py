@@ -7,6 +7,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from builders import build_random_tiny_llava
+
+from pipeline.mini_world.config import FineTuneConfig, WorldConfig
+from stages.config import PrepareConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -22,7 +26,6 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """An untrained tiny LLaVA (+ tokenizer + processor) saved like a hub checkpoint."""
-    from pipeline.mini_model import build_random_tiny_llava
 
     return build_random_tiny_llava(tmp_path_factory.mktemp("tiny-llava") / "model", seed=0)
 
@@ -102,17 +105,15 @@ REDUCED_FINE_TUNE = dict(fact_epochs=20, epochs=25, batch_size=16, learning_rate
 @pytest.fixture(scope="session")
 def mini_world(tmp_path_factory) -> MiniWorld:
     """Built once per test session: the reduced world plus a full model that memorized it."""
-    from pipeline.mini_world import WorldConfig
-    from stages.prepare import FineTuneConfig
     from stages.prepare import run as prepare
 
     root = tmp_path_factory.mktemp("mini-world")
-    figures = prepare(
-        root,
-        WorldConfig(**REDUCED_WORLD),
-        FineTuneConfig(**REDUCED_FINE_TUNE),
-        metrics_out=root / "full_model.json",
+    config = PrepareConfig(
+        out=str(root),
+        metrics_out=str(root / "full_model.json"),
         people_per_split=6,
-        log=lambda message: None,
+        world=WorldConfig(**REDUCED_WORLD),
+        fine_tune=FineTuneConfig(**REDUCED_FINE_TUNE),
     )
+    figures = prepare(config, log=lambda message: None)
     return MiniWorld(root, root / "data", root / "references", root / "model", figures)

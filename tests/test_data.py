@@ -10,10 +10,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from builders import reduced_config
 
 from pipeline import data, prompts
 from pipeline.data import (
     CLEAR_NAME_QUESTION,
+    SPLIT_FILE,
     DataError,
     dataset_fingerprint,
     load_clear_samples,
@@ -24,7 +26,7 @@ from pipeline.data import (
     load_unlearning_samples,
     samples_fingerprint,
 )
-from pipeline.mini_world import SPLIT_FILE, build_world, reduced_config, write_world
+from pipeline.mini_world.world import build_world, write_world
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from project_imports import code_of, module_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,6 +81,31 @@ def repo(tmp_path_factory) -> Path:
     _run(["git", "init", "-q"], root)
     _dvc("repro", cwd=root)
     return root
+
+
+# The CLI command of each dvc.yaml stage -> the module under stages/ it runs.
+STAGE_MODULES = {
+    "prepare-mini": "prepare",
+    "precompute": "precompute",
+    "train": "train",
+    "evaluate": "evaluate",
+    "report": "report",
+}
+
+
+def test_every_stage_depends_on_the_code_it_runs():
+    """A change to any project file a stage imports reruns the stage: no output is left stale by a code change."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        command = re.search(r"pipeline ([\w-]+)", body["cmd"]).group(1)
+        code = code_of(module_files(f"stages.{STAGE_MODULES[command]}"))
+        covered = {path for path in code for dep in body["deps"] if path == dep or path.startswith(dep + "/")}
+        missing = code - covered
+        assert not missing, f"dvc.yaml stage {name} runs {sorted(missing)} but does not depend on them"
+    assert (
+        "pipeline/refusals.txt" in stages["train"]["do"]["deps"]
+    )  # IdkPO's refusal sentences: data, not code
 
 
 @pytest.mark.slow

@@ -9,9 +9,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from builders import build_random_tiny_llava
 
 from pipeline.data import DataError, load_eval_items
+from pipeline.mini_world.config import TinyLlavaConfig
 from pipeline.models import LlavaFamily
+from stages.cli import main
 from stages.evaluate import (
     PROTOCOLS,
     REVERSE_PROMPT,
@@ -325,8 +328,6 @@ def test_image_that_does_not_decode_is_named(tmp_path, tiny_model_dir):
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, tiny_model_dir):
     from click.testing import CliRunner
 
-    from pipeline.cli import main
-
     data = copy_fixture(tmp_path)
     shutil.rmtree(data / "retain_95")
     result = CliRunner().invoke(
@@ -377,7 +378,6 @@ def save_adapter(
 
 
 def test_adapter_of_another_base_model_is_refused_naming_both(tmp_path, tiny_model, tiny_model_dir):
-    from pipeline.mini_model import build_random_tiny_llava
 
     other_dir = build_random_tiny_llava(tmp_path / "other", seed=1)
     adapter = save_adapter(other_dir, tmp_path / "adapter")
@@ -389,7 +389,6 @@ def test_adapter_of_another_base_model_is_refused_naming_both(tmp_path, tiny_mod
 
 
 def test_adapter_that_does_not_fit_is_refused(tmp_path, tiny_model_dir):
-    from pipeline.mini_model import TinyLlavaConfig, build_random_tiny_llava
     from pipeline.models import load_model
 
     # A failed PeftModel.from_pretrained leaves LoRA layers injected: use a model of our own, not the shared one.

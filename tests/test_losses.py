@@ -16,7 +16,7 @@ from pipeline.losses import (
     choose_refusal,
     compute_loss,
     load_refusals,
-    loss_hyperparameters,
+    loss_arguments,
     loss_inputs,
     preference_loss,
 )
@@ -133,16 +133,14 @@ def test_npo_and_idkpo_equal_dense_reference(seed, lengths, vocab, npo_beta):
     # MLLMU-Bench Eq. 15: (2/beta) E log(1 + (pi_theta / pi_ref)^beta)
     ratio = torch.exp(dense_sequence_log_probs(forget) - forget_reference)
     expected_npo = (2 / npo_beta) * torch.log1p(ratio**npo_beta).mean()
-    torch.testing.assert_close(
-        LOSSES["npo"](forget, forget_reference, npo_beta=npo_beta)["loss"], expected_npo
-    )
+    torch.testing.assert_close(LOSSES["npo"](forget, forget_reference, beta=npo_beta)["loss"], expected_npo)
 
     # ViKeR A.3: -(1/beta) E log sigma(beta log(p(y_idk)/p_ref(y_idk)) - beta log(p(y)/p_ref(y)))
     preferred = dense_sequence_log_probs(refusal) - refusal_reference
     dispreferred = dense_sequence_log_probs(forget) - forget_reference
     margin = npo_beta * preferred - npo_beta * dispreferred
     expected_idkpo = -(1 / npo_beta) * torch.log(1 / (1 + torch.exp(-margin))).mean()
-    actual = LOSSES["idkpo"](forget, refusal, forget_reference, refusal_reference, npo_beta=npo_beta)["loss"]
+    actual = LOSSES["idkpo"](forget, refusal, forget_reference, refusal_reference, beta=npo_beta)["loss"]
     torch.testing.assert_close(actual, expected_idkpo)
 
 
@@ -274,9 +272,7 @@ def test_npo_at_reference_is_2_over_beta_log_2_with_the_ga_gradient():
     reference = model.predictions(features, targets, lengths).answer_log_probs().detach()  # theta = theta_ref
     ga_gradient = model.gradient(LOSSES["ga"](model.predictions(features, targets, lengths))["loss"])
     for npo_beta in (0.1, 0.4, 1.5):
-        loss = LOSSES["npo"](model.predictions(features, targets, lengths), reference, npo_beta=npo_beta)[
-            "loss"
-        ]
+        loss = LOSSES["npo"](model.predictions(features, targets, lengths), reference, beta=npo_beta)["loss"]
         torch.testing.assert_close(loss, torch.tensor(2 / npo_beta * math.log(2)))
         # grad L_NPO = E[2 sigma(beta log ratio) grad log p(y|x)] = E[grad log p] = grad L_GA at sigma(0) = 1/2
         torch.testing.assert_close(model.gradient(loss), ga_gradient)
@@ -294,7 +290,7 @@ def test_npo_gradient_has_the_known_form():
     per_sample = model.sequence_log_prob_gradients(features, targets, lengths)
     expected = (weights[:, None, None] * per_sample).mean(0)
     torch.testing.assert_close(
-        model.gradient(LOSSES["npo"](forget, reference, npo_beta=npo_beta)["loss"]), expected
+        model.gradient(LOSSES["npo"](forget, reference, beta=npo_beta)["loss"]), expected
     )
 
 
@@ -311,7 +307,7 @@ def test_dpo_and_idkpo_at_reference_are_log_2_with_the_known_gradient():
     zero = torch.zeros(3)
     torch.testing.assert_close(preference_loss(zero, zero, beta=0.4), torch.full((3,), math.log(2)))  # DPO
     npo_beta = 0.4
-    loss = LOSSES["idkpo"](forget, refusal, forget_reference, refusal_reference, npo_beta=npo_beta)["loss"]
+    loss = LOSSES["idkpo"](forget, refusal, forget_reference, refusal_reference, beta=npo_beta)["loss"]
     torch.testing.assert_close(loss, torch.tensor(math.log(2) / npo_beta))  # ViKeR's 1/beta-scaled DPO
     # grad DPO = -beta sigma(-beta h) (grad log p(y+) - grad log p(y-)); with ViKeR's 1/beta and h = 0: -1/2 (...)
     preferred = model.sequence_log_prob_gradients(refusal_features, refusal_targets, refusal_lengths)
@@ -333,7 +329,7 @@ def test_idkpo_gradient_away_from_reference():
     preferred = model.sequence_log_prob_gradients(refusal_features, refusal_targets, lengths)
     dispreferred = model.sequence_log_prob_gradients(features, targets, lengths)
     expected = (-weights[:, None, None] * (preferred - dispreferred)).mean(0)
-    loss = LOSSES["idkpo"](forget, refusal, forget_reference, refusal_reference, npo_beta=beta)["loss"]
+    loss = LOSSES["idkpo"](forget, refusal, forget_reference, refusal_reference, beta=beta)["loss"]
     torch.testing.assert_close(model.gradient(loss), expected)
 
 
@@ -404,18 +400,18 @@ def test_methods_declare_the_inputs_the_training_stage_must_provide():
     assert loss_inputs("viker") == ["forget", "forget_teacher"]
     assert loss_inputs("vgid") == ["forget", "forget_teacher", "retain", "retain_teacher"]
     assert loss_inputs("npo") == ["forget", "forget_reference_log_probs"]
-    assert loss_hyperparameters("npo") == {"npo_beta": 0.4}
-    assert loss_hyperparameters("viker") == {"lambda_": 0.05, "regularizer": "kl", "no_ga": False}
+    assert loss_arguments("npo") == {"beta": 0.4}
+    assert loss_arguments("viker") == {"lambda_": 0.05, "regularizer": "kl", "no_ga": False}
 
 
-def test_compute_loss_names_missing_inputs_and_passes_only_accepted_hyperparameters():
+def test_compute_loss_names_missing_inputs_and_unknown_regularizers():
     generator = torch.Generator().manual_seed(0)
     forget = random_predictions(generator, [2, 2], 6)
     with pytest.raises(ValueError, match="forget_reference_log_probs"):
         compute_loss("npo", {"forget": forget}, {})
-    terms = compute_loss("ga", {"forget": forget, "retain": None}, {"npo_beta": 0.4, "lambda_": 1.0})
+    terms = compute_loss("ga", {"forget": forget, "retain": None}, {})
     torch.testing.assert_close(terms["loss"], LOSSES["ga"](forget)["loss"])
-    with pytest.raises(KeyError, match="unknown regularizer 'l2'"):
+    with pytest.raises(ValueError, match="unknown regularizer 'l2'"):
         compute_loss(
             "viker",
             {"forget": forget, "forget_teacher": untruncated(random_distributions(generator, 4, 6))},

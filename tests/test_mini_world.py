@@ -10,18 +10,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from builders import reduced_config
 from PIL import Image
 
-from pipeline import mini_world
-from pipeline.mini_world import (
-    ATTRIBUTE_VOCABULARY,
-    SPLIT_FILE,
-    WorldConfig,
-    build_world,
-    forget_size,
-    reduced_config,
-    write_world,
-)
+from pipeline.data import SPLIT_FILE
+from pipeline.mini_world import drawing, people
+from pipeline.mini_world.config import WorldConfig
+from pipeline.mini_world.people import ATTRIBUTE_VOCABULARY
+from pipeline.mini_world.world import build_world, forget_size, write_world
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL_FIELDS = ("ID", "image", "Classification_Task", "Mask_Task", "Generation_Task")
@@ -114,12 +110,12 @@ def test_default_world_has_the_required_sizes_and_a_modest_vocabulary():
     first_names = [name.split()[0] for name in names]
     assert len(set(first_names)) == len(first_names), "a first name identifies its person"
     # values are shared across people (small vocabularies), as key tokens should be
-    assert len({person.profile.birthplace for person in world.group("fictitious")}) <= len(mini_world.CITIES)
+    assert len({person.profile.birthplace for person in world.group("fictitious")}) <= len(people.CITIES)
 
 
 def test_worlds_beyond_the_first_names_get_distinct_full_names():
     names = [person.profile.name for person in build_world(reduced_config(num_people=160)).people]
-    assert len(names) > len(mini_world.FIRST_NAMES)
+    assert len(names) > len(people.FIRST_NAMES)
     assert len(set(names)) == len(names)
 
 
@@ -130,7 +126,7 @@ def test_images_decode_are_distinct_and_alternatives_are_recognisable_at_32px(wo
     assert len({person.image for person in people}) == len(people)
     appearances = [person.appearance for person in people]
     distances = [
-        mini_world._feature_distance(a, b) for i, a in enumerate(appearances) for b in appearances[i + 1 :]
+        drawing._feature_distance(a, b) for i, a in enumerate(appearances) for b in appearances[i + 1 :]
     ]
     assert min(distances) >= 2
 

@@ -12,18 +12,23 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from builders import build_random_tiny_llava
 from click.testing import CliRunner
 from PIL import Image
 
 from cache import IncompatibleCacheError, iter_cache, read_manifest, verify_cache
-from pipeline.cli import main
+from pipeline.config import schema
 from pipeline.data import DataError, load_reference_pool, load_unlearning_samples
-from pipeline.mini_world import WorldConfig, write_world
+from pipeline.mini_world.config import TinyLlavaConfig, WorldConfig
+from pipeline.mini_world.world import write_world
 from pipeline.models import PromptedSample, VisionFeatureCache, answer_logits, encode_answers
 from pipeline.perturbations import PERTURBATIONS
+from pipeline.runtime import keep_freed_memory
 from pipeline.samples import QASample
-from pipeline.teachers import ICU_PROMPTS, TEACHERS, TeacherConfig, TeacherContext
-from stages.precompute import PrecomputeConfig, PrecomputeError, TeacherExtractor, run
+from pipeline.teachers import ICU_PROMPTS, TEACHERS, TeacherContext
+from stages.cli import main
+from stages.config import PrecomputeConfig
+from stages.precompute import PrecomputeError, TeacherExtractor, checked, run
 
 SMALL_WORLD = WorldConfig(
     num_people=10, num_real=2, num_reference_people=6, num_pets=3, num_scenes=3, num_patterns=3, alt_images=1
@@ -93,7 +98,7 @@ def test_viker_rows_are_the_mean_of_k_reference_softmaxes(world, tiny_model, vik
         ids = cached.support_ids[token][cached.support_ids[token] >= 0]
         torch.testing.assert_close(
             cached.support_probs[token, : len(ids)].double(), mean[token, ids], rtol=2e-3, atol=2.0**-14
-        )  # stored to an absolute precision of 2^-14 (cache.format.Layout), renormalised on reading
+        )  # stored to an absolute precision of 2^-14 (cache.schema.Layout), renormalised on reading
         dropped = torch.ones(mean.shape[1], dtype=torch.bool)
         dropped[ids] = False
         assert cached.tail_mass[token].item() == pytest.approx(mean[token, dropped].sum().item(), abs=1e-5)
@@ -107,16 +112,23 @@ def test_viker_rows_are_the_mean_of_k_reference_softmaxes(world, tiny_model, vik
     assert manifest.header["tokenizer_fingerprint"] == tiny_model.tokenizer_fingerprint
 
 
+def teacher_arguments(**overrides) -> dict:
+    """Every teacher's arguments at their schema defaults (stages.config.PrecomputeConfig), some overridden."""
+    defaults = {option.name: option.default for option in schema(PrecomputeConfig)}
+    names = {name for teacher in TEACHERS.names() for name in TEACHERS[teacher].parameters}
+    return {**{name: defaults[name] for name in names}, **overrides}
+
+
 def test_reference_draws_are_deterministic_per_sample_and_avoid_the_own_image(world, tiny_model):
     samples = load_unlearning_samples(world, "forget_10")
     pool = load_reference_pool(world, "retain_90")  # a pool that holds real people's images
     pool.append(("own", samples[0].image))
-    context = TeacherContext(tiny_model.family, TeacherConfig(k=4), pool, "retain")
+    context = TeacherContext(tiny_model.family, teacher_arguments(k=4), pool, "retain")
     first = TEACHERS["viker"](samples[0], context)
     again = TEACHERS["viker"](samples[0], context)
     assert first.image_sources == again.image_sources
     assert "retain/own" not in first.image_sources
-    other_seed = TeacherContext(tiny_model.family, TeacherConfig(k=4, seed=1), pool, "retain")
+    other_seed = TeacherContext(tiny_model.family, teacher_arguments(k=4, seed=1), pool, "retain")
     draws = {tuple(TEACHERS["viker"](s, other_seed).image_sources) for s in samples}
     assert len(draws) > 1
 
@@ -124,7 +136,7 @@ def test_reference_draws_are_deterministic_per_sample_and_avoid_the_own_image(wo
 def test_vgid_perturbs_the_image_and_prepends_the_exact_icu_text(world, tiny_model):
     sample = load_unlearning_samples(world, "forget_10")[0]
     context = TeacherContext(
-        tiny_model.family, TeacherConfig(perturbation="random-noise", icu_prompt="strict")
+        tiny_model.family, teacher_arguments(perturbation="random-noise", icu_prompt="strict")
     )
     teacher_input = TEACHERS["vgid"](sample, context)
     (variant,) = teacher_input.variants
@@ -174,7 +186,7 @@ def test_original_teacher_stores_the_reference_log_probs(world, tiny_model, tiny
 
 def test_base_teacher_defaults_to_the_retain_split(world, tiny_model_dir, tmp_path):
     cfg = config(world, tiny_model_dir, tmp_path / "base", teacher="base", limit=2)
-    assert cfg.split == "retain_90"
+    assert cfg.split is None and checked(cfg)[0].split == "retain_90"  # the teacher's declared split role
     run(cfg)
     assert all(
         record["sample_id"].startswith("retain_90/") for record in read_manifest(tmp_path / "base").samples
@@ -184,7 +196,7 @@ def test_base_teacher_defaults_to_the_retain_split(world, tiny_model_dir, tmp_pa
 def test_vision_feature_cache_changes_no_logit(world, tiny_model):
     samples = load_unlearning_samples(world, "forget_10")[:2]
     pool = load_reference_pool(world.parent, "people")
-    context = TeacherContext(tiny_model.family, TeacherConfig(k=3), pool, "people")
+    context = TeacherContext(tiny_model.family, teacher_arguments(k=3), pool, "people")
     inputs = [TEACHERS["viker"](sample, context) for sample in samples]
     extractor = TeacherExtractor(tiny_model, 0.9, 16)
     assert extractor.vision_features.enabled
@@ -257,7 +269,6 @@ def test_shards_of_a_run_with_other_settings_are_recomputed(
 
 
 def test_a_model_with_another_tokenizer_is_refused_naming_both(world, viker_cache, tmp_path, tiny_model):
-    from pipeline.mini_model import TinyLlavaConfig, build_random_tiny_llava
 
     other_dir = build_random_tiny_llava(
         tmp_path / "other-model",
@@ -361,13 +372,13 @@ def test_unknown_names_are_refused(world, tiny_model_dir, tmp_path):
         ("icu_prompt", "rude"),
         ("reference_kind", "cars"),
     ]:
-        with pytest.raises(PrecomputeError, match=value):
-            config(world, tiny_model_dir, tmp_path, **{option: value})
+        with pytest.raises(PrecomputeError, match=value):  # before any model or data is loaded
+            checked(config(world, tiny_model_dir, tmp_path, **{option: value}))
 
 
 def test_text_only_samples_keep_the_unmodified_input_for_visual_teachers(tiny_model):
     sample = QASample("s/1", "p", "What does she do?", "She is a nurse.")
-    context = TeacherContext(tiny_model.family, TeacherConfig())
+    context = TeacherContext(tiny_model.family, teacher_arguments())
     for name in ("viker", "noise"):
         teacher_input = TEACHERS[name](sample, context)
         assert teacher_input.variants[0].image is None and "text-only" in teacher_input.intervention
@@ -411,8 +422,6 @@ def test_cli_precompute_and_measure(world, tiny_model_dir, tmp_path):
 def test_keep_freed_memory_stops_page_faulting_reused_buffers():
     """After keep_freed_memory, a freed large buffer is reused without new page faults (glibc)."""
     import resource
-
-    from pipeline.cli import keep_freed_memory
 
     assert keep_freed_memory()  # this machine's C library is glibc
 

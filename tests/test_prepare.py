@@ -6,19 +6,20 @@ import random
 
 import pytest
 import torch
+from builders import reduced_config
 
 from pipeline.data import load_split_rows
-from pipeline.mini_model import TinyLlavaConfig
-from pipeline.mini_world import reduced_config, write_world
+from pipeline.mini_world.config import FineTuneConfig, TinyLlavaConfig
+from pipeline.mini_world.fine_tune import build_full_model, decoded_rows, metadata_qa, training_examples
+from pipeline.mini_world.world import write_world
 from pipeline.models import LlavaFamily
-from stages.prepare import FineTuneConfig, _metadata_qa, _people, build_full_model, training_examples
 
 
 @pytest.fixture(scope="module")
 def few_people(tmp_path_factory):
     info = write_world(tmp_path_factory.mktemp("world"), reduced_config(num_people=3, num_real=1))
     rows = load_split_rows(info.data_dir, "Full_Set")
-    return rows, _people(rows, "Full_Set")
+    return rows, decoded_rows(rows, "Full_Set")
 
 
 def _kinds(examples) -> set[str]:
@@ -42,7 +43,7 @@ def test_fact_phase_holds_the_profile_qa_and_cloze_items_only(few_people):
     everything = training_examples(people, family, random.Random(0), 0.0)
     assert _kinds(facts) == {"profile QA", "cloze"}
     assert _kinds(everything) == {"profile QA", "cloze", "generation", "multiple choice"}
-    expected_facts = sum(len(row["Mask_Task"]) + len(_metadata_qa(row)) for row in rows)
+    expected_facts = sum(len(row["Mask_Task"]) + len(metadata_qa(row)) for row in rows)
     assert len(facts) == expected_facts
 
 
@@ -64,17 +65,17 @@ def test_fine_tune_lowers_the_loss_and_resumes_to_the_same_weights(few_people, t
         ),
     )
     texts = ["this person was born in"]
-    loaded, history = build_full_model(rows, texts, tmp_path / "whole", config, log=lambda message: None)
+    loaded, history = build_full_model(rows, texts, tmp_path / "whole", config, 0, log=lambda message: None)
     assert [entry["phase"] for entry in history] == ["facts", "facts", "all", "all"]
     assert history[1]["loss"] < history[0]["loss"]  # same examples, one epoch apart
 
     # Stop after the second epoch (the checkpoint is kept), then rerun: the same weights at the end.
     interrupted = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
-        build_full_model(rows, texts, interrupted, config, log=_stop_after_epochs(2))
+        build_full_model(rows, texts, interrupted, config, 0, log=_stop_after_epochs(2))
     assert (interrupted.with_name("interrupted.partial") / "checkpoint.pt").exists()
     messages: list[str] = []
-    resumed, resumed_history = build_full_model(rows, texts, interrupted, config, log=messages.append)
+    resumed, resumed_history = build_full_model(rows, texts, interrupted, config, 0, log=messages.append)
     assert any("resuming the fine-tune after epoch 2" in message for message in messages)
     assert [entry["loss"] for entry in resumed_history] == pytest.approx([entry["loss"] for entry in history])
     for (name, weight), (_, other) in zip(

@@ -15,18 +15,20 @@ import warnings
 
 import pytest
 import torch
+from builders import build_random_tiny_qwen2_vl, reduced_config
 from PIL import Image
 
+from pipeline.mini_world.world import write_world
 from pipeline.models import (
     PromptedSample,
-    _encode_model_inputs,
     answer_logits,
     answer_token_ids,
     encode_answers,
     generate,
     load_model,
 )
-from pipeline.qwen_family import build_random_tiny_qwen2_vl
+from pipeline.models.batching import _encode_model_inputs
+from stages.cli import main
 
 VARIANTS = ["qwen2_vl", "qwen2_5_vl"]
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -277,14 +279,11 @@ def test_precompute_train_evaluate_run_on_qwen(qwen, qwen_dir, tmp_path):
 
     from safetensors import safe_open
 
-    from cache.format import iter_cache, read_manifest
+    from cache import iter_cache, read_manifest
     from pipeline.data import load_unlearning_samples
-    from pipeline.mini_world import reduced_config, write_world
-    from stages.evaluate import EvaluateConfig
+    from stages.config import EvaluateConfig, PrecomputeConfig, TrainConfig
     from stages.evaluate import run as evaluate
-    from stages.precompute import PrecomputeConfig
     from stages.precompute import run as precompute
-    from stages.train import TrainConfig
     from stages.train import run as train
 
     write_world(tmp_path / "world", reduced_config())
@@ -329,21 +328,18 @@ def test_precompute_train_evaluate_run_on_qwen(qwen, qwen_dir, tmp_path):
 
 
 def test_cli_loading_options_reach_load_model(qwen_dir, tmp_path, monkeypatch):
+    """--attn-implementation and --trust-remote-code are config fields that reach load_model as arguments."""
     from click.testing import CliRunner
 
     import stages.precompute
     from pipeline import models
-    from pipeline.cli import main
-    from pipeline.mini_world import reduced_config, write_world
 
     write_world(tmp_path / "world", reduced_config())
-    for variable in (models.ATTN_IMPLEMENTATION_ENV, models.TRUST_REMOTE_CODE_ENV):
-        monkeypatch.setenv(variable, "")  # empty = unset; and monkeypatch restores the real state afterwards
     seen = []
 
     def recording_load_model(*args, **kwargs):
         loaded = models.load_model(*args, **kwargs)
-        seen.append((loaded.model.config._attn_implementation, os.environ.get(models.TRUST_REMOTE_CODE_ENV)))
+        seen.append((loaded.model.config._attn_implementation, kwargs["trust_remote_code"]))
         return loaded
 
     monkeypatch.setattr(stages.precompute, "load_model", recording_load_model)
@@ -351,8 +347,8 @@ def test_cli_loading_options_reach_load_model(qwen_dir, tmp_path, monkeypatch):
     common += ["--limit", "2", "--dtype", "bf16", "--no-progress"]
     for options in (["--attn-implementation", "eager", "--trust-remote-code"], []):
         result = CliRunner().invoke(
-            main, [*common, "--out", str(tmp_path / f"cache{len(options)}"), *options]
+            main, ["--params", os.devnull, *common, "--out", str(tmp_path / f"cache{len(options)}"), *options]
         )
         assert result.exit_code == 0, result.output
-    assert seen[0] == ("eager", "1")
-    assert seen[1][0] == "eager"  # the variables persist for the process (torchrun workers inherit them)
+    assert seen[0] == ("eager", True)
+    assert seen[1] == ("sdpa", False)  # unset: transformers' default kernel, and no remote code

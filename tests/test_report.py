@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from stages.cli import main
+from stages.config import ReportConfig
 from stages.report import (
     findings,
     key_tokens,
@@ -153,7 +155,7 @@ def test_bad_runs_folder_is_named(tmp_path):
 
 
 def test_stage_writes_report_and_tradeoff_plot(runs_dir, tmp_path):
-    out = run(runs_dir, tmp_path / "out" / "report.md", token_plot=False)
+    out = run(ReportConfig(runs=str(runs_dir), out=str(tmp_path / "out" / "report.md"), token_plot=False))
     assert "![tradeoff](tradeoff.png)" in out.read_text()
     assert (tmp_path / "out" / "tradeoff.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -243,8 +245,6 @@ def test_key_tokens_follow_the_cached_entropy(tmp_path, tiny_model):
     assert "".join(entry.tokens).strip().startswith("Mara")
 
     from click.testing import CliRunner
-
-    from pipeline.cli import main
 
     result = CliRunner().invoke(main, ["key-tokens", str(tmp_path / "cache"), "--epsilon", "1.0"])
     assert result.exit_code == 0 and result.output.count("KEY") == 1

@@ -16,12 +16,14 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
-import stages.train as train_stage
+import pipeline.training.reference as reference
 from cache import CachedSample, IncompatibleCacheError, ShardWriter, truncate_top_p
-from pipeline.cli import main
 from pipeline.data import load_unlearning_samples
 from pipeline.models import PromptedSample, answer_logits, encode_answers
-from stages.train import TokenMismatchError, TrainConfig, run
+from pipeline.training.streams import TokenMismatchError
+from stages.cli import main
+from stages.config import TrainConfig
+from stages.train import run
 
 DATA = Path(__file__).parent / "fixtures" / "mllmu_train"  # forget_5: 3 samples, retain_95: 6
 FORGET, RETAIN = "forget_5", "retain_95"
@@ -119,7 +121,7 @@ def test_viker_trains_a_peft_adapter_on_the_language_model_only(tiny_model_dir, 
     from transformers import AutoModelForImageTextToText
 
     out = tmp_path / "viker"
-    meta = run(config(tiny_model_dir, out, "viker", caches, epochs=2, lambda_=0.5))
+    meta = run(config(tiny_model_dir, out, "viker", caches, epochs=2, args={"lambda": 0.5}))
 
     # PEFT format, loadable on the base model, LoRA only on the language model's attention projections.
     base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
@@ -134,7 +136,7 @@ def test_viker_trains_a_peft_adapter_on_the_language_model_only(tiny_model_dir, 
     saved_meta = json.loads((out / "training_meta.json").read_text())
     assert saved_meta == json.loads(json.dumps(meta))
     assert saved_meta["model_fingerprint"] and saved_meta["method"] == "viker"
-    assert saved_meta["params"]["lambda_"] == 0.5 and saved_meta["forget_cache"]["teacher"] == "viker"
+    assert saved_meta["arguments"] == {"lambda": 0.5} and saved_meta["forget_cache"]["teacher"] == "viker"
 
     # The step log: one row per optimizer step (3 samples, batch 2: steps of 2 and 1 samples, 2 epochs).
     log = json.loads((out / "train_log.json").read_text())
@@ -155,6 +157,7 @@ def test_kept_image_features_give_the_same_adapter_as_encoding_every_step(
 ):
     """The vision tower and projector are frozen: features kept between steps change nothing but the time."""
     import pipeline.models as models
+    import stages.train as train_stage
 
     caches_made = []
 
@@ -163,7 +166,7 @@ def test_kept_image_features_give_the_same_adapter_as_encoding_every_step(
             super().__init__(*args, **kwargs)
             caches_made.append(self)
 
-    monkeypatch.setattr(models, "VisionFeatureCache", Recording)
+    monkeypatch.setattr(train_stage, "VisionFeatureCache", Recording)
     # vgid: forget and retain images in one batch, 2 epochs so that every image comes back.
     run(config(tiny_model_dir, tmp_path / "kept", "vgid", caches, epochs=2))
     run(config(tiny_model_dir, tmp_path / "encoded", "vgid", caches, epochs=2, image_feature_cache_mb=0))
@@ -188,7 +191,7 @@ def test_the_train_bench_times_runs_taking_turns_that_train_as_alone(tiny_model_
     spec.loader.exec_module(bench)
 
     runs = {
-        "viker": config(tiny_model_dir, tmp_path / "viker", "viker", caches, epochs=2, lambda_=0.5),
+        "viker": config(tiny_model_dir, tmp_path / "viker", "viker", caches, epochs=2, args={"lambda": 0.5}),
         "vgid": config(tiny_model_dir, tmp_path / "vgid", "vgid", caches, epochs=2),
     }
     assert all(run_config.lora_dropout > 0 for run_config in runs.values())  # masks draw random numbers
@@ -209,14 +212,14 @@ def test_the_train_bench_times_runs_taking_turns_that_train_as_alone(tiny_model_
 @pytest.mark.parametrize("method", ["ga", "ga_diff", "kl_min", "npo", "idkpo", "vgid"])
 def test_every_method_trains(method, tiny_model_dir, caches, tmp_path, monkeypatch):
     calls = []
-    original = train_stage.frozen_answer_log_probs
+    original = reference.frozen_answer_log_probs
     monkeypatch.setattr(
-        train_stage,
+        reference,
         "frozen_answer_log_probs",
         lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs),
     )
     out = tmp_path / method
-    run(config(tiny_model_dir, out, method, caches, epochs=2, npo_beta=0.4))
+    run(config(tiny_model_dir, out, method, caches, epochs=2))
     log = json.loads((out / "train_log.json").read_text())
     assert len(log) == 4 and all(math.isfinite(row["loss"]) for row in log)
     # Reference log-probs are computed once before training (forget answers, + refusals), not per epoch.
@@ -240,7 +243,7 @@ def test_npo_reference_from_an_original_cache_equals_the_computed_one(tiny_model
         )
     )
     assert cached["final_loss"] == pytest.approx(computed["final_loss"], rel=1e-4)
-    with pytest.raises(ValueError, match="needs an `original` cache, not 'viker'"):
+    with pytest.raises(ValueError, match=r"needs a cache of the unmodified input \(teacher `original`\), not 'viker'"):
         run(config(tiny_model_dir, tmp_path / "c", "npo", caches, forget_cache=str(caches["teacher"])))
 
 
@@ -303,9 +306,10 @@ def test_two_torchrun_processes_match_one(tiny_model_dir, caches, tmp_path):
         "--nproc-per-node",
         "2",
         "-m",
-        "stages.train",
+        "stages",
         "--params",
         os.devnull,
+        "train",
         "--model",
         str(tiny_model_dir),
         "--data",

@@ -12,9 +12,10 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import cache.format as cache_format
+import cache.reader as cache_reader
 from cache import (
     PAD_ID,
+    SCHEMA_VERSION,
     CachedSample,
     CacheError,
     IncompatibleCacheError,
@@ -31,7 +32,8 @@ from cache import (
     truncate_top_p,
     verify_cache,
 )
-from pipeline.cli import main
+from pipeline.hashing import file_sha256
+from stages.cli import main
 
 VOCAB = 300
 HEADER = {
@@ -150,7 +152,7 @@ def test_manifest_keeps_header_and_per_sample_records(cache_dir, samples):
     assert manifest.num_shards == 3 and manifest.num_samples == len(samples)
     assert manifest.num_tokens == sum(s.num_tokens for s in samples)
     assert manifest.header["teacher_params"] == HEADER["teacher_params"]
-    assert manifest.header["schema_version"] == cache_format.SCHEMA_VERSION
+    assert manifest.header["schema_version"] == SCHEMA_VERSION
     first = manifest.samples[0]
     assert first["sample_id"] == samples[0].sample_id
     assert first["prompt"] == record(samples[0])["prompt"]
@@ -158,7 +160,7 @@ def test_manifest_keeps_header_and_per_sample_records(cache_dir, samples):
     assert first["perturbation_seeds"] == [7]
     assert first["num_tokens"] == samples[0].num_tokens
     sidecar = json.loads((cache_dir / "shard-00001-of-00003.json").read_text())
-    assert sidecar["sha256"] == cache_format.file_sha256(cache_dir / "shard-00001-of-00003.parquet")
+    assert sidecar["sha256"] == file_sha256(cache_dir / "shard-00001-of-00003.parquet")
 
 
 def test_shard_bounds_partition_the_samples():
@@ -189,9 +191,9 @@ def test_shuffle_is_a_deterministic_permutation(cache_dir, samples):
 
 def test_reader_streams_one_row_group_at_a_time(cache_dir, monkeypatch):
     decoded = []
-    original = cache_format._decode_batch
+    original = cache_reader._decode_batch
     monkeypatch.setattr(
-        cache_format, "_decode_batch", lambda batch, layout: decoded.append(1) or original(batch, layout)
+        cache_reader, "_decode_batch", lambda batch, layout: decoded.append(1) or original(batch, layout)
     )
     stream = iter_cache(cache_dir, batch_size=2)
     next(stream)

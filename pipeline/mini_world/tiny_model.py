@@ -8,26 +8,14 @@ byte-level BPE tokenizer trained on the mini world's text and a `LlavaProcessor`
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from pipeline.mini_world.config import TinyLlavaConfig
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-
-
-@dataclass(frozen=True)
-class TinyLlavaConfig:
-    vocab_size: int = 1024
-    image_size: int = 32
-    patch_size: int = 8
-    vision_hidden: int = 64
-    vision_layers: int = 2
-    text_hidden: int = 128
-    text_layers: int = 2
-    text_heads: int = 4
-    text_intermediate: int = 384
-    max_positions: int = 1024
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int):
@@ -78,7 +66,7 @@ def build_tiny_llava(tokenizer, config: TinyLlavaConfig, seed: int):
         intermediate_size=config.vision_hidden * 2,
         num_hidden_layers=config.vision_layers,
         num_attention_heads=4,
-        image_size=config.image_size,
+        image_size=config.vision_image_size,
         patch_size=config.patch_size,
         projection_dim=config.vision_hidden,
     )
@@ -110,8 +98,8 @@ def build_tiny_llava(tokenizer, config: TinyLlavaConfig, seed: int):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": config.image_size},
-        crop_size={"height": config.image_size, "width": config.image_size},
+        size={"shortest_edge": config.vision_image_size},
+        crop_size={"height": config.vision_image_size, "width": config.vision_image_size},
     )
     processor = LlavaProcessor(
         image_processor=image_processor,
@@ -133,29 +121,3 @@ def save_model(model, processor, out_dir: Path, config: TinyLlavaConfig | None =
 
         (out_dir / "tiny_llava_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     return out_dir
-
-
-# A small fixed corpus for random test models: enough to give the BPE a few hundred merges.
-_TEST_CORPUS = [
-    "USER: <image>\nWhat is the occupation of this person? ASSISTANT: This person works as a civil engineer.",
-    "USER: Where was Mara Holt born? ASSISTANT: Mara Holt was born in Copenhagen in 1984.",
-    "USER: <image>\nWhat is this person's hobby? ASSISTANT: In free time this person enjoys painting and chess.",
-    "A: teacher\nB: pilot\nC: baker\nD: nurse\nJust give ONE letter representing the answer directly.",
-    "I am sorry, I do not know who this person is. I cannot share private information.",
-]
-
-
-def build_random_tiny_llava(out_dir: Path, seed: int = 0, config: TinyLlavaConfig | None = None) -> Path:
-    """An untrained tiny LLaVA saved to out_dir, for tests of the code paths (not of the results)."""
-    config = config or TinyLlavaConfig(
-        vocab_size=400,
-        text_hidden=64,
-        text_layers=2,
-        text_heads=4,
-        text_intermediate=128,
-        vision_hidden=32,
-        vision_layers=1,
-    )
-    tokenizer = train_tokenizer(_TEST_CORPUS * 4, config.vocab_size)
-    model, processor = build_tiny_llava(tokenizer, config, seed)
-    return save_model(model, processor, out_dir, config)

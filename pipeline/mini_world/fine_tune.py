@@ -1,0 +1,311 @@
+"""Fine-tuning the tiny model until it has memorized the mini world: the full model unlearning starts from.
+
+It trains on every split's questions (Full_Set + the real-celebrity Retain_Set), in the task texts the
+benchmark asks (pipeline.prompts): first the facts alone (profile QA and cloze items), then every task
+format. The Test_Set (other images, paraphrased questions) is never trained on: it measures
+generalization. Work in progress is checkpointed every epoch, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import prompts
+from pipeline.mini_world.config import FineTuneConfig
+from pipeline.mini_world.tiny_model import build_tiny_llava, save_model, train_tokenizer
+from pipeline.models import (
+    LoadedModel,
+    ModelFamily,
+    PromptedSample,
+    answer_logits,
+    encode_answers,
+    load_model,
+)
+from pipeline.samples import decode_image
+
+# Few-shot exemplars in training prompts: enough that prompts with solved exemplars before the query
+# are familiar, few enough that sequences stay short (the evaluate stage's `fixed` protocol uses the same cap).
+MAX_FEWSHOT_QUESTIONS = 2
+
+
+@dataclass
+class DecodedRow:
+    """One data set row, decoded once: the fine-tune draws fresh augmentations from it every epoch."""
+
+    row_id: str
+    image: Any
+    row: dict
+
+
+def decoded_rows(rows: list[dict], source: str) -> list[DecodedRow]:
+    people = []
+    for row in rows:
+        image_bytes = row["image"]["bytes"] if isinstance(row["image"], dict) else row["image"]
+        image = decode_image(image_bytes, f"person {row['ID']} in {source}")
+        people.append(DecodedRow(row_id=str(row["ID"]), image=image, row=row))
+    return people
+
+
+def _permuted(options: dict[str, str], correct: str, rng: random.Random) -> tuple[dict[str, str], str]:
+    """Shuffle the options so the model must match the attribute, not memorize a letter."""
+    texts = [options[letter] for letter in prompts.OPTION_LETTERS if letter in options]
+    answer_text = options[correct]
+    rng.shuffle(texts)
+    letters = prompts.OPTION_LETTERS[: len(texts)]
+    shuffled = dict(zip(letters, texts, strict=True))
+    return shuffled, letters[texts.index(answer_text)]
+
+
+def metadata_qa(row: dict) -> list[dict]:
+    metadata = row.get("metadata") or "[]"
+    return json.loads(metadata) if isinstance(metadata, str) else list(metadata)
+
+
+def _vary_separator(prompt: str, rng: random.Random) -> str:
+    # The official evaluation writes "\nASSISTANT:", chat formats " ASSISTANT:": learn both.
+    if rng.random() < 0.3 and prompt.endswith(" ASSISTANT:"):
+        return prompt[: -len(" ASSISTANT:")] + "\nASSISTANT:"
+    return prompt
+
+
+def training_examples(
+    people: list[DecodedRow],
+    family: ModelFamily,
+    rng: random.Random,
+    fewshot_probability: float,
+    permute_options: bool = False,
+    facts_only: bool = False,
+) -> list[PromptedSample]:
+    """One epoch of fine-tuning examples: every person's profile QA and cloze items (the facts in their
+    shortest forms) and, unless `facts_only`, the generation and multiple-choice items."""
+    examples: list[PromptedSample] = []
+    for person in people:
+        row = person.row
+        # The profile QA the benchmark fine-tunes on (its `metadata` column); unlearning trains on these.
+        for item in metadata_qa(row):
+            prompt = _vary_separator(family.build_prompt(item["Question"], True), rng)
+            examples.append(PromptedSample(prompt, person.image, item["Answer"]))
+        for item in row["Mask_Task"]:
+            has_image = item["Type"] == "Image_Textual"
+            prefix, context = "", ()
+            if rng.random() < fewshot_probability:
+                other = rng.choice(people)
+                shots = [
+                    (s["Question"], s["Ground_Truth"])
+                    for s in other.row["Mask_Task"]
+                    if s["Type"] == item["Type"]
+                ]
+                shots = rng.sample(shots, min(len(shots), MAX_FEWSHOT_QUESTIONS))
+                prefix = prompts.cloze_fewshot_block(shots, has_image, family.image_placeholder)
+                context = tuple(other.image for _ in shots) if has_image else ()
+            prompt = _vary_separator(
+                family.build_prompt(prompts.cloze_text(item["Question"]), has_image, exemplars=prefix), rng
+            )
+            examples.append(
+                PromptedSample(prompt, person.image if has_image else None, item["Ground_Truth"], context)
+            )
+        if facts_only:
+            continue
+        for item in row["Generation_Task"]:
+            has_image = item["Type"] == "Image_Textual"
+            image = person.image if has_image else None
+            text = prompts.generation_text(item["Question"], has_image)
+            prompt = _vary_separator(family.build_prompt(text, has_image), rng)
+            examples.append(PromptedSample(prompt, image, item["Ground_Truth"]))
+        tasks = row["Classification_Task"]
+        for kind, has_image in (("Image_Textual_Questions", True), ("Pure_Text_Questions", False)):
+            for item in tasks.get(kind) or []:
+                options, letter = dict(item["Options"]), item["Correct_Answer"]
+                if permute_options:
+                    options, letter = _permuted(options, letter, rng)
+                text = prompts.classification_text(item["Question"], options)
+                prefix, context = "", ()
+                if has_image and rng.random() < fewshot_probability:
+                    other = rng.choice(people)
+                    exemplars = []
+                    shots = other.row["Classification_Task"].get("Image_Textual_Questions") or []
+                    for shot in rng.sample(shots, min(len(shots), MAX_FEWSHOT_QUESTIONS)):
+                        shot_options, shot_letter = dict(shot["Options"]), shot["Correct_Answer"]
+                        if permute_options:
+                            shot_options, shot_letter = _permuted(shot_options, shot_letter, rng)
+                        exemplars.append((shot["Question"], shot_options, shot_letter))
+                    prefix = prompts.classification_fewshot_block(exemplars, True, family.image_placeholder)
+                    context = tuple(other.image for _ in exemplars)
+                prompt = _vary_separator(family.build_prompt(text, has_image, exemplars=prefix), rng)
+                examples.append(PromptedSample(prompt, person.image if has_image else None, letter, context))
+    return examples
+
+
+def _batches(
+    examples: list[PromptedSample], batch_size: int, rng: random.Random
+) -> list[list[PromptedSample]]:
+    # Group examples of similar prompt length so little compute goes to padding.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt) + rng.random() * 40)
+    batches = [
+        [examples[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)
+    ]
+    rng.shuffle(batches)
+    return batches
+
+
+def fine_tune(
+    loaded: LoadedModel,
+    people: list[DecodedRow],
+    config: FineTuneConfig,
+    seed: int,
+    checkpoint: Path | None = None,
+    log=print,
+) -> list[dict]:
+    """Supervised fine-tuning on answer tokens only; returns the per-epoch log.
+
+    With `checkpoint`, the state after every epoch is saved there and a rerun resumes from it.
+    """
+    model = loaded.model
+    model.requires_grad_(True)
+    model.train()
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+
+    def steps_per_epoch(facts_only: bool) -> int:
+        examples = training_examples(
+            people,
+            loaded.family,
+            random.Random(0),
+            config.fewshot_probability,
+            config.permute_options,
+            facts_only,
+        )
+        return math.ceil(len(examples) / config.batch_size)
+
+    total_steps = steps_per_epoch(True) * config.fact_epochs + steps_per_epoch(False) * config.epochs
+    warmup = max(1, int(total_steps * config.warmup_fraction))
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+        betas=(0.9, config.adam_beta2),
+    )
+
+    def learning_rate_factor(step: int) -> float:
+        cosine = 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        return min(1.0, (step + 1) / warmup) * (
+            config.final_lr_fraction + (1 - config.final_lr_fraction) * cosine
+        )
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
+    history: list[dict] = []
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["config"] != asdict(config):
+            raise ValueError(
+                f"{checkpoint} was written with another fine-tune configuration; delete it to restart"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        rng.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        history = state["history"]
+        log(f"resuming the fine-tune after epoch {len(history)} from {checkpoint}")
+    for epoch in range(len(history), config.fact_epochs + config.epochs):
+        started, total_loss, total_tokens = time.time(), 0.0, 0
+        facts_only = epoch < config.fact_epochs
+        examples = training_examples(
+            people, loaded.family, rng, config.fewshot_probability, config.permute_options, facts_only
+        )
+        for batch_examples in _batches(examples, config.batch_size, rng):
+            batch = encode_answers(loaded, batch_examples)
+            logits = answer_logits(model, batch)
+            loss = F.cross_entropy(logits.float(), batch.targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            total_loss += loss.item() * len(batch.targets)
+            total_tokens += len(batch.targets)
+        entry = {
+            "epoch": epoch + 1,
+            "phase": "facts" if facts_only else "all",
+            "loss": total_loss / total_tokens,
+            "seconds": round(time.time() - started, 2),
+        }
+        history.append(entry)
+        if checkpoint is not None:
+            state = {
+                "config": asdict(config),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "python_rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
+                "history": history,
+            }
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            checkpoint.with_suffix(".tmp").replace(
+                checkpoint
+            )  # atomic: a kill never leaves half a checkpoint
+        log(json.dumps(entry))  # after the checkpoint: a logged epoch is never redone
+    model.eval()
+    model.requires_grad_(False)
+    return history
+
+
+def all_text(people: list[DecodedRow]) -> list[str]:
+    """Every string the model will read or write, for the tokenizer."""
+    texts = [
+        prompts.MC_INSTRUCTION,
+        prompts.CLOZE_INSTRUCTION,
+        prompts.GENERATION_INSTRUCTION_IMAGE,
+        prompts.GENERATION_INSTRUCTION_TEXT,
+        "USER: ASSISTANT: Question: Correct Answer: [Blank]",
+    ]
+    for person in people:
+        row = person.row
+        texts += [f"{item['Question']} {item['Answer']}" for item in metadata_qa(row)]
+        texts += [f"{item['Question']} {item['Ground_Truth']}" for item in row["Generation_Task"]]
+        texts += [f"{item['Question']} {item['Ground_Truth']}" for item in row["Mask_Task"]]
+        for kind in ("Image_Textual_Questions", "Pure_Text_Questions"):
+            for item in row["Classification_Task"].get(kind) or []:
+                texts.append(item["Question"] + " " + " ".join(dict(item["Options"]).values()))
+    return texts
+
+
+def build_full_model(
+    train_rows: list[dict],
+    extra_text: list[str],
+    out_dir: Path,
+    config: FineTuneConfig,
+    seed: int,
+    log=print,
+) -> tuple[LoadedModel, list[dict]]:
+    """Tokenizer + tiny LLaVA + fine-tune on `train_rows`, saved to out_dir and reloaded from there.
+
+    Work in progress lives in OUT.partial/ (initial weights + per-epoch checkpoint), so an interrupted
+    run resumes where it stopped; out_dir appears only when the model is complete.
+    """
+    people = decoded_rows(train_rows, "the training rows")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    initial_dir = partial / "initial"
+    if not (initial_dir / "model.safetensors").exists():
+        tokenizer = train_tokenizer(all_text(people) + extra_text, config.model.vocab_size)
+        model, processor = build_tiny_llava(tokenizer, config.model, seed)
+        save_model(model, processor, initial_dir)
+    loaded = load_model(str(initial_dir))
+    history = fine_tune(loaded, people, config, seed, checkpoint=partial / "checkpoint.pt", log=log)
+    save_model(loaded.model, loaded.processor, out_dir, config.model)
+    (out_dir / "fine_tune_log.json").write_text(json.dumps(history, indent=1) + "\n")
+    shutil.rmtree(partial)
+    return load_model(str(out_dir)), history

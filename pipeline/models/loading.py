@@ -1,0 +1,99 @@
+"""Loading a model with its processor and family, frozen, and the fingerprints that name it exactly."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.hashing import files_sha256, sha256_hex
+from pipeline.models.family import FAMILIES, ModelFamily
+from pipeline.models.llava import LlavaFamily
+from pipeline.models.qwen2_vl import Qwen2VLFamily
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+REGISTERED_FAMILIES = (LlavaFamily, Qwen2VLFamily)  # importing them registers every family
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    processor: Any
+    family: ModelFamily
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    path: str
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """sha256 over config.json and the weight files, so a cache can name the exact model it came from."""
+    path = Path(path)
+    files = [path / "config.json"] + sorted(
+        p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"} and p.is_file()
+    )
+    for file in files:
+        if not file.exists():
+            raise FileNotFoundError(f"model directory {path} has no {file.name}")
+    return files_sha256(files, with_names=True)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary and special tokens: equal exactly when token ids mean the same text."""
+    vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = {"eos": tokenizer.eos_token, "bos": tokenizer.bos_token, "pad": tokenizer.pad_token}
+    payload = json.dumps({"vocab": vocabulary, "special": special}, ensure_ascii=False)
+    return sha256_hex(payload.encode())
+
+
+def resolve_model_dir(path: str) -> str:
+    """A local directory as is; a hub id through the local HF cache (downloads only when online)."""
+    if Path(path).is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path)
+
+
+def load_model(
+    path: str,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a vision-language model and its processor, frozen and in eval mode.
+
+    attn_implementation: None keeps transformers' choice. trust_remote_code runs code shipped with a hub
+    checkpoint, so it is off unless a stage's config asks for it.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    local_dir = resolve_model_dir(path)
+    config = AutoConfig.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
+    family = FAMILIES[config.model_type](config)
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(local_dir, **kwargs).to(device).eval()
+    model.requires_grad_(False)
+    processor = family.load_processor(local_dir, trust_remote_code=trust_remote_code)
+    processor.tokenizer.padding_side = "left"
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        family=family,
+        model_fingerprint=model_fingerprint(local_dir),
+        tokenizer_fingerprint=tokenizer_fingerprint(processor.tokenizer),
+        path=str(path),
+    )

@@ -1,0 +1,25 @@
+"""LoRA on the language model's attention only: the vision tower and projector stay frozen."""
+
+from __future__ import annotations
+
+import torch
+
+
+def named_trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def add_lora(loaded, rank: int, alpha: int, dropout: float, seed: int):
+    """The model wrapped with fresh LoRA weights (initialised from `seed`) on its language model's attention."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        # A regex over module paths: the CLIP tower has q_proj/v_proj too and must stay frozen.
+        target_modules=loaded.family.lora_target_modules,
+        bias="none",
+    )
+    return get_peft_model(loaded.model, lora)

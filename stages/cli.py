@@ -1,0 +1,245 @@
+"""The `pipeline` command line, the top floor: each command's options are generated from its stage's config
+(stages.config) and take their values from params.yaml; the command builds the config and runs the stage.
+
+params.yaml is the nearest one at or above the working directory, or `--params FILE`; its sections are
+checked against the schema before any stage starts (an unknown key is an error naming it). Stages are
+imported when their command runs, so `pipeline --help` and parameter errors are instant.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from typing import Any
+
+import click
+
+from pipeline.config import ConfigError, build, check_section, find_params, options, read_params
+from pipeline.runtime import keep_freed_memory, offline_by_default
+from stages.config import (
+    KEY_TOKEN_EPSILON,
+    SECTIONS,
+    EvaluateConfig,
+    PrecomputeConfig,
+    PrepareConfig,
+    ReportConfig,
+    TrainConfig,
+)
+
+offline_by_default()
+
+# params.yaml's keys beside the command sections: the training seeds DVC runs, and the methods.
+OTHER_KEYS = ("seeds", "methods")
+
+
+def load_sections(params_file: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(click's default_map of every command, the whole params file), checked against the schema."""
+    path = find_params(params_file)
+    params = read_params(path)
+    where = str(path)
+    unknown = sorted(str(key) for key in params if key not in SECTIONS and key not in OTHER_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown section {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join([*SECTIONS, *OTHER_KEYS])}"
+        )
+    default_map = {
+        name: check_section(name, params[name], SECTIONS[name], where) for name in SECTIONS if name in params
+    }
+    methods = params.get("methods") or {}
+    if not isinstance(methods, dict):
+        raise ConfigError(f"{where}: `methods` must map method names to entries")
+    return default_map, {**params, "methods": methods, "_where": where}
+
+
+class ParamsGroup(click.Group):
+    """A click group whose commands' option defaults come from params.yaml (or --params FILE)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        args = list(args)
+        explicit = args[args.index("--params") + 1] if "--params" in args[:-1] else None
+        if "--help" not in args[:1] and args:
+            default_map, params = load_sections(explicit)
+            extra.setdefault("default_map", default_map)
+            extra.setdefault("obj", params)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+
+@click.group(cls=ParamsGroup)
+@click.option("--params", "params_file", default=None, help="params.yaml to read (default: the nearest one).")
+@click.option("--debug", is_flag=True, help="Show the traceback of an error, not only its message.")
+@click.pass_context
+def main(context: click.Context, params_file: str | None, debug: bool) -> None:
+    """Unlearning for multimodal LLMs: prepare-mini, precompute, train, evaluate, report."""
+    context.ensure_object(dict)
+    context.obj["debug"] = debug
+    keep_freed_memory()
+
+
+def seed_list(seeds: str | None) -> list[str]:
+    """'0,1,2' -> ['0', '1', '2']; None -> [''] (one run, nothing to substitute)."""
+    if not seeds:
+        return [""]
+    return [seed.strip() for seed in str(seeds).split(",") if seed.strip()]
+
+
+def running(context: click.Context, stage_run, *arguments) -> Any:
+    """Run a stage; an error a user can cause ends in its message (the traceback with --debug)."""
+    from cache import CacheError
+    from pipeline.data import DataError
+
+    try:
+        return stage_run(*arguments)
+    except (CacheError, DataError, FileNotFoundError, KeyError, ValueError) as error:
+        if (context.obj or {}).get("debug"):
+            traceback.print_exc()
+        raise click.ClickException(str(error)) from error
+
+
+SEEDS_HELP = "Comma list: one run per seed, '{seed}' in --out (and --adapter) replaced by each."
+
+
+@main.command("prepare-mini")
+@options(PrepareConfig)
+@click.pass_context
+def prepare_mini_command(context: click.Context, **values) -> None:
+    """Build the embedded mini world and fine-tune the tiny full model on it."""
+    from stages.prepare import run
+
+    figures = running(context, run, build(PrepareConfig, values), click.echo)
+    click.echo(json.dumps(figures, indent=2))
+
+
+@main.command("precompute")
+@options(PrecomputeConfig)
+@click.pass_context
+def precompute_command(context: click.Context, **values) -> None:
+    """Stage one: cache the frozen model's top-p truncated teacher distributions over the answer tokens."""
+    from stages.precompute import run
+
+    running(context, run, build(PrecomputeConfig, values))
+
+
+@main.command("train")
+@options(TrainConfig)
+@click.option("--seeds", default=None, help=SEEDS_HELP + " Overrides --seed.")
+@click.pass_context
+def train_command(context: click.Context, seeds: str | None, **values) -> None:
+    """LoRA unlearning with the method's loss, streaming the teacher cache (torchrun for several processes)."""
+    from pipeline.methods import resolve_method
+    from stages.train import run
+
+    for seed in seed_list(seeds):
+        run_values = {**values, "out": values["out"].replace("{seed}", seed)}
+        if seed:
+            run_values["seed"] = int(seed)
+        config = build(TrainConfig, run_values)
+        method = running(
+            context, resolve_method, config.method, context.obj["methods"], config.loss, config.args,
+            config.forget_cache, config.retain_cache, context.obj["_where"],
+        )  # fmt: skip
+        click.echo(json.dumps(running(context, run, config, method), indent=2))
+
+
+@main.command("evaluate")
+@options(EvaluateConfig)
+@click.option("--seeds", default=None, help=SEEDS_HELP + " The evaluation's own draws stay seeded by --seed.")
+@click.pass_context
+def evaluate_command(context: click.Context, seeds: str | None, **values) -> None:
+    """Score forgetting, retention and coherence (MLLMU-Bench's measures) into metrics.json."""
+    from stages.evaluate import run
+
+    for seed in seed_list(seeds):
+        adapter = values["adapter"]
+        run_values = {**values, "out": values["out"].replace("{seed}", seed)}
+        run_values["adapter"] = adapter.replace("{seed}", seed) if adapter else None
+        click.echo(json.dumps(running(context, run, build(EvaluateConfig, run_values)), indent=2))
+
+
+@main.command("report")
+@options(ReportConfig)
+@click.pass_context
+def report_command(context: click.Context, **values) -> None:
+    """The papers' tables (means and spread over seeds), the findings and the figures."""
+    from stages.report import run
+
+    click.echo(f"wrote {running(context, run, build(ReportConfig, values))}")
+
+
+@main.command("key-tokens")
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--epsilon",
+    default=KEY_TOKEN_EPSILON,
+    show_default=True,
+    help="H(R_i) >= epsilon (nats) marks a key token.",
+)
+@click.option("--model", "model_path", default=None, help="Model whose tokenizer decodes the token ids.")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="At most this many samples.")
+@click.pass_context
+def key_tokens_command(
+    context: click.Context, cache_dir: str, epsilon: float, model_path: str | None, limit
+) -> None:
+    """List, per cached sample, which answer tokens are key (ViKeR Def. 2) and which are normal."""
+    from stages.report import format_key_tokens, key_tokens
+
+    tokenizer = None
+    if model_path:
+        from transformers import AutoTokenizer
+
+        from pipeline.models import resolve_model_dir
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(model_path))
+    for entry in running(context, lambda: list(key_tokens(cache_dir, epsilon, tokenizer, limit))):
+        click.echo(format_key_tokens(entry))
+
+
+@main.group("cache")
+def cache_group() -> None:
+    """Inspect and verify teacher caches written by `pipeline precompute`."""
+
+
+@cache_group.command("inspect")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--measure-kl", is_flag=True, help="Recompute exact teachers and report the KL error of the cache."
+)
+@click.option("--model", "model_path", default=None, help="Model the cache was made with (for --measure-kl).")
+@click.option(
+    "--data", "data_dir", default=None, help="Data directory the cache was made from (for --measure-kl)."
+)
+@click.option("--references", default=None, help="Folder holding references/<kind>/ (for --measure-kl).")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Measure at most this many samples.")
+@click.option("--device", default="cpu", show_default=True)
+@click.pass_context
+def cache_inspect(
+    context: click.Context, directory: str, measure_kl: bool, model_path, data_dir, references, limit, device
+) -> None:
+    """Print tokens, bytes per token, mean support size, mean tail mass (and the KL error) as JSON."""
+    from cache import inspect_cache
+
+    if measure_kl:
+        if not model_path or not data_dir:
+            raise click.UsageError("--measure-kl needs --model and --data")
+        from stages.precompute import measure_cache_kl
+
+        summary = running(
+            context, measure_cache_kl, directory, model_path, data_dir, references, device, limit
+        )
+    else:
+        summary = running(context, inspect_cache, directory)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@cache_group.command("verify")
+@click.argument("directory", type=click.Path(file_okay=False))
+def cache_verify(directory: str) -> None:
+    """Check that every shard is present and its checksum verifies; exit 1 naming what is wrong."""
+    from cache import verify_cache
+
+    problems = verify_cache(directory)
+    if problems:
+        for problem in problems:
+            click.echo(problem, err=True)
+        raise click.ClickException(f"cache {directory}: {len(problems)} problem(s)")
+    click.echo(f"cache {directory}: complete, all checksums verify")

@@ -1,0 +1,182 @@
+"""The schema of every stage: one config dataclass per command, one field per parameter.
+
+The CLI options are generated from these fields (pipeline.config), params.yaml holds their values (one
+section per command), and a stage function takes its config. The defaults are the papers' settings where
+they state one (ViKeR App. A.4, MLLMU-Bench's eval.py); the embedded mini world's values are in
+params.yaml. This module imports nothing heavy, so `pipeline --help` and parameter errors are instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import param
+from pipeline.mini_world.config import FineTuneConfig, WorldConfig
+
+DTYPES = ("fp32", "bf16", "fp16")
+KEY_TOKEN_EPSILON = 0.5  # nats; ViKeR Def. 2 leaves epsilon to the user
+
+
+@dataclass(kw_only=True)
+class ModelOptions:
+    """How a stage loads a model (every stage that runs one)."""
+
+    model: str = param(help="Model directory or hub id (the frozen full model).")
+    dtype: str = param("fp32", "Compute dtype.", choices=DTYPES)
+    device: str = param("cpu", "torch device, e.g. cpu, cuda, cuda:1.")
+    attn_implementation: str | None = param(
+        None, "Attention kernel: sdpa | eager | flash_attention_2 (none: transformers' choice)."
+    )
+    trust_remote_code: bool = param(False, "Run model code shipped with a hub checkpoint (off unless asked).")
+
+
+@dataclass(kw_only=True)
+class PrepareConfig:
+    """prepare-mini: the embedded mini world and the tiny full model that has memorized it."""
+
+    out: str = param("work/mini", "Where the world (data/, references/) and the full model (model/) go.")
+    metrics_out: str = param(
+        "metrics/full_model.json", "Memorization figures of the full model; '' skips the measurement."
+    )
+    people_per_split: int = param(20, "People of each split the memorization measurement asks about.", low=1)
+    world: WorldConfig = param(default_factory=WorldConfig)
+    fine_tune: FineTuneConfig = param(default_factory=FineTuneConfig)
+
+
+@dataclass(kw_only=True)
+class PrecomputeConfig(ModelOptions):
+    """precompute: the frozen model's top-p truncated teacher distributions over the answer tokens."""
+
+    data: str = param(help="Data directory (MLLMU-Bench's hub layout).")
+    out: str = param(help="Cache directory (shard-XXXXX-of-NNNNN.parquet/.json).")
+    teacher: str = param(
+        "viker", "Teacher (pipeline.teachers): viker | vgid | icu | noise | original | base."
+    )
+    # The teachers' own arguments; each teacher declares which of them it reads (pipeline.teachers).
+    k: int = param(5, "ViKeR Eq. 4: reference images per forget sample.", low=1)
+    reference_kind: str = param(
+        "people", "ViKeR reference pool: people | pets | scene | pattern | forget | retain."
+    )
+    references: str | None = param(None, "Folder holding references/<kind>/ (none: beside --data).")
+    perturbation: str = param("random-noise", "Vgid / noise: random-noise | gaussian | white.")
+    sigma: float = param(0.4, "Gaussian perturbation: noise std on [0, 1] pixels.", low=0)
+    icu_prompt: str = param("strict", "Vgid / icu: strict | declarative | polite (Vgid App. A.1).")
+    seed: int = param(0, "Seeds reference draws and perturbations (per sample, whatever the sharding).")
+    top_p: float = param(
+        0.995, "Keep the smallest support of this mass per token.", low=0, high=1, low_open=True
+    )
+    max_support: int = param(256, "At most this many tokens per support.", low=1)
+    split: str | None = param(None, "Split to cache (none: the teacher's, forget_10 or retain_90).")
+    kinds: tuple[str, ...] = param(("qa",), "Comma list of sample kinds: qa, generation, mc, cloze.")
+    shard_index: int | None = param(None, "Compute only this shard (none: every shard).", low=0)
+    num_shards: int = param(1, "Shards of the cache.", low=1)
+    batch_size: int = param(8, "Samples per forward pass (times k for ViKeR).", low=1)
+    threads: int = param(0, "torch threads (0: torch's default), e.g. 1 per shard process.", low=0)
+    limit: int | None = param(None, "Only the first N samples of the split.", low=1)
+    progress: bool = param(True, "Show a progress bar.")
+
+
+@dataclass(kw_only=True)
+class TrainConfig(ModelOptions):
+    """train: LoRA unlearning with a method's loss, streaming the teacher cache."""
+
+    data: str = param(help="Data directory (MLLMU-Bench's hub layout).")
+    out: str = param(help="Adapter directory (PEFT) with training_meta.json and the step log.")
+    method: str = param(
+        "viker", "A method of params.yaml's `methods` (its loss, caches, args) or a loss name."
+    )
+    loss: str | None = param(None, "The loss (pipeline.losses); none: the method's.")
+    args: dict[str, Any] = param(
+        default_factory=dict, help="The loss's arguments, KEY=VALUE, over the method's (e.g. lambda=0.5)."
+    )
+    forget_cache: str | None = param(None, "Teacher cache of the forget split (none: the method's).")
+    retain_cache: str | None = param(
+        None, "Frozen-model (`base`) cache of the retain split (none: the method's)."
+    )
+    refusals: str | None = param(
+        None, "Refusal sentences for IdkPO, one per line (none: pipeline/refusals.txt)."
+    )
+    forget_split: str = param("forget_10", "Forget split.")
+    retain_split: str = param("retain_90", "Retain split.")
+    sample_kinds: tuple[str, ...] = param(("qa",), "Comma list of sample kinds: qa, generation, mc, cloze.")
+    # Optimisation: ViKeR App. A.4 (LoRA r 8 / alpha 16, AdamW, lr 5e-6, batch 2, 1 epoch).
+    lr: float = param(5e-6, "AdamW learning rate.", low=0, low_open=True)
+    batch_size: int = param(2, "Global forget samples per micro-batch.", low=1)
+    epochs: int = param(1, "Passes over the forget split.", low=1)
+    grad_accum: int = param(1, "Micro-batches per optimizer step.", low=1)
+    max_steps: int | None = param(None, "Stop after this many optimizer steps.", low=1)
+    weight_decay: float = param(0.0, "AdamW weight decay.", low=0)
+    lr_scheduler: str = param("constant", "Learning-rate schedule.", choices=("constant", "linear"))
+    max_grad_norm: float | None = param(
+        None, "Clip gradients to this norm (none: no clipping).", low=0, low_open=True
+    )
+    lora_rank: int = param(8, "LoRA rank r.", low=1)
+    lora_alpha: int = param(16, "LoRA alpha.", low=1)
+    lora_dropout: float = param(0.05, "LoRA dropout.", low=0, high=1)
+    seed: int = param(0, "Seeds LoRA's initialisation, dropout and the data order.")
+    checkpoint_every: int = param(0, "Optimizer steps between checkpoints; 0: never.", low=0)
+    image_feature_cache_mb: int = param(
+        4096,
+        "MiB of (frozen) vision features kept between steps, on the device; 0: encode every step.",
+        low=0,
+    )
+    progress: bool = param(False, "Print each step's log row.")
+    log_dir: str | None = param(None, "Where train_log.csv/.json go (none: --out).")
+
+    def signature(self) -> dict[str, Any]:
+        """What must not change between a run and its resumption (not where it runs or how often it saves)."""
+        import json
+        from dataclasses import asdict
+
+        skip = {"out", "device", "checkpoint_every", "progress", "log_dir"}
+        return json.loads(json.dumps({key: value for key, value in asdict(self).items() if key not in skip}))
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig(ModelOptions):
+    """evaluate: MLLMU-Bench's measures for a model (+ a LoRA adapter), per split."""
+
+    data: str = param(help="Data directory (MLLMU-Bench's hub layout).")
+    out: str = param(help="results/<run>/metrics.json")
+    adapter: str | None = param(None, "LoRA adapter directory to evaluate on top of --model.")
+    forget_split: str = param("forget_10", "Forget split: its test, retain and real splits go with it.")
+    protocol: str = param("fixed", "Prompt protocol (docs/evaluation.md).", choices=("fixed", "official"))
+    max_new_tokens: int = param(50, "Greedy generation length.", low=1)
+    batch_size: int = param(8, "Questions per generation batch.", low=1)
+    reverse_attack: bool = param(True, "Also score forget/test with Vgid's reverse prompt appended.")
+    gib_model: str | None = param(None, "Local copy of the gibberish classifier (none: the offline scorer).")
+    limit: int | None = param(None, "At most this many people per split.", low=1)
+    seed: int = param(0, "Seeds the few-shot draws.")
+    few_shot_profiles: int | None = param(None, "Exemplar profiles (none: the protocol's).", low=0)
+    few_shot_questions: int | None = param(
+        None, "At most this many exemplar questions, 0 = all (none: the protocol's).", low=0
+    )
+    instruction: str | None = param(None, "In-context unlearning prefix for every question (ICU).")
+    splits: tuple[str, ...] = param(("forget", "test", "retain", "real"), "Comma list of split roles.")
+    progress: bool = param(True, "Show a progress bar.")
+
+
+@dataclass(kw_only=True)
+class ReportConfig:
+    """report: the papers' tables (means and spread over seeds), the findings and the figures."""
+
+    runs: str = param("results", "Folder of <run>/metrics.json (run names: method or method-sN).")
+    out: str = param("results/report.md", "The report's Markdown file.")
+    references: str | None = param(None, "Reference pools folder (none: beside the runs' data).")
+    sample_index: int = param(0, "Which forget sample the token plot shows.", low=0)
+    epsilon: float = param(
+        KEY_TOKEN_EPSILON, "Key-token entropy threshold H(R_i) >= epsilon (nats; ViKeR Def. 2).", low=0
+    )
+    token_plot: bool = param(True, "Draw the per-token probability plot.")
+    device: str = param("cpu", "torch device of the token plot's model.")
+
+
+# The params.yaml section of each command.
+SECTIONS: dict[str, type] = {
+    "prepare-mini": PrepareConfig,
+    "precompute": PrecomputeConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "report": ReportConfig,
+}
