@@ -242,8 +242,8 @@ def measure_overhead(config: PrecomputeConfig, work: Path, repeats: int = 5) -> 
 def precompute_command(config: PrecomputeConfig, out: Path, extra: list[str]) -> list[str]:
     return [
         sys.executable,
-        "-c",
-        "from pipeline.cli import main; main()",
+        "-m",
+        "stages",
         "precompute",
         "--model",
         config.model,

@@ -160,9 +160,8 @@ def quantize_probabilities(
     An entry r costs the KL about |dr| * |log(r/q)|: what matters is absolute, not relative, precision.
     Each value is rounded to the coarser of a multiple of `absolute_step` and `min_relative_bits`
     mantissa bits (never finer than float16's 10), i.e. large probabilities keep float16 precision and
-    small ones keep fewer bits. The zeroed bits compress away: on the mini model's ViKeR rows this
-    halves the stored size of the probabilities and adds ~3e-5 nats of KL error per token (measured in
-    bench/precompute.py) once the reader renormalises the support (renormalize_support).
+    small ones keep fewer bits. The zeroed bits compress away; bench/precompute.py measures the size
+    saved and the KL error added once the reader renormalises the support (renormalize_support).
     """
     probs = _at_least_float32(probs)
     mantissa, exponent = torch.frexp(probs)  # probs = mantissa * 2**exponent, mantissa in [0.5, 1)

@@ -39,11 +39,9 @@ the file, and what matters for a KL is their absolute precision (an entry moved 
 about dr * log(r/q)): each is rounded to the coarser of 2^-14 and one mantissa bit
 (cache.distributions.quantize_probabilities; probabilities from 2^-4 up keep float16's full precision),
 the zeroed low bits compress away, and the reader rescales the support so that support + tail = 1
-(renormalize_support), which makes the rounding errors cancel. Measured on the mini model's ViKeR rows
-(bench/precompute.py, "layouts" in bench/results/precompute.json), in bytes per answer token at top-p
-0.995: this layout 46.8; plain float16 probabilities 67.8 (the rounding costs ~3e-5 nats of KL error per
-token); float32 probabilities 108; float32 entropy +1.5; DELTA_BINARY_PACKED ints 58.6 (it defeats zstd
-on these short lists); delta-coded sorted ids +2.3; PLAIN floats +0.7; one row per token 83.4.
+(renormalize_support), which makes the rounding errors cancel. bench/precompute.py compares this layout
+with the alternatives the Layout fields name (plain float16 or float32 probabilities, delta-coded ids,
+DELTA_BINARY_PACKED ints, PLAIN floats, one row per token; "layouts" in bench/results/precompute.json).
 The layout is recorded in the header, so a cache written with another layout still reads correctly.
 """
 

@@ -30,6 +30,15 @@ class ModelOptions:
     )
     trust_remote_code: bool = param(False, "Run model code shipped with a hub checkpoint (off unless asked).")
 
+    def loading(self) -> dict[str, Any]:
+        """pipeline.models.load_model's keyword arguments."""
+        return {
+            "dtype": self.dtype,
+            "device": self.device,
+            "attn_implementation": self.attn_implementation,
+            "trust_remote_code": self.trust_remote_code,
+        }
+
 
 @dataclass(kw_only=True)
 class PrepareConfig:

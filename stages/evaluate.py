@@ -488,13 +488,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
             raise DataError(f"split {names[role]} under {config.data} has no evaluation questions")
 
     torch.manual_seed(config.seed)
-    loaded = load_model(
-        config.model,
-        dtype=config.dtype,
-        device=config.device,
-        attn_implementation=config.attn_implementation,
-        trust_remote_code=config.trust_remote_code,
-    )
+    loaded = load_model(config.model, **config.loading())
     model = load_adapter(loaded, config.adapter) if config.adapter else loaded.model
     few_shot_count, few_shot_questions, exemplar_items, few_shot = few_shot_plan(
         config, protocol, loaded.family.name, items, names

@@ -98,13 +98,7 @@ def run(config: PrecomputeConfig) -> list[ShardManifest]:
     if config.threads:
         torch.set_num_threads(config.threads)
     samples = load_samples(config)
-    loaded = load_model(
-        config.model,
-        dtype=config.dtype,
-        device=config.device,
-        attn_implementation=config.attn_implementation,
-        trust_remote_code=config.trust_remote_code,
-    )
+    loaded = load_model(config.model, **config.loading())
     context = teacher_context(config, teacher, loaded)
     header = cache_header(config, teacher, loaded, samples, context)
     expected_header = shard_header(header, config.num_shards)

@@ -136,13 +136,7 @@ def frozen_references(
 
 def load_setup(config: TrainConfig, method: Method, device: torch.device, processes: Processes) -> Setup:
     needs = set(loss_inputs(method.loss))
-    loaded = load_model(
-        config.model,
-        dtype=config.dtype,
-        device=str(device),
-        attn_implementation=config.attn_implementation,
-        trust_remote_code=config.trust_remote_code,
-    )
+    loaded = load_model(config.model, **{**config.loading(), "device": str(device)})
     forget_samples = load_unlearning_samples(config.data, config.forget_split, config.sample_kinds)
     retain_samples = (
         load_unlearning_samples(config.data, config.retain_split, config.sample_kinds)

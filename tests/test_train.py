@@ -243,7 +243,9 @@ def test_npo_reference_from_an_original_cache_equals_the_computed_one(tiny_model
         )
     )
     assert cached["final_loss"] == pytest.approx(computed["final_loss"], rel=1e-4)
-    with pytest.raises(ValueError, match=r"needs a cache of the unmodified input \(teacher `original`\), not 'viker'"):
+    with pytest.raises(
+        ValueError, match=r"needs a cache of the unmodified input \(teacher `original`\), not 'viker'"
+    ):
         run(config(tiny_model_dir, tmp_path / "c", "npo", caches, forget_cache=str(caches["teacher"])))
 
 

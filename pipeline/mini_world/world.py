@@ -28,7 +28,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.data import SPLIT_FILE, row_samples, split_eval_items
+from pipeline.data import SPLIT_FILE, row_samples, split_eval_items, split_ratio
 from pipeline.hashing import file_sha256
 from pipeline.mini_world.config import WorldConfig
 from pipeline.mini_world.drawing import (
@@ -349,9 +349,10 @@ landscapes; `pattern` are stripes, checks and dots.
 
 
 def _split_role(folder: str) -> str:
-    if folder.startswith("forget_"):
+    kind = (split_ratio(folder) or ("",))[0]
+    if kind == "forget":
         return "forget set (unlearning targets)"
-    if folder.startswith("retain_"):
+    if kind == "retain":
         return "retain set (complement of the forget set)"
     return {
         "Test_Set": "alternative images and paraphrased questions (generalization)",

@@ -21,7 +21,7 @@ class EncodedSamples:
     """Each input's prompt tokens, image tensors and answer tokens, encoded once and reused.
 
     Training asks the same samples every epoch, and tokenizing and preprocessing them again at every
-    step costs 3.5 ms of a 25 ms mini-model step at batch 2 (0.6 ms from memory; README "Measured").
+    step is a sizeable part of a small model's step (bench/train.py measures it).
     The caller names each input by a key that identifies it completely (its image, question and answer;
     training uses the QASample itself with the answer text) and gives a function that builds the input:
     it runs only for keys not stored, so a stored input is neither rebuilt nor its image decoded.
@@ -32,10 +32,10 @@ class EncodedSamples:
 
     def __init__(self, loaded: LoadedModel, max_bytes: int = 1 << 30) -> None:
         # Bounded by size, not count: a real model's preprocessed image is over a megabyte (LLaVA-1.5 at
-        # 336 px: 1.35 MB), so a retain set of thousands must not all stay in memory. Once full it keeps
-        # what it holds and encodes the rest at every use: an epoch reads every sample once, in a new
-        # order, and under that scan evicting the least recently used entry mostly evicts the ones about
-        # to come (half the data fitting: 15% of uses hit under LRU, 50% kept this way; simulated).
+        # 336 px: 3 x 336 x 336 float32), so a retain set of thousands must not all stay in memory. Once
+        # full it keeps what it holds and encodes the rest at every use: an epoch reads every sample once,
+        # in a new order, and under that scan evicting the least recently used entry mostly evicts the
+        # ones about to come.
         self.loaded = loaded
         self.max_bytes = max_bytes
         self.bytes = 0

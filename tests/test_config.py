@@ -1,0 +1,228 @@
+"""One declaration per parameter: the stage configs are the schema, the CLI comes from them, params.yaml
+holds the values; and the project's layering (no import circle, stages as short recipes)."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import MISSING
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from project_imports import REPO, imported_modules, module_files, project_files
+
+from pipeline.config import ConfigError, build, check_section, find_params, schema
+from pipeline.methods import MethodError, resolve_method
+from stages.cli import main
+from stages.config import SECTIONS, PrecomputeConfig, TrainConfig
+
+
+def test_every_option_default_is_its_field_default():
+    for command_name, config_class in SECTIONS.items():
+        command = main.commands[command_name]
+        by_name = {parameter.name: parameter for parameter in command.params}
+        for option in schema(config_class):
+            parameter = by_name[option.name]
+            if option.default is MISSING:
+                assert parameter.required, (command_name, option.name)
+            elif isinstance(option.default, tuple):
+                assert parameter.default == ",".join(map(str, option.default)), (command_name, option.name)
+            elif isinstance(option.default, dict):
+                assert parameter.multiple and not option.default, (command_name, option.name)
+            else:
+                assert parameter.default == option.default, (command_name, option.name)
+        # and no option that the schema does not declare, beside --seeds
+        assert set(by_name) - {option.name for option in schema(config_class)} <= {"seeds"}
+
+
+def test_option_names_are_unique_across_nested_configs():
+    for config_class in SECTIONS.values():
+        names = [option.name for option in schema(config_class)]
+        assert len(names) == len(set(names))
+
+
+def test_build_reads_comma_lists_and_nested_fields():
+    config = build(PrecomputeConfig, {"model": "m", "data": "d", "out": "o", "kinds": "qa,mc", "k": 3})
+    assert config.kinds == ("qa", "mc") and config.k == 3 and config.top_p == 0.995
+    from stages.config import PrepareConfig
+
+    prepare = build(PrepareConfig, {"num_people": 7, "epochs": 2, "vocab_size": 300})
+    assert prepare.world.num_people == 7 and prepare.fine_tune.epochs == 2
+    assert prepare.fine_tune.model.vocab_size == 300
+
+
+def test_the_shipped_params_file_fits_the_schema_and_every_method_its_loss():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, config_class in SECTIONS.items():
+        if name in params:
+            check_section(name, params[name], config_class, "params.yaml")
+    for name in params["methods"]:
+        method = resolve_method(name, params["methods"])
+        assert method.loss in {"ga", "ga_diff", "kl_min", "npo", "idkpo", "viker", "vgid"}
+    viker = resolve_method("viker", params["methods"])
+    assert viker.arguments == {"lambda_": params["methods"]["viker"]["args"]["lambda"]}
+
+
+def test_an_unknown_key_names_the_key_and_the_section(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": {"lrr": 0.1}}))
+    result = CliRunner().invoke(main, ["--params", str(params), "train", "--help"])
+    assert result.exit_code != 0
+    assert "unknown key 'lrr' in section 'train'" in result.output and "lr" in result.output
+    params.write_text(yaml.safe_dump({"trian": {"lr": 0.1}}))
+    result = CliRunner().invoke(main, ["--params", str(params), "train", "--help"])
+    assert result.exit_code != 0 and "unknown section 'trian'" in result.output
+
+
+def test_out_of_range_values_are_refused_at_parse_time(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")
+    common = [
+        "--params",
+        str(params),
+        "precompute",
+        "--model",
+        "nowhere",
+        "--data",
+        "d",
+        "--out",
+        str(tmp_path),
+    ]
+    for option, value in (
+        ("--top-p", "1.5"),
+        ("--top-p", "0"),
+        ("--max-support", "0"),
+        ("--batch-size", "0"),
+    ):
+        result = CliRunner().invoke(main, [*common, option, value])
+        assert result.exit_code == 2 and option in result.output, (option, value, result.output)
+    assert not any(tmp_path.glob("shard-*"))  # nothing was written
+
+
+def test_params_are_found_at_the_project_root_or_named(tmp_path, monkeypatch, capsys):
+    (tmp_path / "params.yaml").write_text("train: {lr: 0.25}\n")
+    inner = tmp_path / "a" / "b"
+    inner.mkdir(parents=True)
+    monkeypatch.chdir(inner)
+    assert find_params(None) == tmp_path / "params.yaml"
+    with pytest.raises(ConfigError, match="--params missing.yaml: no such file"):
+        find_params("missing.yaml")
+    result = CliRunner().invoke(main, ["train", "--help"])
+    assert "0.25" in result.output  # the value of the project's params.yaml, found from a subfolder
+    assert f"params: {tmp_path / 'params.yaml'}" in result.stderr  # it says which file it used
+    empty = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    if find_params(None) is None:  # no params.yaml above the temporary folder
+        result = CliRunner().invoke(main, ["train", "--help"])
+        assert "options take their schema defaults" in result.stderr
+
+
+def test_train_by_hand_uses_the_methods_arguments_from_params(tmp_path, monkeypatch):
+    """`pipeline train --method viker` trains with params.yaml's lambda, and --arg overrides it."""
+    import stages.train
+
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        yaml.safe_dump(
+            {"methods": {"viker": {"loss": "viker", "forget_cache": "c", "args": {"lambda": 0.7}}}}
+        )
+    )
+    seen = []
+    monkeypatch.setattr(stages.train, "run", lambda config, method: seen.append((config, method)) or {})
+    common = [
+        "--params",
+        str(params),
+        "train",
+        "--model",
+        "m",
+        "--data",
+        "d",
+        "--out",
+        "o",
+        "--method",
+        "viker",
+    ]
+    assert CliRunner().invoke(main, common).exit_code == 0
+    assert CliRunner().invoke(main, [*common, "--arg", "lambda=0.2", "--arg", "no_ga=true"]).exit_code == 0
+    (_, by_hand), (_, overridden) = seen
+    assert by_hand.loss == "viker" and by_hand.arguments == {"lambda_": 0.7} and by_hand.forget_cache == "c"
+    assert overridden.arguments == {"lambda_": 0.2, "no_ga": True}
+
+
+def test_a_methods_unknown_argument_is_refused_with_the_accepted_list():
+    with pytest.raises(MethodError, match=r"loss 'npo' takes no argument 'lambda'; it accepts: beta"):
+        resolve_method("npo", {"npo": {"loss": "npo", "args": {"lambda": 1.0}}})
+    with pytest.raises(MethodError, match="unknown key"):
+        resolve_method("x", {"x": {"loss": "ga", "lr": 1.0}})
+    with pytest.raises(MethodError, match="unknown loss 'nope'"):
+        resolve_method("nope", {})
+
+
+def test_training_meta_keys_only_the_methods_own_arguments():
+    fields = {option.name for option in schema(TrainConfig)}
+    assert not fields & {"lambda_", "alpha", "beta", "npo_beta", "no_ga", "regularizer"}
+
+
+# ---------------------------------------------------------------- layering
+
+
+def _module(path: str) -> str:
+    return path[: -len(".py")].replace("/", ".").removesuffix(".__init__")
+
+
+def test_no_import_circle_among_the_projects_modules():
+    graph = {_module(path): imported_modules(path) for path in project_files()}
+    graph = {
+        name: {other for other in targets if other in graph and other != name}
+        for name, targets in graph.items()
+    }
+    visiting, done = set(), set()
+
+    def visit(name: str, trail: list[str]) -> None:
+        if name in done:
+            return
+        assert name not in visiting, "import circle: " + " -> ".join([*trail, name])
+        visiting.add(name)
+        for other in sorted(graph[name]):
+            visit(other, [*trail, name])
+        visiting.discard(name)
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
+def test_imports_go_one_way():
+    """cache at the bottom (it needs only pipeline.hashing), the library in the middle, stages on top."""
+    for path in project_files():
+        imported = imported_modules(path)
+        if path.startswith(("pipeline/", "cache/")):
+            assert not any(name.startswith("stages") for name in imported), path
+        if path.startswith("cache/"):
+            assert {name for name in imported if name.startswith("pipeline")} <= {"pipeline.hashing"}, path
+        assert not any(name.startswith("tests") or name == "builders" for name in imported), path
+
+
+def test_stage_functions_are_short():
+    for path in sorted((REPO / "stages").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 100, f"{path.name}:{node.name} is {length} lines"
+
+
+def test_no_environment_variable_carries_an_option():
+    for path in project_files():
+        text = (REPO / path).read_text()
+        assert "PIPELINE_" not in text and "os.environ.get(" not in text.replace(
+            'os.environ.get("WORLD_SIZE"', ""
+        ).replace('os.environ.get("LOCAL_RANK"', ""), path
+
+
+def test_module_files_follow_packages():
+    assert module_files("pipeline.models.loading") == [
+        "pipeline/__init__.py",
+        "pipeline/models/__init__.py",
+        "pipeline/models/loading.py",
+    ]
