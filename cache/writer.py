@@ -90,8 +90,8 @@ class ShardWriter:
         self.parquet_path = self.directory / f"{self.name}.parquet"
         self.manifest_path = self.directory / f"{self.name}.json"
         self.temp_path = self.directory / f".{self.name}.parquet.{os.getpid()}.tmp"
-        # An old manifest must not vouch for the file we are about to replace.
-        self.manifest_path.unlink(missing_ok=True)
+        # A shard already there stays, complete and valid, until close() publishes this one whole: a run
+        # that fails or is killed before then leaves it as it was.
         # The header lives in the manifest only (its sha256 binds the two): a copy in the parquet footer
         # (twice, with the serialized Arrow schema) would cost ~3 KB per shard, 10 bytes per token here.
         self._schema = layout.schema()
@@ -152,9 +152,11 @@ class ShardWriter:
             num_bytes=self.temp_path.stat().st_size,
             samples=self._records,
         )
-        os.replace(self.temp_path, self.parquet_path)
         temp_manifest = self.directory / f".{self.name}.json.{os.getpid()}.tmp"
         temp_manifest.write_text(json.dumps(asdict(manifest), indent=1, ensure_ascii=False))
+        # Between these two renames the old manifest names another checksum than the new parquet file:
+        # every reader sees a corrupt shard there (and precompute recomputes it), never a wrong one.
+        os.replace(self.temp_path, self.parquet_path)
         os.replace(temp_manifest, self.manifest_path)
         return manifest
 

@@ -24,6 +24,7 @@ Logical split names accepted everywhere a split is asked for:
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -390,11 +391,14 @@ def _qa_pairs(row: dict) -> list[dict]:
     return metadata
 
 
-def row_samples(row: dict, split: str, kinds: tuple[str, ...], source: str = "") -> list[QASample]:
+def row_samples(
+    row: dict, split: str, kinds: tuple[str, ...], source: str = "", skipped: list[str] | None = None
+) -> list[QASample]:
     """The (image, question, answer) triples of one row, for the requested kinds, in a fixed order.
 
-    qa: every `metadata` pair {Question, Answer} with the row's image (pairs missing either are skipped,
-        as the official Vanilla_LLaVA_Dataset does);
+    qa: every `metadata` pair {Question, Answer} with the row's image (a pair whose question or answer is
+        missing, empty or blank is skipped, as the official Vanilla_LLaVA_Dataset does, and its id added
+        to `skipped`);
     generation / mc / cloze: the row's evaluation items as triples (EvalItem.as_sample).
     """
     unknown = set(kinds) - set(UNLEARNING_KINDS)
@@ -409,18 +413,26 @@ def row_samples(row: dict, split: str, kinds: tuple[str, ...], source: str = "")
             image, image_source = row_image(row)
             for index, pair in enumerate(_qa_pairs(row)):
                 question, answer = pair.get("Question"), pair.get("Answer")
-                if question and answer:
-                    samples.append(
-                        QASample(
-                            sample_id=f"{split}/{person_id}/qa/{index}",
-                            person_id=person_id,
-                            question=question,
-                            answer=answer,
-                            image=image,
-                            image_source=image_source,
-                            kind="generation",
-                        )
+                if not (
+                    isinstance(question, str)
+                    and question.strip()
+                    and isinstance(answer, str)
+                    and answer.strip()
+                ):
+                    if skipped is not None:
+                        skipped.append(f"{split}/{person_id}/qa/{index}")
+                    continue
+                samples.append(
+                    QASample(
+                        sample_id=f"{split}/{person_id}/qa/{index}",
+                        person_id=person_id,
+                        question=question,
+                        answer=answer,
+                        image=image,
+                        image_source=image_source,
+                        kind="generation",
                     )
+                )
             continue
         task_items = {"generation": items.generation, "mc": items.classification, "cloze": items.cloze}[kind]
         samples.extend(item.as_sample() for item in task_items)
@@ -439,8 +451,13 @@ def load_unlearning_samples(
     evaluation items' text.
     """
     samples: list[QASample] = []
+    skipped: list[str] = []
     for row in _filtered_rows(data_dir, split):
-        samples.extend(row_samples(row, split, tuple(kinds)))
+        samples.extend(row_samples(row, split, tuple(kinds), skipped=skipped))
+    if skipped:
+        shown = ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+        print(f"warning: split {split} under {data_dir}: skipped {len(skipped)} qa pairs without a question "
+              f"or answer: {shown}", file=sys.stderr)  # fmt: skip
     if not samples:
         raise DataError(f"split {split!r} under {data_dir} yields no samples of kinds {tuple(kinds)}")
     return samples

@@ -51,7 +51,14 @@ from pipeline.data import (
     samples_fingerprint,
 )
 from pipeline.hashing import sha256_hex
-from pipeline.models import LoadedModel, VisionFeatureCache, answer_logits, encode_answers, load_model
+from pipeline.models import (
+    LoadedModel,
+    VisionFeatureCache,
+    answer_logits,
+    check_lengths,
+    encode_answers,
+    load_model,
+)
 from pipeline.perturbations import PERTURBATIONS
 from pipeline.samples import QASample
 from pipeline.teachers import ICU_PROMPTS, TEACHERS, Teacher, TeacherContext, TeacherInput, original
@@ -229,9 +236,6 @@ class TeacherExtractor:
         self.loaded = loaded
         self.top_p, self.max_support = top_p, max_support
         self.vision_features = VisionFeatureCache(loaded.model)
-        config = loaded.model.config
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        self.max_positions = getattr(text_config, "max_position_embeddings", None)
 
     def __call__(self, samples: Sequence[QASample], inputs: Sequence[TeacherInput]) -> list[CachedSample]:
         with torch.inference_mode():
@@ -264,7 +268,7 @@ class TeacherExtractor:
         variants = [variant for teacher_input in inputs for variant in teacher_input.variants]
         owners = [index for index, teacher_input in enumerate(inputs) for _ in teacher_input.variants]
         batch = encode_answers(self.loaded, variants)
-        self._check_lengths(samples, owners, batch.inputs["attention_mask"].sum(dim=1).tolist())
+        check_lengths(self.loaded, batch, [samples[owner] for owner in owners])
         image_keys = [key for teacher_input in inputs for key in teacher_input.image_keys]
         batch = batch.to(self.loaded.device)
         model_kwargs = self.vision_features.model_kwargs(batch.inputs, image_keys)
@@ -301,19 +305,6 @@ class TeacherExtractor:
             for i in range(len(samples))
         ]
         return answers, mean_probs, target_log_prob, lengths
-
-    def _check_lengths(
-        self, samples: Sequence[QASample], owners: list[int], sequence_lengths: list[int]
-    ) -> None:
-        if self.max_positions is None:
-            return
-        for owner, length in zip(owners, sequence_lengths, strict=True):
-            if length > self.max_positions:
-                sample = samples[owner]
-                raise PrecomputeError(
-                    f"sample {sample.sample_id}: prompt + image tokens + answer are {length} tokens, more than "
-                    f"the model's limit of {self.max_positions} (answer: {sample.answer[:60]!r}...)"
-                )
 
 
 # ---------------------------------------------------------------- measuring a cache against exact teachers

@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from cache import CachedSample, concat_samples
 from pipeline.data import load_unlearning_samples
 from pipeline.losses import AnswerPredictions, choose_refusal, compute_loss, load_refusals, loss_inputs
 from pipeline.methods import Method, public_name, resolve_method
-from pipeline.models import EncodedSamples, VisionFeatureCache, answer_logits, load_model
+from pipeline.models import EncodedSamples, VisionFeatureCache, answer_logits, check_lengths, load_model
 from pipeline.samples import QASample
 from pipeline.teachers import TEACHERS, image_key
 from pipeline.training.checkpoints import (
@@ -224,9 +224,9 @@ class LossStep:
             students += [(sample, sample.answer) for sample, _ in retain_items]
             counts.append(len(retain_items))
         loaded = self.setup.loaded
-        batch = self.encoded_samples.batch(students, lambda index: prompted(loaded, *students[index])).to(
-            self.device
-        )
+        batch = self.encoded_samples.batch(students, lambda index: prompted(loaded, *students[index]))
+        check_lengths(loaded, batch, [replace(sample, answer=answer) for sample, answer in students])
+        batch = batch.to(self.device)
         keys = [key for key in (self.image_key_of(sample) for sample, _ in students) if key is not None]
         logits = answer_logits(self.model, batch, **self.image_features.model_kwargs(batch.inputs, keys))
         return AnswerPredictions(logits, batch.targets, batch.answer_lengths).split(counts)

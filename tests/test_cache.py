@@ -291,6 +291,18 @@ def test_failed_writer_publishes_nothing(tmp_path, samples):
     assert list(directory.iterdir()) == []
 
 
+def test_a_failed_rewrite_leaves_the_complete_shard(cache_dir):
+    """A complete shard is only ever replaced by a complete one: a rewrite that fails leaves it whole."""
+    before = {path.name: path.read_bytes() for path in cache_dir.iterdir()}
+    replacement = make_sample(99, 3)
+    with pytest.raises(RuntimeError):
+        with ShardWriter(cache_dir, 1, 3, HEADER) as writer:
+            writer.write(replacement, record(replacement))
+            raise RuntimeError("a bad row, an interrupt, ...")
+    assert verify_cache(cache_dir) == []
+    assert {path.name: path.read_bytes() for path in cache_dir.iterdir()} == before
+
+
 def test_rewriting_a_shard_replaces_it(cache_dir):
     replacement = make_sample(99, 3)
     with ShardWriter(cache_dir, 1, 3, HEADER) as writer:

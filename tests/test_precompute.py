@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -327,15 +328,21 @@ def test_unreadable_image_names_the_sample(world, tiny_model_dir, tmp_path):
     assert not list((tmp_path / "out2").glob("*.parquet"))  # nothing published
 
 
-def test_empty_answer_names_the_sample(world, tiny_model_dir, tmp_path):
-    def blank_answer(rows):
+def test_empty_and_blank_answers_are_skipped_alike_and_reported_by_id(
+    world, tiny_model_dir, tmp_path, capsys
+):
+    def blank_answers(rows):
         pairs = json.loads(rows[0]["metadata"])
-        pairs[1]["Answer"] = "   "
+        pairs[1]["Answer"], pairs[2]["Answer"] = "   ", ""
         rows[0]["metadata"] = json.dumps(pairs)
 
-    data = rewrite_split(world, tmp_path, blank_answer)
-    with pytest.raises(PrecomputeError, match=r"sample forget_10/\S+/qa/1 .*empty answer"):
-        run(config(data, tiny_model_dir, tmp_path / "out"))
+    data = rewrite_split(world, tmp_path, blank_answers)
+    run(config(data, tiny_model_dir, tmp_path / "out", limit=4))
+    warning = capsys.readouterr().err
+    skipped = re.search(r"skipped 2 qa pairs without a question or answer: (\S+), (\S+)\n", warning)
+    assert skipped and skipped.group(1).endswith("/qa/1") and skipped.group(2).endswith("/qa/2")
+    cached = {record["sample_id"] for record in read_manifest(tmp_path / "out").samples}
+    assert skipped.group(1) not in cached and skipped.group(2) not in cached
 
 
 def test_answer_beyond_the_model_limit_names_the_sample(world, tiny_model_dir, tmp_path):
@@ -345,7 +352,7 @@ def test_answer_beyond_the_model_limit_names_the_sample(world, tiny_model_dir, t
         rows[0]["metadata"] = json.dumps(pairs)
 
     data = rewrite_split(world, tmp_path, long_answer)
-    with pytest.raises(PrecomputeError, match=r"sample forget_10/\S+/qa/2: .* more than the model's limit"):
+    with pytest.raises(ValueError, match=r"sample forget_10/\S+/qa/2: .* more than the model's limit"):
         run(config(data, tiny_model_dir, tmp_path / "out", teacher="original"))
 
 

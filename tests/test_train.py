@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import pipeline.training.reference as reference
-from cache import CachedSample, IncompatibleCacheError, ShardWriter, truncate_top_p
+from cache import CachedSample, CacheError, IncompatibleCacheError, ShardWriter, truncate_top_p
 from pipeline.data import load_unlearning_samples
 from pipeline.models import PromptedSample, answer_logits, encode_answers
 from pipeline.training.streams import TokenMismatchError
@@ -414,3 +415,37 @@ def test_cli_trains_and_reports_bad_input(tiny_model_dir, caches, tmp_path):
     assert "does not read --retain-cache" in result.stderr
     result = runner.invoke(main, [*common, "--out", str(tmp_path / "v"), "--method", "viker"])
     assert result.exit_code != 0 and "needs --forget-cache" in result.output
+
+
+def test_a_corrupt_shard_is_refused_before_the_first_step(tiny_model, tiny_model_dir, tmp_path):
+    cache = write_cache(tmp_path / "cache", tiny_model, FORGET, "viker", blank_image=True, num_shards=2)
+    shard = cache / "shard-00001-of-00002.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    steps = []
+    with pytest.raises(CacheError, match="shard-00001-of-00002.parquet: sha256 differs"):
+        run(config(tiny_model_dir, tmp_path / "out", "viker", {"teacher": cache}), on_step=steps.append)
+    assert steps == []  # refused at setup, not when the stream reached the shard
+
+
+def test_an_answer_beyond_the_model_context_names_the_sample(tiny_model_dir, caches, tmp_path, monkeypatch):
+    import stages.train as train_stage
+
+    original = train_stage.load_unlearning_samples
+
+    def with_a_long_answer(*args, **kwargs):
+        samples = original(*args, **kwargs)
+        return [replace(samples[0], answer=" ".join(["This person was born in Lisbon."] * 400)), *samples[1:]]
+
+    monkeypatch.setattr(train_stage, "load_unlearning_samples", with_a_long_answer)
+    with pytest.raises(ValueError, match=r"sample forget_5/\S+: .* more than the model's limit of 1024"):
+        run(config(tiny_model_dir, tmp_path / "ga", "ga", caches))
+
+
+def test_a_model_path_that_does_not_exist_is_named(tmp_path):
+    common = ["--params", os.devnull, "train", "--data", str(DATA), "--out", str(tmp_path / "x")]
+    for model in ("no/such-model", str(tmp_path / "missing")):
+        result = CliRunner().invoke(main, [*common, "--model", model, "--method", "ga"])
+        assert result.exit_code == 1 and f"--model {model}: no such" in result.output, result.output
+        assert "Traceback" not in result.output

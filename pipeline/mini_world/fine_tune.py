@@ -205,7 +205,7 @@ def fine_tune(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
     history: list[dict] = []
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=True)
         if state["config"] != asdict(config):
             raise ValueError(
                 f"{checkpoint} was written with another fine-tune configuration; delete it to restart"

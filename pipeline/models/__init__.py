@@ -9,6 +9,7 @@ from pipeline.models.batching import (
     TeacherForcingBatch,
     answer_logits,
     answer_token_ids,
+    check_lengths,
     encode_answers,
 )
 from pipeline.models.encoded_samples import EncodedSamples
@@ -40,6 +41,7 @@ __all__ = [
     "VisionFeatureCache",
     "answer_logits",
     "answer_token_ids",
+    "check_lengths",
     "encode_answers",
     "generate",
     "load_model",

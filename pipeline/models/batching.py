@@ -146,3 +146,19 @@ def answer_logits(model: torch.nn.Module, batch: TeacherForcingBatch, **model_kw
     outputs = model(**batch.inputs, logits_to_keep=batch.window, use_cache=False, **model_kwargs)
     logits = outputs.logits
     return logits.reshape(-1, logits.shape[-1])[batch.predict_positions]
+
+
+def check_lengths(loaded: LoadedModel, batch: TeacherForcingBatch, samples: list) -> None:
+    """Refuse a sequence (prompt + image tokens + answer) longer than the model's context, naming its
+    sample (anything with `sample_id` and `answer`), before it runs: the model would silently misread it."""
+    config = loaded.model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    for sample, length in zip(samples, batch.inputs["attention_mask"].sum(dim=1).tolist(), strict=True):
+        if length > limit:
+            raise ValueError(
+                f"sample {sample.sample_id}: prompt + image tokens + answer are {length} tokens, more than "
+                f"the model's limit of {limit} (answer: {sample.answer[:60]!r}...)"
+            )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,18 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
+# How a model turns an image into pixels is part of what it computes: another image_mean gives other
+# probabilities from the same weights, so these files are fingerprinted with the weights.
+PREPROCESSING_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+
+
 def model_fingerprint(path: str | Path) -> str:
-    """sha256 over config.json and the weight files, so a cache can name the exact model it came from."""
+    """sha256 over config.json, the weight files and the image preprocessing configs, so a cache can name
+    the exact model (and preprocessing) it came from."""
     path = Path(path)
-    files = [path / "config.json"] + sorted(
-        p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"} and p.is_file()
-    )
+    weights = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"} and p.is_file())
+    preprocessing = [path / name for name in PREPROCESSING_FILES if (path / name).is_file()]
+    files = [path / "config.json", *weights, *preprocessing]
     for file in files:
         if not file.exists():
             raise FileNotFoundError(f"model directory {path} has no {file.name}")
@@ -57,12 +64,29 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def resolve_model_dir(path: str) -> str:
-    """A local directory as is; a hub id through the local HF cache (downloads only when online)."""
+    """A local directory as is; a hub id through the local HF cache (downloads only when online).
+
+    A path that is neither, or a hub id the offline cache lacks, is a FileNotFoundError that names it.
+    """
     if Path(path).is_dir():
         return path
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    looks_local = Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
+    if looks_local:
+        raise FileNotFoundError(
+            f"--model {path}: no such model directory (nor a hub id of the form owner/name)"
+        )
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(path)
+    try:
+        return snapshot_download(path)
+    except Exception as error:  # the hub library raises several types for "not there"
+        where = (
+            "the hub is offline (HF_HUB_OFFLINE=1) and its local cache lacks it" if offline else str(error)
+        )
+        raise FileNotFoundError(
+            f"--model {path}: no such local directory, and as a hub id: {where}"
+        ) from error
 
 
 def load_model(
@@ -82,7 +106,12 @@ def load_model(
     local_dir = resolve_model_dir(path)
     config = AutoConfig.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
     family = FAMILIES[config.model_type](config)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    # safetensors only: a pickled checkpoint can run code when it is loaded.
+    kwargs: dict[str, Any] = {
+        "dtype": DTYPES[dtype],
+        "trust_remote_code": trust_remote_code,
+        "use_safetensors": True,
+    }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(local_dir, **kwargs).to(device).eval()

@@ -36,7 +36,8 @@ class Cache:
 
     @classmethod
     def open(cls, directory: str, loaded, samples: dict[str, QASample], what: str) -> Cache:
-        manifest = read_manifest(directory)
+        # Every shard's checksum, before the first step: a corrupt shard must not end a run hours in.
+        manifest = read_manifest(directory, checksums=True)
         # Refuses a cache written by another model or tokenizer, naming both fingerprints.
         check_compatible(manifest, loaded.model_fingerprint, loaded.tokenizer_fingerprint)
         cached_ids = [record["sample_id"] for record in manifest.samples]
