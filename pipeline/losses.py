@@ -25,6 +25,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,28 @@ from pipeline.hashing import stable_int
 from pipeline.registry import Registry
 
 LossTerms = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a loss argument accepts (checked when a method is resolved: pipeline.methods)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        return above and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        low = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low}"
+        high = "" if self.high is None else f"<= {self.high}"
+        return " and ".join(part for part in (low, high) if part)
+
+
+Weight = Annotated[float, Range(low=0.0)]  # a term's weight: 0 switches the term off
+Temperature = Annotated[float, Range(low=0.0, low_open=True)]  # NPO / DPO's beta
 LOSSES: Registry[Callable[..., LossTerms]] = Registry("loss")
 
 REFUSALS_FILE = Path(__file__).with_name("refusals.txt")
@@ -119,7 +142,7 @@ def ga(forget: AnswerPredictions) -> LossTerms:
 
 
 @LOSSES.register("ga_diff")
-def ga_diff(forget: AnswerPredictions, retain: AnswerPredictions, *, beta: float = 1.0) -> LossTerms:
+def ga_diff(forget: AnswerPredictions, retain: AnswerPredictions, *, beta: Weight = 1.0) -> LossTerms:
     """L = -L(D_f) + beta L(D_r)  (MLLMU-Bench GA_Diff with beta = 1; Vgid Eq. 7 names the weight lambda)."""
     forget_nll, retain_nll = nll(forget), nll(retain)
     return {"loss": -forget_nll + beta * retain_nll, "forget_nll": forget_nll, "retain_nll": retain_nll}
@@ -131,7 +154,7 @@ def kl_min(
     retain: AnswerPredictions,
     retain_teacher: TruncatedDistributions,
     *,
-    beta: float = 1.0,
+    beta: Weight = 1.0,
 ) -> LossTerms:
     """L = -L(D_f) + beta E_{D_r} KL(P_theta_ref(y|x) || P_theta(y|x))  (Vgid Eq. 8).
 
@@ -144,7 +167,9 @@ def kl_min(
 
 
 @LOSSES.register("npo")
-def npo(forget: AnswerPredictions, forget_reference_log_probs: Tensor, *, beta: float = 0.4) -> LossTerms:
+def npo(
+    forget: AnswerPredictions, forget_reference_log_probs: Tensor, *, beta: Temperature = 0.4
+) -> LossTerms:
     """L_NPO = -(2/beta) E_{D_f} log sigma(-beta log(p(y|I,x;theta) / p(y|I,x;theta_full)))  (ViKeR A.3).
 
     Equal to MLLMU-Bench Eq. 15, (2/beta) E log(1 + (pi_theta/pi_ref)^beta); beta = 0.4 there and in ViKeR.
@@ -161,7 +186,7 @@ def idkpo(
     forget_reference_log_probs: Tensor,
     refusal_reference_log_probs: Tensor,
     *,
-    beta: float = 0.4,
+    beta: Temperature = 0.4,
 ) -> LossTerms:
     """L_IdkPO = -(1/beta) E log sigma(beta log ratio(y_idk) - beta log ratio(y))  (ViKeR A.3).
 
@@ -183,8 +208,8 @@ def viker(
     forget: AnswerPredictions,
     forget_teacher: TruncatedDistributions,
     *,
-    lambda_: float = 0.05,
-    regularizer: str = "kl",
+    lambda_: Weight = 0.05,
+    regularizer: Literal["kl", "jsd", "cosine"] = "kl",
     no_ga: bool = False,
 ) -> LossTerms:
     """L_ViKeR = -L_NLL(D_f) + lambda/|D_f| sum_{D_f} sum_i KL(R_i || Q_i)  (ViKeR Eq. 5).
@@ -209,8 +234,8 @@ def vgid(
     retain: AnswerPredictions,
     retain_teacher: TruncatedDistributions,
     *,
-    alpha: float = 1.0,
-    beta: float = 1.0,
+    alpha: Weight = 1.0,
+    beta: Weight = 1.0,
 ) -> LossTerms:
     """L = alpha E_{D_F} KL(pi_T || pi_theta) + beta E_{D_R} KL(pi_theta0 || pi_theta)  (Vgid Eq. 3-5)."""
     forget_kl = divergence("kl", forget_teacher, forget)

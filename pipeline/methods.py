@@ -12,6 +12,7 @@ keyword carries a trailing underscore in the loss (`lambda` -> `lambda_`).
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +66,33 @@ def loss_arguments_checked(loss: str, arguments: dict[str, Any], where: str) -> 
             f"{where}: loss {loss!r} takes no argument {', '.join(map(repr, unknown))}; "
             f"it accepts: {', '.join(sorted(accepted)) or 'none'}"
         )
-    return {accepted[public_name(key)]: value for key, value in arguments.items()}
+    checked = {accepted[public_name(key)]: value for key, value in arguments.items()}
+    for parameter, value in checked.items():
+        check_value(loss, parameter, value, where)
+    return checked
+
+
+def check_value(loss: str, parameter: str, value: Any, where: str) -> None:
+    """The value fits the parameter's declared type, choices (Literal) and range (Annotated Range)."""
+    from pipeline.losses import LOSSES, Range
+
+    annotation = typing.get_type_hints(LOSSES[loss], include_extras=True)[parameter]
+    ranges = [extra for extra in getattr(annotation, "__metadata__", ()) if isinstance(extra, Range)]
+    base = typing.get_args(annotation)[0] if ranges else annotation
+    name = public_name(parameter)
+    if typing.get_origin(base) is typing.Literal:
+        if value not in typing.get_args(base):
+            raise MethodError(
+                f"{where}: {name} {value!r} is not one of {', '.join(map(str, typing.get_args(base)))}"
+            )
+        return
+    if base is bool and not isinstance(value, bool):
+        raise MethodError(f"{where}: {name} must be true or false, got {value!r}")
+    if base is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise MethodError(f"{where}: {name} must be a number, got {value!r}")
+    for allowed in ranges:
+        if not allowed.holds(value):
+            raise MethodError(f"{where}: {name} {value!r} is out of range (must be {allowed})")
 
 
 def resolve_method(

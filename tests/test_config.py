@@ -224,3 +224,28 @@ def test_module_files_follow_packages():
         "pipeline/models/__init__.py",
         "pipeline/models/loading.py",
     ]
+
+
+@pytest.mark.parametrize(
+    "loss, args, message",
+    [
+        ("viker", {"lambda": -1}, "lambda -1 is out of range"),
+        ("viker", {"lambda": "high"}, "lambda must be a number"),
+        ("viker", {"regularizer": "l2"}, "regularizer 'l2' is not one of kl, jsd, cosine"),
+        ("viker", {"no_ga": 1}, "no_ga must be true or false"),
+        ("npo", {"beta": 0}, "beta 0 is out of range"),
+        ("vgid", {"alpha": -0.5}, "alpha -0.5 is out of range"),
+    ],
+)
+def test_method_arguments_are_checked_against_their_declared_type_and_range(loss, args, message):
+    with pytest.raises(MethodError, match=message):
+        resolve_method(loss, {loss: {"loss": loss, "args": args}})
+
+
+def test_a_bad_method_argument_on_the_command_line_is_one_clear_error(tmp_path):
+    result = CliRunner().invoke(
+        main, ["--params", str(REPO / "params.yaml"), "train", "--model", "m", "--data", "d", "--out", "o",
+               "--method", "viker", "--arg", "lambda=-1"],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "lambda -1 is out of range" in result.output
+    assert "Traceback" not in result.output

@@ -117,3 +117,20 @@ def test_vision_feature_cache_keeps_what_fits_and_gives_every_image_its_features
     assert (cache.encoded, cache.reused) == (3, 1)
     features([1, 0], ["b", "a"])  # "a" kept, "b" encoded again
     assert list(cache.features) == ["a"] and (cache.encoded, cache.reused) == (4, 2)
+
+
+def test_the_model_fingerprint_covers_the_image_preprocessing(tiny_model_dir, tmp_path):
+    """The same weights with another image_mean compute other probabilities: another fingerprint."""
+    import json
+    import shutil
+
+    from pipeline.models import model_fingerprint
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert model_fingerprint(copy) == model_fingerprint(tiny_model_dir)
+    config_path = copy / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    config["image_processor"]["image_mean"] = [0.1, 0.2, 0.3]
+    config_path.write_text(json.dumps(config))
+    assert model_fingerprint(copy) != model_fingerprint(tiny_model_dir)
