@@ -38,7 +38,17 @@ from typing import Any
 from PIL import Image
 
 from pipeline import prompts
-from pipeline.data import DataError, EvalItem, EvalItems, load_eval_items, split_names
+from pipeline.data import (
+    DataError,
+    EvalItem,
+    EvalItems,
+    load_eval_items,
+    resolve_split,
+    split_files,
+    split_names,
+)
+from pipeline.hashing import files_sha256, sha256_hex
+from pipeline.journal import Journal
 from pipeline.metrics import (
     bleu,
     build_coherence_scorer,
@@ -419,8 +429,26 @@ def few_shot_plan(
     return count, questions, pool, few_shot
 
 
+def generation_journal(
+    config: EvaluateConfig, loaded, names: dict[str, str], questions: list[Question]
+) -> Journal:
+    """The journal of generated batches beside --out, keyed by everything the replies depend on."""
+    adapter_files = sorted(Path(config.adapter).glob("adapter_model.*")) if config.adapter else []
+    folders = sorted({folder for role in config.splits for folder in resolve_split(names[role]) if folder})
+    key = {
+        "config": {name: value for name, value in asdict(config).items() if name != "progress"},
+        "model": loaded.model_fingerprint,
+        "adapter": files_sha256(adapter_files),
+        "data": files_sha256([file for folder in folders for file in split_files(config.data, folder)]),
+        "prompts": sha256_hex("\n".join(question.prompt for question in questions).encode()),
+    }
+    return Journal(
+        Path(config.out).parent / ".generation-journal.jsonl", sha256_hex(json.dumps(key).encode())
+    )
+
+
 def answer_questions(
-    config: EvaluateConfig, loaded, model, protocol: EvalProtocol, questions: list[Question]
+    config: EvaluateConfig, loaded, model, protocol: EvalProtocol, questions: list[Question], journal: Journal
 ) -> None:
     """Generate every reply (in order of prompt length, so batches carry little padding) and score it."""
     order = sorted(range(len(questions)), key=lambda index: len(questions[index].prompt))
@@ -436,6 +464,7 @@ def answer_questions(
         progress=config.progress,
         description="evaluate",
         model=model,
+        journal=journal,
     )
     for index, text in zip(order, generated, strict=True):
         questions[index].generated = text
@@ -505,7 +534,8 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
             limit=config.limit, instruction=config.instruction, reverse=reverse,
             few_shot_questions=few_shot_questions, seed=config.seed,
         )  # fmt: skip
-    answer_questions(config, loaded, model, protocol, questions)
+    journal = generation_journal(config, loaded, names, questions)
+    answer_questions(config, loaded, model, protocol, questions, journal)
 
     references = [item.ground_truth for role_items in items.values() for item in role_items.generation]
     scorer = build_coherence_scorer(references, config.gib_model)
@@ -534,4 +564,5 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         "seconds": round(time.time() - started, 1),
     }
     write_outputs(Path(config.out), metrics, meta, questions)
+    journal.remove()
     return metrics

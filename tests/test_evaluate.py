@@ -461,3 +461,52 @@ def test_random_lora_noise_breaks_coherence(mini_world, tmp_path):
     )
     assert broken["retain"]["coherence"] < 0.3 < 0.8 <= full["retain"]["coherence"]
     assert broken["retain"]["rougeL"] < 0.5 * full["retain"]["rougeL"]
+
+
+def test_an_interrupted_evaluation_resumes_without_redoing_finished_batches(
+    fixed_run, tiny_model_dir, tmp_path, monkeypatch
+):
+    """Killed after two generation batches, a rerun generates only the rest and writes the same results."""
+    from pipeline.journal import Journal
+
+    out, _ = fixed_run
+    config = EvaluateConfig(
+        model=str(tiny_model_dir), data=str(FIXTURE), out=str(tmp_path / "run" / "metrics.json"),
+        forget_split="forget_5", max_new_tokens=4, progress=False,
+    )  # fmt: skip
+    original_record = Journal.record
+    recorded = []
+
+    def record_then_die(self, unit, value):
+        original_record(self, unit, value)
+        recorded.append(unit)
+        if len(recorded) == 2:
+            raise KeyboardInterrupt  # stands in for a kill right after the second batch was journaled
+
+    monkeypatch.setattr(Journal, "record", record_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(config)
+    assert not (tmp_path / "run" / "metrics.json").exists()  # nothing half-done was published
+    monkeypatch.setattr(
+        Journal,
+        "record",
+        lambda self, unit, value: recorded.append(unit) or original_record(self, unit, value),
+    )
+    run(config)
+    total = len(set(recorded))
+    assert len(recorded) == total and total > 2  # every batch generated exactly once over both runs
+    assert (tmp_path / "run" / "metrics.json").read_text() == out.read_text()
+    assert (tmp_path / "run" / "responses.jsonl").read_text() == (out.parent / "responses.jsonl").read_text()
+    assert not (tmp_path / "run" / ".generation-journal.jsonl").exists()
+
+
+def test_a_journal_of_other_settings_is_not_reused_and_a_cut_line_is_ignored(tmp_path):
+    from pipeline.journal import Journal
+
+    first = Journal(tmp_path / "j.jsonl", "key-a")
+    first.record("0:8", ["reply"])
+    with (tmp_path / "j.jsonl").open("a") as handle:
+        handle.write('{"unit": "8:8", "val')  # a line cut short by a kill
+    assert Journal(tmp_path / "j.jsonl", "key-a").done == {"0:8": ["reply"]}
+    assert Journal(tmp_path / "j.jsonl", "key-b").done == {}
+    assert Journal(tmp_path / "j.jsonl", "key-a").done == {}  # the other key's run replaced it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.journal import Journal
 from pipeline.models.batching import _encode_model_inputs
 from pipeline.models.family import PromptedSample
 from pipeline.models.loading import LoadedModel
@@ -18,8 +19,13 @@ def generate(
     progress: bool = False,
     description: str = "generate",
     model: torch.nn.Module | None = None,
+    journal: Journal | None = None,
 ) -> list[str]:
-    """Greedy decoding; returns only the newly generated text of each sample."""
+    """Greedy decoding; returns only the newly generated text of each sample.
+
+    With a journal, each batch's replies are recorded as it finishes and batches already recorded are not
+    generated again: a resumed run forms the same batches, so it gives the same replies.
+    """
     from tqdm.auto import tqdm
 
     model = model if model is not None else loaded.model
@@ -27,6 +33,10 @@ def generate(
     replies: list[str] = []
     starts = range(0, len(samples), batch_size)
     for start in tqdm(starts, desc=description, disable=not progress, unit="batch"):
+        unit = f"{start}:{batch_size}"
+        if journal is not None and unit in journal.done:
+            replies.extend(journal.done[unit])
+            continue
         chunk = samples[start : start + batch_size]
         images = [image for sample in chunk for image in sample.images]
         inputs = _encode_model_inputs(loaded, [s.prompt for s in chunk], images, [[] for _ in chunk])
@@ -40,5 +50,8 @@ def generate(
             eos_token_id=loaded.family.end_token_ids(loaded.tokenizer),
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        replies.extend(loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        texts = loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        if journal is not None:
+            journal.record(unit, texts)
+        replies.extend(texts)
     return replies
