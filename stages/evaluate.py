@@ -447,6 +447,19 @@ def generation_journal(
     )
 
 
+def finished_metrics(out: Path, key: str) -> dict[str, Any] | None:
+    """The metrics of a completed run of the same inputs at `out`, or None."""
+    meta_path = out.parent / "meta.json"
+    if not (out.is_file() and meta_path.is_file()):
+        return None
+    try:
+        if json.loads(meta_path.read_text()).get("resume_key") != key:
+            return None
+        return json.loads(out.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
 def answer_questions(
     config: EvaluateConfig, loaded, model, protocol: EvalProtocol, questions: list[Question], journal: Journal
 ) -> None:
@@ -535,6 +548,10 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
             few_shot_questions=few_shot_questions, seed=config.seed,
         )  # fmt: skip
     journal = generation_journal(config, loaded, names, questions)
+    finished = finished_metrics(Path(config.out), journal.key)
+    if finished is not None:  # a run that completed with exactly these inputs (the same resume key)
+        journal.remove()
+        return finished
     answer_questions(config, loaded, model, protocol, questions, journal)
 
     references = [item.ground_truth for role_items in items.values() for item in role_items.generation]
@@ -562,6 +579,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         "reverse_prompt": REVERSE_PROMPT if config.reverse_attack else None,
         "counts": counts,
         "seconds": round(time.time() - started, 1),
+        "resume_key": journal.key,
     }
     write_outputs(Path(config.out), metrics, meta, questions)
     journal.remove()

@@ -392,6 +392,9 @@ def run(
     out = Path(config.out)
     if processes.main:
         out.mkdir(parents=True, exist_ok=True)
+    finished = finished_meta(out, config, method)
+    if finished is not None:  # e.g. the seeds a killed `--seeds 0,1,2` run had completed
+        return finished
 
     setup = load_setup(config, method, device, processes)
     opt = optimization(config, setup, device, processes)
@@ -421,6 +424,18 @@ def run(
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     processes.finish()
     return meta
+
+
+def finished_meta(out: Path, config: TrainConfig, method: Method) -> dict[str, Any] | None:
+    """training_meta of a completed run with the same settings at `out` (adapter written), or None."""
+    meta_path = out / META
+    if not (meta_path.is_file() and (out / "adapter_model.safetensors").is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:  # cut short by a kill: the run did not complete
+        return None
+    return meta if meta.get("params") == json.loads(json.dumps(run_signature(config, method))) else None
 
 
 def run_signature(config: TrainConfig, method: Method) -> dict[str, Any]:
