@@ -350,6 +350,10 @@ def check_adapter(loaded, adapter_dir: str | Path) -> str:
         raise FileNotFoundError(
             f"--adapter {adapter_dir}: no adapter_config.json (not a PEFT adapter directory)"
         )
+    if not (adapter_dir / "adapter_model.safetensors").is_file():  # a pickled .bin can run code when loaded
+        raise FileNotFoundError(
+            f"--adapter {adapter_dir}: no adapter_model.safetensors (only safetensors are loaded)"
+        )
     base_name = json.loads(config_path.read_text()).get("base_model_name_or_path") or "?"
     meta_path = adapter_dir / "training_meta.json"
     if meta_path.is_file():

@@ -510,3 +510,12 @@ def test_a_journal_of_other_settings_is_not_reused_and_a_cut_line_is_ignored(tmp
     assert Journal(tmp_path / "j.jsonl", "key-a").done == {"0:8": ["reply"]}
     assert Journal(tmp_path / "j.jsonl", "key-b").done == {}
     assert Journal(tmp_path / "j.jsonl", "key-a").done == {}  # the other key's run replaced it
+
+
+def test_a_pickled_adapter_is_not_loaded(tiny_model, tmp_path):
+    from stages.evaluate import check_adapter
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
+        check_adapter(tiny_model, tmp_path)
