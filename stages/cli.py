@@ -106,7 +106,7 @@ def prepare_mini_command(context: click.Context, **values) -> None:
     """Build the embedded mini world and fine-tune the tiny full model on it."""
     from stages.prepare import run
 
-    figures = running(context, run, build(PrepareConfig, values), click.echo)
+    figures = running(context, lambda: run(build(PrepareConfig, values), click.echo))
     click.echo(json.dumps(figures, indent=2))
 
 
@@ -117,7 +117,7 @@ def precompute_command(context: click.Context, **values) -> None:
     """Stage one: cache the frozen model's top-p truncated teacher distributions over the answer tokens."""
     from stages.precompute import run
 
-    running(context, run, build(PrecomputeConfig, values))
+    running(context, lambda: run(build(PrecomputeConfig, values)))
 
 
 @main.command("train")
@@ -133,7 +133,7 @@ def train_command(context: click.Context, seeds: str | None, **values) -> None:
         run_values = {**values, "out": values["out"].replace("{seed}", seed)}
         if seed:
             run_values["seed"] = int(seed)
-        config = build(TrainConfig, run_values)
+        config = running(context, build, TrainConfig, run_values)
         method = running(
             context, resolve_method, config.method, context.obj["methods"], config.loss, config.args,
             config.forget_cache, config.retain_cache, context.obj["_where"],
@@ -153,7 +153,8 @@ def evaluate_command(context: click.Context, seeds: str | None, **values) -> Non
         adapter = values["adapter"]
         run_values = {**values, "out": values["out"].replace("{seed}", seed)}
         run_values["adapter"] = adapter.replace("{seed}", seed) if adapter else None
-        click.echo(json.dumps(running(context, run, build(EvaluateConfig, run_values)), indent=2))
+        config = running(context, build, EvaluateConfig, run_values)
+        click.echo(json.dumps(running(context, run, config), indent=2))
 
 
 @main.command("report")
@@ -163,7 +164,7 @@ def report_command(context: click.Context, **values) -> None:
     """The papers' tables (means and spread over seeds), the findings and the figures."""
     from stages.report import run
 
-    click.echo(f"wrote {running(context, run, build(ReportConfig, values))}")
+    click.echo(f"wrote {running(context, lambda: run(build(ReportConfig, values)))}")
 
 
 @main.command("key-tokens")

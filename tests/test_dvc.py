@@ -193,3 +193,15 @@ def test_cluster_recipe_two_nodes_one_shard_each(repo, tmp_path):
     _dvc("pull", "precompute@viker-0", "precompute@viker-1", cwd=repo)
     pulled = {path.name: path.read_bytes() for path in (repo / "work/cache/viker").glob("shard-*")}
     assert pulled == before
+
+
+@pytest.mark.slow
+def test_a_forced_rerun_writes_identical_caches_and_adapters(repo):
+    """Same-machine determinism of the stages' outputs, not only of the metrics."""
+    files = [
+        *sorted((repo / "work/cache/base").glob("shard-*")),
+        repo / "work/adapters/ga-s0/adapter_model.safetensors",
+    ]
+    before = {path: path.read_bytes() for path in files}
+    _dvc("repro", "-f", "-s", "precompute@base-0", "precompute@base-1", "train@ga", cwd=repo)
+    assert {path: path.read_bytes() for path in files} == before
