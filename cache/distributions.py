@@ -20,8 +20,9 @@ probability 0 (underflow) and still belongs to S.
 
 What equals the dense full-vocabulary computation (tests/test_distributions.py checks each):
   * nothing truncated (top_p >= 1 and max_support >= V): the sparse divergences equal the dense ones;
-  * always: sparse KL/JSD <= dense KL/JSD, because merging T into one cell is a coarse-graining and both
-    are f-divergences (data processing inequality);
+  * for rows as captured (float32, unquantised): sparse KL/JSD <= dense KL/JSD, because merging T into
+    one cell is a coarse-graining and both are f-divergences (data processing inequality); rows read
+    from the cache are float16-rounded and renormalised, which can move the value slightly either way;
   * gradient w.r.t. the student logits: on S, d KL_sparse / d z_v = (m q_v - r_v) with
     m = sum_S r + eps the stored mass, which is the dense gradient q_v - r_v exactly when the stored
     mass is 1 (float32 capture); on T only the sum over the bucket matches the dense gradient
@@ -224,7 +225,10 @@ def coarse_cells(
     in_support = torch.zeros(rows, vocab_size + 1, dtype=torch.bool, device=logits.device)
     in_support.scatter_(1, scatter_ids, True)
     in_support = in_support[:, :vocab_size]
-    has_tail = ~in_support.all(dim=-1)
+    # A row has a tail cell when its support leaves some token out, unless neither side puts any mass
+    # there (eps = 0 and every off-support logit -inf): logsumexp over all -inf would send nan backwards.
+    reachable = (~in_support & torch.isfinite(logits)).any(dim=-1)
+    has_tail = ~in_support.all(dim=-1) & (reachable | (tail_mass > 0))
     # Rows with an empty tail get finite dummy logits so that no -inf/nan reaches the backward pass.
     off_support_logits = torch.where(
         has_tail[:, None], logits.masked_fill(in_support, float("-inf")), torch.zeros_like(logits)
@@ -276,14 +280,47 @@ def sparse_jsd(
 def sparse_cosine(
     support_ids: Tensor, support_probs: Tensor, tail_mass: Tensor, student_logits: Tensor
 ) -> Tensor:
-    """Per-row cosine distance 1 - cos(R, Q) between the support + tail cell vectors. Returns (N,).
+    """Per-row cosine distance 1 - <R, Q> / (|R| |Q|) over the full vocabulary (ViKeR Table 9). Returns (N,).
 
-    Unlike KL and JSD this is no f-divergence, so it is not bounded by the dense value; it equals the
-    dense cosine distance when nothing is truncated.
+    |Q| is exact, from the logits: log |Q|^2 = logsumexp(2 log softmax(z)). <R, Q> and |R| are taken over
+    the support: R's tail mass eps lies on ids the cache does not know. Each tail entry is at most
+    r_min = min_S r (top-p keeps the largest), so the tail adds at most eps * max_T q to <R, Q> and at most
+    eps * r_min to |R|^2: the cosine of the full rows lies in
+    [cos_S * sqrt(n / (n + eps r_min)), cos_S + eps max_T q / (sqrt(n) |Q|)], n = sum_S r^2
+    (cosine_tail_bounds; exact when nothing is truncated). A cosine over the |S| + 1 coarse cells would
+    instead count the whole tail as one coordinate of mass eps.
     """
-    cells = coarse_cells(support_ids, support_probs, tail_mass, student_logits)
-    student = torch.where(cells.valid, cells.student_log.exp(), torch.zeros_like(cells.teacher))
-    return 1.0 - torch.nn.functional.cosine_similarity(cells.teacher, student, dim=-1, eps=1e-12)
+    logits = _at_least_float32(student_logits)
+    valid = support_ids >= 0
+    log_q = torch.log_softmax(logits, dim=-1)
+    support_q = torch.gather(log_q, 1, support_ids.clamp(min=0)).exp()
+    teacher = torch.where(valid, support_probs.to(logits.dtype), torch.zeros_like(support_q))
+    dot = (teacher * torch.where(valid, support_q, torch.zeros_like(support_q))).sum(dim=-1)
+    teacher_norm = teacher.square().sum(dim=-1).sqrt()
+    student_norm = (0.5 * torch.logsumexp(2 * log_q, dim=-1)).exp()
+    return 1.0 - dot / (teacher_norm * student_norm).clamp_min(1e-12)
+
+
+def cosine_tail_bounds(
+    support_ids: Tensor, support_probs: Tensor, tail_mass: Tensor, student_logits: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(lowest, highest) full-vocabulary cosine distance any tail of mass eps (entries <= min_S r) allows."""
+    logits = _at_least_float32(student_logits)
+    valid = support_ids >= 0
+    log_q = torch.log_softmax(logits, dim=-1)
+    q = log_q.exp()
+    in_support = torch.zeros_like(q, dtype=torch.bool)
+    in_support.scatter_(1, support_ids.clamp(min=0), valid)
+    max_tail_q = torch.where(in_support, torch.zeros_like(q), q).max(dim=-1).values
+    teacher = torch.where(valid, support_probs.to(logits.dtype), torch.zeros_like(q[:, : valid.shape[1]]))
+    norm_squared = teacher.square().sum(dim=-1)
+    smallest = torch.where(valid, teacher, torch.full_like(teacher, float("inf"))).min(dim=-1).values
+    student_norm = q.square().sum(dim=-1).sqrt()
+    eps = tail_mass.to(logits.dtype)
+    cosine = 1.0 - sparse_cosine(support_ids, support_probs, tail_mass, student_logits)
+    highest_cosine = (cosine + eps * max_tail_q / (norm_squared.sqrt() * student_norm)).clamp(max=1.0)
+    lowest_cosine = cosine * torch.sqrt(norm_squared / (norm_squared + eps * smallest.clamp(max=1.0)))
+    return 1.0 - highest_cosine, 1.0 - lowest_cosine
 
 
 # D(R || Q) per answer token from a sparse teacher and the student's logits (ViKeR Table 9), by name.

@@ -159,7 +159,8 @@ def kl_min(
     """L = -L(D_f) + beta E_{D_r} KL(P_theta_ref(y|x) || P_theta(y|x))  (Vgid Eq. 8).
 
     The KL runs from the frozen model to the student, as in Vgid Eq. 8 (MLLMU-Bench Eq. 14 writes the
-    arguments the other way round); this direction is the one a top-p cache of the frozen model supports.
+    arguments the other way round); in this direction the cached side is the KL's first argument, whose
+    dropped tail enters only through its mass (the tail bucket).
     """
     forget_nll = nll(forget)
     retain_kl = divergence("kl", retain_teacher, retain)
