@@ -184,6 +184,39 @@ def renormalize_support(support_probs: Tensor, tail_mass: Tensor) -> Tensor:
     return (support_probs.double() * scale).to(support_probs.dtype)
 
 
+def malformed_rows(
+    support_ids: Tensor, support_probs: Tensor, tail_mass: Tensor, vocab_size: int | None = None
+) -> list[tuple[int, str]]:
+    """(row, what is wrong) for every row the divergences would turn into a silently wrong number: a
+    repeated support id (counted twice), an empty support, a support of the whole vocabulary with tail
+    mass left over (the mass would be dropped), or support + tail not summing to 1."""
+    valid = support_ids >= 0
+    problems: list[tuple[int, str]] = []
+    repeated = ((torch.diff(support_ids, dim=1) <= 0) & valid[:, 1:]).any(dim=1)
+    empty = ~valid.any(dim=1)
+    total = torch.where(valid, support_probs, torch.zeros_like(support_probs)).double().sum(dim=1)
+    mass_off = (total + tail_mass.double() - 1.0).abs() > 1e-3
+    whole = valid.sum(dim=1) >= vocab_size if vocab_size is not None else torch.zeros_like(empty)
+    leftover = whole & (tail_mass > 1e-6)
+    for row in torch.nonzero(repeated | empty | mass_off | leftover).flatten().tolist():
+        if bool(repeated[row]):
+            problems.append((row, "a support id appears twice (ids must be strictly ascending)"))
+        elif bool(empty[row]):
+            problems.append((row, "an empty support"))
+        elif bool(leftover[row]):
+            problems.append(
+                (
+                    row,
+                    f"the support is the whole vocabulary but tail mass {float(tail_mass[row]):.3g} is left",
+                )
+            )
+        else:
+            problems.append(
+                (row, f"support + tail mass sum to {float(total[row] + tail_mass[row]):.6f}, not 1")
+            )
+    return problems
+
+
 def _at_least_float32(values: Tensor) -> Tensor:
     """float16/bfloat16 -> float32 for the arithmetic; float64 stays (the dense reference tests use it)."""
     return values if values.dtype == torch.float64 else values.float()

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cache.distributions import PAD_ID, renormalize_support
+from cache.distributions import PAD_ID, malformed_rows, renormalize_support
 from cache.manifest import read_manifest
 from cache.schema import CachedSample, CacheError, Layout
 from pipeline.hashing import file_sha256
@@ -52,6 +52,14 @@ def _decode_batch(batch: pa.RecordBatch, layout: Layout) -> list[CachedSample]:
     tail_mass = tail_mass.astype(np.float32)
     padded_probs = renormalize_support(torch.from_numpy(padded_probs), torch.from_numpy(tail_mass)).numpy()
 
+    token_rows = torch.from_numpy(padded_ids)
+    problems = malformed_rows(token_rows, torch.from_numpy(padded_probs), torch.from_numpy(tail_mass))
+    if problems:
+        row_of_token = np.searchsorted(token_offsets, problems[0][0], side="right") - 1
+        raise CacheError(
+            f"sample {sample_ids[row_of_token]}, answer token {problems[0][0] - int(token_offsets[row_of_token])}: "
+            f"{problems[0][1]} ({len(problems)} malformed token rows in this record batch)"
+        )
     samples = []
     for row, sample_id in enumerate(sample_ids):
         start, stop = int(token_offsets[row]), int(token_offsets[row + 1])

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cache.distributions import SPARSE_DIVERGENCES, TruncatedDistributions
+from cache.distributions import SPARSE_DIVERGENCES, TruncatedDistributions, malformed_rows
 from pipeline.hashing import stable_int
 from pipeline.registry import Registry
 
@@ -116,6 +116,13 @@ def divergence(name: str, teacher: TruncatedDistributions, predictions: AnswerPr
     """
     if len(teacher) != len(predictions.targets):
         raise ValueError(f"{len(teacher)} teacher rows for {len(predictions.targets)} answer tokens")
+    problems = malformed_rows(
+        teacher.support_ids, teacher.support_probs, teacher.tail_mass, predictions.logits.shape[-1]
+    )
+    if problems:
+        row, problem = problems[0]
+        sample = int(torch.searchsorted(torch.tensor(predictions.answer_lengths).cumsum(0), row, right=True))
+        raise ValueError(f"teacher rows of sample {sample} of the batch, token row {row}: {problem}")
     if name not in SPARSE_DIVERGENCES:
         raise ValueError(f"unknown regularizer {name!r}; known: {', '.join(SPARSE_DIVERGENCES)}")
     divergence_of = SPARSE_DIVERGENCES[name]

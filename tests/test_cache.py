@@ -408,3 +408,17 @@ def test_cli_verify_and_inspect(cache_dir, samples):
     assert "shard-00002-of-00003.parquet" in result.output and "half-written" in result.output
     result = runner.invoke(main, ["cache", "inspect", str(cache_dir)])
     assert result.exit_code != 0 and "shard-00002-of-00003" in result.output
+
+
+def test_a_malformed_row_read_from_disk_names_its_sample(tmp_path, samples, monkeypatch):
+    """The writer refuses repeated support ids; a file written otherwise is refused on reading."""
+    import cache.writer
+
+    monkeypatch.setattr(cache.writer, "_check_sample", lambda sample, vocab_size: None)
+    broken = make_sample(7, 3)
+    broken.support_ids[2, 1] = broken.support_ids[2, 0]
+    with ShardWriter(tmp_path, 0, 1, HEADER) as writer:
+        writer.write(samples[0], record(samples[0]))
+        writer.write(broken, record(broken))
+    with pytest.raises(CacheError, match="sample forget/7, answer token 2: a support id appears twice"):
+        list(iter_cache(tmp_path))

@@ -440,3 +440,23 @@ def test_refusals_ship_and_are_chosen_deterministically():
     assert chosen == [choose_refusal(f"forget_10/{i}", refusals, seed=0) for i in range(200)]
     assert len(set(chosen)) > 50  # spread over the set, not one sentence
     assert chosen != [choose_refusal(f"forget_10/{i}", refusals, seed=1) for i in range(200)]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda t: t.support_ids.__setitem__((1, 1), int(t.support_ids[1, 0])), "appears twice"),
+        (lambda t: (t.support_ids[1].fill_(PAD_ID), t.support_probs[1].zero_()), "empty support"),
+        (lambda t: t.tail_mass.__setitem__(1, 0.25), "whole vocabulary but tail mass 0.25"),
+        (lambda t: t.support_probs[1].mul_(0.5), "sum to 0.5"),
+    ],
+)
+def test_malformed_teacher_rows_are_refused_not_turned_into_numbers(damage, message):
+    """A duplicate id would be counted twice, an empty row gives eps log eps < 0, a whole-vocabulary support
+    drops its leftover tail mass: each is an error naming where it is."""
+    generator = torch.Generator().manual_seed(4)
+    forget = random_predictions(generator, [1, 2], 6)
+    teacher = untruncated(random_distributions(generator, 3, 6))
+    damage(teacher)
+    with pytest.raises(ValueError, match=f"sample 1 of the batch, token row 1: .*{message}"):
+        LOSSES["viker"](forget, teacher, lambda_=1.0)
