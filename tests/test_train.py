@@ -45,6 +45,7 @@ def write_cache(
     tokenizer_fingerprint: str | None = None,
     edit_tokens_of: str | None = None,
     num_shards: int = 1,
+    dtype: str | None = None,
 ) -> Path:
     """One row per sample of `split`: the frozen model's top-p distributions over the answer tokens,
     on the sample's own image (an `original`/`base` teacher) or on a blank one (a stand-in teacher that
@@ -60,6 +61,7 @@ def write_cache(
         "tokenizer_fingerprint": tokenizer_fingerprint or loaded.tokenizer_fingerprint,
         "dataset_fingerprint": "test",
         "vocab_size": loaded.model.config.text_config.vocab_size,
+        **({"dtype": dtype} if dtype else {}),
     }
     for shard in range(num_shards):
         with ShardWriter(directory, shard, num_shards, header) as writer:
@@ -449,3 +451,10 @@ def test_a_model_path_that_does_not_exist_is_named(tmp_path):
         result = CliRunner().invoke(main, [*common, "--model", model, "--method", "ga"])
         assert result.exit_code == 1 and f"--model {model}: no such" in result.output, result.output
         assert "Traceback" not in result.output
+
+
+def test_a_cache_of_another_compute_dtype_is_named_with_both(tiny_model, tiny_model_dir, tmp_path, capsys):
+    cache = write_cache(tmp_path / "base", tiny_model, RETAIN, "base", dtype="bf16")
+    run(config(tiny_model_dir, tmp_path / "kl", "kl_min", {"teacher": None, "base": cache}, max_steps=1))
+    warning = capsys.readouterr().err
+    assert f"retain cache {cache} was computed in bf16 but the student runs in fp32" in warning

@@ -9,6 +9,7 @@ pairs are the same for any number of processes.
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -17,7 +18,7 @@ from cache.manifest import CacheManifest, check_compatible, read_manifest
 from cache.reader import iter_cache
 from cache.schema import CachedSample
 from pipeline.losses import AnswerPredictions
-from pipeline.models import PromptedSample
+from pipeline.models import DTYPES, PromptedSample
 from pipeline.samples import QASample
 from pipeline.training.processes import Processes
 
@@ -47,12 +48,25 @@ class Cache:
                 f"{what} cache {directory} holds {len(unknown)} samples that are not in the {what} split, "
                 f"e.g. {unknown[:3]}: it was made from other data"
             )
+        compute, student = manifest.header.get("dtype"), dtype_name(loaded.model)
+        if compute and student and compute != student:
+            print(
+                f"warning: {what} cache {directory} was computed in {compute} but the student runs in {student}: "
+                "its rows differ from the student's own distribution by that rounding (a KL above 0 at step 0)",
+                file=sys.stderr,
+            )
         return cls(directory=str(directory), manifest=manifest, teacher=str(manifest.header.get("teacher")))
 
     def stream(self, rank: int, world_size: int, shuffle_seed: int) -> Iterator[CachedSample]:
         return iter_cache(
             self.directory, rank=rank, world_size=world_size, shuffle_seed=shuffle_seed, batch_size=16
         )
+
+
+def dtype_name(model) -> str | None:
+    """The model's compute dtype as the cache header names it (fp32, bf16, fp16)."""
+    dtype = next(model.parameters()).dtype
+    return next((name for name, value in DTYPES.items() if value == dtype), None)
 
 
 def prompted(loaded, sample: QASample, answer: str | None = None) -> PromptedSample:
