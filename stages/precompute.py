@@ -55,6 +55,7 @@ from pipeline.models import (
     LoadedModel,
     VisionFeatureCache,
     answer_logits,
+    check_joint_tokenization,
     check_lengths,
     encode_answers,
     load_model,
@@ -107,6 +108,8 @@ def run(config: PrecomputeConfig) -> list[ShardManifest]:
     samples = load_samples(config)
     loaded = load_model(config.model, **config.loading())
     context = teacher_context(config, teacher, loaded)
+    first = samples[0]  # once per run: the tokenizer splits prompt and answer cleanly
+    check_joint_tokenization(loaded, first.sample_id, context.prompt(first), first.answer)
     header = cache_header(config, teacher, loaded, samples, context)
     expected_header = shard_header(header, config.num_shards)
     check_existing_shards(Path(config.out), expected_header)

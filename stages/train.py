@@ -39,7 +39,14 @@ from cache import CachedSample, concat_samples
 from pipeline.data import load_unlearning_samples
 from pipeline.losses import AnswerPredictions, choose_refusal, compute_loss, load_refusals, loss_inputs
 from pipeline.methods import Method, public_name, resolve_method
-from pipeline.models import EncodedSamples, VisionFeatureCache, answer_logits, check_lengths, load_model
+from pipeline.models import (
+    EncodedSamples,
+    VisionFeatureCache,
+    answer_logits,
+    check_joint_tokenization,
+    check_lengths,
+    load_model,
+)
 from pipeline.samples import QASample
 from pipeline.teachers import TEACHERS, image_key
 from pipeline.training.checkpoints import (
@@ -143,6 +150,8 @@ def load_setup(config: TrainConfig, method: Method, device: torch.device, proces
         if "retain" in needs
         else []
     )
+    first = forget_samples[0]  # once per run: the tokenizer splits prompt and answer cleanly
+    check_joint_tokenization(loaded, first.sample_id, prompted(loaded, first).prompt, first.answer)
     setup = Setup(loaded, forget_samples, retain_samples)
     open_caches(config, method, setup, needs, processes.main)
     frozen_references(config, method, setup, needs, processes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -134,3 +135,21 @@ def test_the_model_fingerprint_covers_the_image_preprocessing(tiny_model_dir, tm
     config["image_processor"]["image_mean"] = [0.1, 0.2, 0.3]
     config_path.write_text(json.dumps(config))
     assert model_fingerprint(copy) != model_fingerprint(tiny_model_dir)
+
+
+def test_a_tokenizer_that_splits_prompt_and_answer_differently_is_named(tiny_model):
+    """A legacy SentencePiece tokenizer puts a spurious "▁" before a separately tokenized answer."""
+    from types import SimpleNamespace
+
+    from pipeline.models import TokenizationError, check_joint_tokenization
+
+    prompt = tiny_model.family.build_prompt("Where was she born?", True)
+    check_joint_tokenization(tiny_model, "s/1", prompt, "She was born in Lisbon.")  # the mini model's is clean
+
+    def legacy(text, add_special_tokens=False):
+        ids = tiny_model.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        return {"input_ids": ids if text.startswith("USER") else [7, *ids]}  # 7 stands for the spurious "▁"
+
+    loaded = SimpleNamespace(tokenizer=legacy, family=tiny_model.family)
+    with pytest.raises(TokenizationError, match=r"sample s/1: the answer 'She was born in Lisbon.' tokenizes"):
+        check_joint_tokenization(loaded, "s/1", prompt, "She was born in Lisbon.")

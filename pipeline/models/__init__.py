@@ -7,8 +7,10 @@ logits), `encoded_samples` and `vision_features` (training's two input caches), 
 
 from pipeline.models.batching import (
     TeacherForcingBatch,
+    TokenizationError,
     answer_logits,
     answer_token_ids,
+    check_joint_tokenization,
     check_lengths,
     encode_answers,
 )
@@ -40,7 +42,9 @@ __all__ = [
     "TeacherForcingBatch",
     "VisionFeatureCache",
     "answer_logits",
+    "TokenizationError",
     "answer_token_ids",
+    "check_joint_tokenization",
     "check_lengths",
     "encode_answers",
     "generate",
