@@ -132,6 +132,20 @@ def divergence(name: str, teacher: TruncatedDistributions, predictions: AnswerPr
     return predictions.per_sample_sum(per_token).mean()
 
 
+# NPO / DPO's log-likelihood of an answer: the sequence sum the papers write (ViKeR A.3, Vgid Eq. 9), or
+# the per-token mean MLLMU-Bench's code takes (its beta then acts on a quantity about |y| times smaller).
+Likelihood = Literal["sequence", "token_mean"]
+
+
+def log_ratio(predictions: AnswerPredictions, reference_log_probs: Tensor, likelihood: Likelihood) -> Tensor:
+    """(B,) log p_theta(y|I,x) - log p_ref(y|I,x), summed over the answer's tokens or averaged per token."""
+    ratio = predictions.answer_log_probs() - reference_log_probs
+    if likelihood == "token_mean":
+        lengths = torch.as_tensor(predictions.answer_lengths, device=ratio.device, dtype=ratio.dtype)
+        ratio = ratio / lengths
+    return ratio
+
+
 def preference_loss(log_ratio_preferred: Tensor, log_ratio_dispreferred: Tensor, beta: float) -> Tensor:
     """(B,) DPO / PO (Vgid Eq. 9): -log sigma(beta log pi/pi_ref(y+) - beta log pi/pi_ref(y-))."""
     return -F.logsigmoid(beta * log_ratio_preferred - beta * log_ratio_dispreferred)
@@ -176,15 +190,19 @@ def kl_min(
 
 @LOSSES.register("npo")
 def npo(
-    forget: AnswerPredictions, forget_reference_log_probs: Tensor, *, beta: Temperature = 0.4
+    forget: AnswerPredictions,
+    forget_reference_log_probs: Tensor,
+    *,
+    beta: Temperature = 0.4,
+    likelihood: Likelihood = "sequence",
 ) -> LossTerms:
     """L_NPO = -(2/beta) E_{D_f} log sigma(-beta log(p(y|I,x;theta) / p(y|I,x;theta_full)))  (ViKeR A.3).
 
     Equal to MLLMU-Bench Eq. 15, (2/beta) E log(1 + (pi_theta/pi_ref)^beta); beta = 0.4 there and in ViKeR.
     """
-    log_ratio = forget.answer_log_probs() - forget_reference_log_probs
-    loss = -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
-    return {"loss": loss, "forget_log_ratio": log_ratio.mean()}
+    forget_log_ratio = log_ratio(forget, forget_reference_log_probs, likelihood)
+    loss = -(2.0 / beta) * F.logsigmoid(-beta * forget_log_ratio).mean()
+    return {"loss": loss, "forget_log_ratio": forget_log_ratio.mean()}
 
 
 @LOSSES.register("idkpo")
@@ -195,14 +213,15 @@ def idkpo(
     refusal_reference_log_probs: Tensor,
     *,
     beta: Temperature = 0.4,
+    likelihood: Likelihood = "sequence",
 ) -> LossTerms:
     """L_IdkPO = -(1/beta) E log sigma(beta log ratio(y_idk) - beta log ratio(y))  (ViKeR A.3).
 
     DPO (Vgid Eq. 9) with a refusal as the preferred answer and the true answer as the dispreferred one,
     scaled by 1/beta as ViKeR writes it. beta is the same 0.4 as NPO's (ViKeR A.4).
     """
-    refusal_log_ratio = refusal.answer_log_probs() - refusal_reference_log_probs
-    forget_log_ratio = forget.answer_log_probs() - forget_reference_log_probs
+    refusal_log_ratio = log_ratio(refusal, refusal_reference_log_probs, likelihood)
+    forget_log_ratio = log_ratio(forget, forget_reference_log_probs, likelihood)
     loss = preference_loss(refusal_log_ratio, forget_log_ratio, beta).mean() / beta
     return {
         "loss": loss,

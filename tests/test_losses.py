@@ -400,7 +400,7 @@ def test_methods_declare_the_inputs_the_training_stage_must_provide():
     assert loss_inputs("viker") == ["forget", "forget_teacher"]
     assert loss_inputs("vgid") == ["forget", "forget_teacher", "retain", "retain_teacher"]
     assert loss_inputs("npo") == ["forget", "forget_reference_log_probs"]
-    assert loss_arguments("npo") == {"beta": 0.4}
+    assert loss_arguments("npo") == {"beta": 0.4, "likelihood": "sequence"}
     assert loss_arguments("viker") == {"lambda_": 0.05, "regularizer": "kl", "no_ga": False}
 
 
@@ -460,3 +460,20 @@ def test_malformed_teacher_rows_are_refused_not_turned_into_numbers(damage, mess
     damage(teacher)
     with pytest.raises(ValueError, match=f"sample 1 of the batch, token row 1: .*{message}"):
         LOSSES["viker"](forget, teacher, lambda_=1.0)
+
+
+def test_npo_and_idkpo_token_mean_form_divides_each_log_ratio_by_the_answer_length():
+    """MLLMU-Bench's code applies beta to the per-token mean: the same loss with every log-ratio / |y|."""
+    generator = torch.Generator().manual_seed(11)
+    forget, refusal = random_predictions(generator, [2, 5], 7), random_predictions(generator, [3, 1], 7)
+    reference, refusal_reference = torch.tensor([-4.0, -9.0]), torch.tensor([-6.0, -2.0])
+    per_token = LOSSES["npo"](forget, reference, beta=0.4, likelihood="token_mean")
+    ratio = (forget.answer_log_probs() - reference) / torch.tensor([2.0, 5.0])
+    torch.testing.assert_close(
+        per_token["loss"], -(2 / 0.4) * torch.nn.functional.logsigmoid(-0.4 * ratio).mean()
+    )
+    assert not torch.isclose(per_token["loss"], LOSSES["npo"](forget, reference, beta=0.4)["loss"])
+    idk = LOSSES["idkpo"](forget, refusal, reference, refusal_reference, beta=0.4, likelihood="token_mean")
+    preferred = (refusal.answer_log_probs() - refusal_reference) / torch.tensor([3.0, 1.0])
+    expected = -torch.nn.functional.logsigmoid(0.4 * preferred - 0.4 * ratio).mean() / 0.4
+    torch.testing.assert_close(idk["loss"], expected)
