@@ -29,6 +29,9 @@ class ModelOptions:
         None, "Attention kernel: sdpa | eager | flash_attention_2 (none: transformers' choice)."
     )
     trust_remote_code: bool = param(False, "Run model code shipped with a hub checkpoint (off unless asked).")
+    # Every loss then counts the closing token as one more answer token; MLLMU-Bench fine-tuned its LLaVA
+    # without one, so its experiments turn this off for the vanilla checkpoint.
+    close_answers: bool = param(True, "Teacher-force each answer's closing token (end of turn or EOS).")
 
     def loading(self) -> dict[str, Any]:
         """pipeline.models.load_model's keyword arguments."""
@@ -37,6 +40,7 @@ class ModelOptions:
             "device": self.device,
             "attn_implementation": self.attn_implementation,
             "trust_remote_code": self.trust_remote_code,
+            "close_answers": self.close_answers,
         }
 
 

@@ -193,6 +193,7 @@ def cache_header(
         "tokenizer_fingerprint": loaded.tokenizer_fingerprint,
         "vocab_size": int(loaded.model.get_output_embeddings().weight.shape[0]),
         "dtype": config.dtype,
+        "close_answers": config.close_answers,
         "split": config.split,
         "kinds": list(config.kinds),
         "num_samples": len(samples),
@@ -327,7 +328,8 @@ def measure_cache_kl(
     student before unlearning)."""
     manifest = read_manifest(directory)
     header = manifest.header
-    loaded = load_model(model_path, dtype=header["dtype"], device=device)
+    close_answers = header.get("close_answers", True)
+    loaded = load_model(model_path, dtype=header["dtype"], device=device, close_answers=close_answers)
     check_compatible(manifest, loaded.model_fingerprint, loaded.tokenizer_fingerprint)
     params = header["teacher_params"]
     config = PrecomputeConfig(
@@ -342,6 +344,7 @@ def measure_cache_kl(
         max_support=header["max_support"],
         dtype=header["dtype"],
         device=device,
+        close_answers=close_answers,
         **params,
     )
     config, teacher = checked(config)

@@ -153,3 +153,14 @@ def test_a_tokenizer_that_splits_prompt_and_answer_differently_is_named(tiny_mod
     loaded = SimpleNamespace(tokenizer=legacy, family=tiny_model.family)
     with pytest.raises(TokenizationError, match=r"sample s/1: the answer 'She was born in Lisbon.' tokenizes"):
         check_joint_tokenization(loaded, "s/1", prompt, "She was born in Lisbon.")
+
+
+def test_close_answers_off_drops_the_closing_token_from_teacher_forcing(tiny_model):
+    """MLLMU-Bench fine-tuned without a closing token; an experiment can teacher-force answers likewise."""
+    from dataclasses import replace as with_fields
+
+    from pipeline.models import answer_token_ids
+
+    closed = answer_token_ids(tiny_model, "She was born in Lisbon.")
+    open_ended = answer_token_ids(with_fields(tiny_model, close_answers=False), "She was born in Lisbon.")
+    assert closed == [*open_ended, tiny_model.tokenizer.eos_token_id]

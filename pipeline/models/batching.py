@@ -23,7 +23,7 @@ def answer_token_ids(loaded: LoadedModel, answer: str) -> list[int]:
     if not answer.strip():
         raise ValueError("empty answer")
     ids = loaded.tokenizer(loaded.family.answer_text(answer), add_special_tokens=False)["input_ids"]
-    return list(ids) + loaded.family.end_token_ids(loaded.tokenizer)
+    return list(ids) + (loaded.family.end_token_ids(loaded.tokenizer) if loaded.close_answers else [])
 
 
 @dataclass

@@ -27,6 +27,7 @@ class LoadedModel:
     model_fingerprint: str
     tokenizer_fingerprint: str
     path: str
+    close_answers: bool = True  # teacher forcing appends the family's closing token to every answer
 
     @property
     def tokenizer(self):
@@ -95,6 +96,7 @@ def load_model(
     device: str = "cpu",
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    close_answers: bool = True,
 ) -> LoadedModel:
     """Load a vision-language model and its processor, frozen and in eval mode.
 
@@ -125,4 +127,5 @@ def load_model(
         model_fingerprint=model_fingerprint(local_dir),
         tokenizer_fingerprint=tokenizer_fingerprint(processor.tokenizer),
         path=str(path),
+        close_answers=close_answers,
     )
