@@ -205,6 +205,29 @@ def npo(
     return {"loss": loss, "forget_log_ratio": forget_log_ratio.mean()}
 
 
+@LOSSES.register("po")
+def po(
+    forget: AnswerPredictions,
+    refusal: AnswerPredictions,
+    forget_reference_log_probs: Tensor,
+    refusal_reference_log_probs: Tensor,
+    *,
+    beta: Temperature = 0.4,
+    likelihood: Likelihood = "sequence",
+) -> LossTerms:
+    """L_PO = -E log sigma(beta log ratio(y+) - beta log ratio(y-))  (Vgid Eq. 9, DPO; Maini et al. 2024).
+
+    y+ is a refusal, y- the true answer. Vgid states no beta; the default is ViKeR's 0.4 for IdkPO.
+    """
+    refusal_log_ratio = log_ratio(refusal, refusal_reference_log_probs, likelihood)
+    forget_log_ratio = log_ratio(forget, forget_reference_log_probs, likelihood)
+    return {
+        "loss": preference_loss(refusal_log_ratio, forget_log_ratio, beta).mean(),
+        "refusal_log_ratio": refusal_log_ratio.mean(),
+        "forget_log_ratio": forget_log_ratio.mean(),
+    }
+
+
 @LOSSES.register("idkpo")
 def idkpo(
     forget: AnswerPredictions,
@@ -217,17 +240,17 @@ def idkpo(
 ) -> LossTerms:
     """L_IdkPO = -(1/beta) E log sigma(beta log ratio(y_idk) - beta log ratio(y))  (ViKeR A.3).
 
-    DPO (Vgid Eq. 9) with a refusal as the preferred answer and the true answer as the dispreferred one,
-    scaled by 1/beta as ViKeR writes it. beta is the same 0.4 as NPO's (ViKeR A.4).
+    PO (Vgid Eq. 9) scaled by 1/beta as ViKeR writes it. beta is the same 0.4 as NPO's (ViKeR A.4).
     """
-    refusal_log_ratio = log_ratio(refusal, refusal_reference_log_probs, likelihood)
-    forget_log_ratio = log_ratio(forget, forget_reference_log_probs, likelihood)
-    loss = preference_loss(refusal_log_ratio, forget_log_ratio, beta).mean() / beta
-    return {
-        "loss": loss,
-        "refusal_log_ratio": refusal_log_ratio.mean(),
-        "forget_log_ratio": forget_log_ratio.mean(),
-    }
+    terms = po(
+        forget,
+        refusal,
+        forget_reference_log_probs,
+        refusal_reference_log_probs,
+        beta=beta,
+        likelihood=likelihood,
+    )
+    return {**terms, "loss": terms["loss"] / beta}
 
 
 @LOSSES.register("viker")

@@ -477,3 +477,18 @@ def test_npo_and_idkpo_token_mean_form_divides_each_log_ratio_by_the_answer_leng
     preferred = (refusal.answer_log_probs() - refusal_reference) / torch.tensor([3.0, 1.0])
     expected = -torch.nn.functional.logsigmoid(0.4 * preferred - 0.4 * ratio).mean() / 0.4
     torch.testing.assert_close(idk["loss"], expected)
+
+
+def test_po_is_dpo_without_idkpos_one_over_beta():
+    """Vgid Eq. 9 (PO) and ViKeR's IdkPO share the preference loss; IdkPO divides it by beta."""
+    generator = torch.Generator().manual_seed(12)
+    forget, refusal = random_predictions(generator, [2, 3], 7), random_predictions(generator, [1, 2], 7)
+    reference, refusal_reference = torch.tensor([-4.0, -9.0]), torch.tensor([-6.0, -2.0])
+    po = LOSSES["po"](forget, refusal, reference, refusal_reference, beta=0.25)["loss"]
+    margin = 0.25 * (refusal.answer_log_probs() - refusal_reference) - 0.25 * (
+        forget.answer_log_probs() - reference
+    )
+    torch.testing.assert_close(po, -torch.nn.functional.logsigmoid(margin).mean())
+    idk = LOSSES["idkpo"](forget, refusal, reference, refusal_reference, beta=0.25)["loss"]
+    torch.testing.assert_close(idk, po / 0.25)
+    assert loss_inputs("po") == loss_inputs("idkpo")
