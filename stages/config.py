@@ -151,7 +151,7 @@ class EvaluateConfig(ModelOptions):
     """evaluate: MLLMU-Bench's measures for a model (+ a LoRA adapter), per split."""
 
     data: str = param(help="Data directory (MLLMU-Bench's hub layout).")
-    out: str = param(help="results/<run>/metrics.json")
+    out: str = param(help="metrics.json of the run, e.g. results/runs/<run>/metrics.json")
     adapter: str | None = param(None, "LoRA adapter directory to evaluate on top of --model.")
     forget_split: str = param("forget_10", "Forget split: its test, retain and real splits go with it.")
     protocol: str = param("fixed", "Prompt protocol (docs/evaluation.md).", choices=("fixed", "official"))
@@ -174,7 +174,7 @@ class EvaluateConfig(ModelOptions):
 class ReportConfig:
     """report: the papers' tables (means and spread over seeds), the findings and the figures."""
 
-    runs: str = param("results", "Folder of <run>/metrics.json (run names: method or method-sN).")
+    runs: str = param("results/runs", "Folder of <run>/metrics.json (run names: method or method-sN).")
     out: str = param("results/report.md", "The report's Markdown file.")
     references: str | None = param(None, "Reference pools folder (none: beside the runs' data).")
     sample_index: int = param(0, "Which forget sample the token plot shows.", low=0)

@@ -1,6 +1,6 @@
 """Stage `report`: the papers' tables and figures from several evaluated runs.
 
-    results/<run>/metrics.json (+ meta.json)   written by `pipeline evaluate`, one per run;
+    results/runs/<run>/metrics.json (+ meta.json)   written by `pipeline evaluate`, one per run;
                                                <run> is a method name, with -sN for seed N (viker-s1)
     -> results/report.md                       tables in the papers' layout, means ± std over seeds
     -> results/tradeoff.png                    forgetting vs utility (Vgid Fig. 4 and App. A.3.6)

@@ -47,7 +47,7 @@ MARKERS = {
     "precompute-0": "work/cache/viker/.shard-00000-of-00002.parquet.*.tmp",
     "precompute-1": "work/cache/viker/.shard-00001-of-00002.parquet.*.tmp",
     "train": "work/adapters/viker-s0/checkpoints",
-    "evaluate": "results/viker-s0/.generation-journal.jsonl",
+    "evaluate": "results/runs/viker-s0/.generation-journal.jsonl",
 }
 STAGES = [
     ("prepare-mini", ["prepare-mini", "--out", "work/mini", "--metrics-out", "metrics/full_model.json"],
@@ -59,10 +59,10 @@ STAGES = [
     ("train", ["train", "--method", "viker", "--seeds", "0,1", *COMMON, "--out", "work/adapters/viker-s{seed}"],
      ["work/adapters/viker-s0", "work/adapters/viker-s1"]),
     ("evaluate", ["evaluate", *COMMON, "--seeds", "0,1", "--adapter", "work/adapters/viker-s{seed}",
-                  "--out", "results/viker-s{seed}/metrics.json", "--no-progress"],
-     ["results/viker-s0/metrics.json", "results/viker-s0/responses.jsonl",
-      "results/viker-s1/metrics.json", "results/viker-s1/responses.jsonl"]),
-    ("report", ["report", "--runs", "results", "--out", "results/report.md", "--no-token-plot"],
+                  "--out", "results/runs/viker-s{seed}/metrics.json", "--no-progress"],
+     ["results/runs/viker-s0/metrics.json", "results/runs/viker-s0/responses.jsonl",
+      "results/runs/viker-s1/metrics.json", "results/runs/viker-s1/responses.jsonl"]),
+    ("report", ["report", "--runs", "results/runs", "--out", "results/report.md", "--no-token-plot"],
      ["results/report.md"]),
 ]  # fmt: skip
 # Keys that hold wall-clock times: the only values a resumed run may write differently.

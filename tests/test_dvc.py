@@ -120,7 +120,7 @@ def test_repro_writes_every_stage_output(repo):
         _run([sys.executable, "-m", "stages", "cache", "verify", f"work/cache/{teacher}"], repo)
     runs = ["full"] + [f"{method}-s{seed}" for method in methods for seed in range(3)]
     for run in runs:
-        metrics = json.loads((repo / "results" / run / "metrics.json").read_text())
+        metrics = json.loads((repo / "results" / "runs" / run / "metrics.json").read_text())
         for split in ("forget", "test", "retain", "real"):
             assert 0.0 <= metrics[split]["rougeL"] <= 1.0, (run, split)
             assert 0.0 <= metrics[split]["mc_acc"] <= 1.0, (run, split)
@@ -129,7 +129,7 @@ def test_repro_writes_every_stage_output(repo):
     report = (repo / "results/report.md").read_text()
     assert "ViKeR" in report and "Vgid" in report
     shown = json.loads(_dvc("metrics", "show", "--json", cwd=repo).stdout)
-    assert any("results/viker-s0/metrics.json" in json.dumps(entry) for entry in shown.values())
+    assert any("results/runs/viker-s0/metrics.json" in json.dumps(entry) for entry in shown.values())
 
 
 @pytest.mark.slow
