@@ -13,7 +13,7 @@ Measured at the defaults (ViKeR, k=5, top-p 0.995, people pool) on the mini mode
                        processes in parallel, each pinned to its own core, process start included,
                        on a 200-person world from the same generator (the 60-person world's split is
                        a few CPU-seconds of work next to ~8 s of imports per process)  (goal >= 1.7)
-plus the column-layout comparison behind cache/format.py's choice ("layouts"). Takes a few minutes.
+plus the column-layout comparison behind cache/schema.py's choice ("layouts"). Takes a few minutes.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from cache import Layout, ShardWriter, read_manifest  # noqa: E402
 from pipeline.mini_world.config import WorldConfig  # noqa: E402
 from pipeline.mini_world.world import write_world  # noqa: E402
 from pipeline.models import answer_logits, encode_answers, load_model  # noqa: E402
-from pipeline.teachers import TEACHERS  # noqa: E402
+from stages.config import PrecomputeConfig  # noqa: E402
 from stages.precompute import (  # noqa: E402
-    PrecomputeConfig,
     TeacherExtractor,
+    checked,
     load_samples,
     measure_cache_kl,
     run,
@@ -62,7 +62,7 @@ def layout_name(layout: Layout) -> str:
     )
 
 
-# Every combination of the choices cache/format.py documents (one row per sample): float16 probabilities
+# Every combination of the choices cache/schema.py documents (one row per sample): float16 probabilities
 # rounded to an absolute step of 2^-14 or plainly, float32; float16 or float32 entropy; encodings.
 LAYOUTS = [
     Layout(
@@ -89,11 +89,11 @@ def cache_size(directory: Path) -> tuple[int, int]:
 
 def fresh_rows(config: PrecomputeConfig) -> tuple[list, dict]:
     """The split's rows straight from the extractor, float32 (rows read back from a cache are fp16-rounded)."""
+    config, teacher = checked(config)
     loaded = load_model(config.model, dtype=config.dtype, device=config.device)
     samples = load_samples(config)
-    context = teacher_context(config, loaded)
+    context = teacher_context(config, teacher, loaded)
     extractor = TeacherExtractor(loaded, config.top_p, config.max_support)
-    teacher = TEACHERS[config.teacher]
     rows, records = [], {}
     for start in range(0, len(samples), config.batch_size):
         chunk = samples[start : start + config.batch_size]
@@ -177,10 +177,10 @@ def measure_overhead(config: PrecomputeConfig, work: Path, repeats: int = 5) -> 
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    config, teacher = checked(config)
     loaded = load_model(config.model, dtype=config.dtype, device=config.device)
     samples = load_samples(config)
-    context = teacher_context(config, loaded)
-    teacher = TEACHERS[config.teacher]
+    context = teacher_context(config, teacher, loaded)
     chunks = [
         samples[start : start + config.batch_size] for start in range(0, len(samples), config.batch_size)
     ]

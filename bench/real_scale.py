@@ -306,7 +306,7 @@ def measure_precompute(loaded, samples, pool, args, device, work: Path) -> tuple
 
 
 def measure_training(loaded, samples, rows, batch_size: int, args, device) -> dict:
-    """LoRA steps of the ViKeR loss against the cached rows, as stages.train's forward_loss runs them."""
+    """LoRA steps of the ViKeR loss against the cached rows, as stages.train's LossStep runs them."""
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(

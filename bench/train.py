@@ -59,11 +59,10 @@ from pipeline.mini_world.config import TinyLlavaConfig, WorldConfig  # noqa: E40
 from pipeline.mini_world.tiny_model import build_tiny_llava, save_model, train_tokenizer  # noqa: E402
 from pipeline.mini_world.world import write_world  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from pipeline.teachers import TEACHERS  # noqa: E402
 from pipeline.training.processes import Processes  # noqa: E402
 from pipeline.training.streams import sample_stream  # noqa: E402
 from stages.config import PrecomputeConfig, TrainConfig  # noqa: E402
-from stages.precompute import TeacherExtractor, teacher_context  # noqa: E402
+from stages.precompute import TeacherExtractor, checked, teacher_context  # noqa: E402
 from stages.precompute import run as precompute  # noqa: E402
 from stages.train import run  # noqa: E402
 
@@ -138,7 +137,7 @@ def in_memory_source(config: TrainConfig):
 
 
 def stream_forget_cache(config: TrainConfig, epoch: int):
-    """The forget stream exactly as the trainer reads it (stages.train.sample_stream over the cache)."""
+    """The forget stream exactly as the trainer reads it (pipeline.training.streams.sample_stream over the cache)."""
     from pipeline.training.streams import Cache
 
     samples = load_unlearning_samples(config.data, config.forget_split)
@@ -159,8 +158,8 @@ def online_source(config: TrainConfig, data: str, reuse_vision_features: bool):
     frozen = load_model(config.model)
     extractor = TeacherExtractor(frozen, defaults.top_p, defaults.max_support)
     extractor.vision_features.enabled = reuse_vision_features
-    context = teacher_context(defaults, frozen)
-    teacher = TEACHERS["viker"]
+    defaults, teacher = checked(defaults)
+    context = teacher_context(defaults, teacher, frozen)
     samples = load_unlearning_samples(config.data, config.forget_split)
     cache = Cache.open(config.forget_cache, frozen, {s.sample_id: s for s in samples}, "forget")
     order = [sample for sample, _ in sample_stream(samples, cache, config.seed, "forget", 0, Processes())]
