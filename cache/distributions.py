@@ -25,9 +25,9 @@ What equals the dense full-vocabulary computation (tests/test_distributions.py c
     from the cache are float16-rounded and renormalised, which can move the value slightly either way;
   * gradient w.r.t. the student logits: on S, d KL_sparse / d z_v = (m q_v - r_v) with
     m = sum_S r + eps the stored mass, which is the dense gradient q_v - r_v exactly when the stored
-    mass is 1 (float32 capture); on T only the sum over the bucket matches the dense gradient
-    (sum_T (q_v - r_v) = q_T - eps); per token it is q_v (1 - eps / q_T), the dense gradient of a
-    teacher whose tail is proportional to the student's.
+    mass is 1 (float32 capture, or a row the reader renormalised); on T only the sum over the bucket
+    matches the dense gradient (sum_T (m q_v - r_v) = m q_T - eps); per token it is q_v (m - eps / q_T),
+    with m = 1 the dense gradient of a teacher whose tail is proportional to the student's.
 """
 
 from __future__ import annotations

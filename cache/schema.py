@@ -27,7 +27,7 @@ sample is concatenated into one flat list with a per-token size list (no list<li
     support_ids        list<int32>    (sum |S_t|)  S_t = top-p set (capped) + the answer token y_t,
                                             ascending ids per token
     support_probs      list<float16>  (sum |S_t|)  R_t(v), normalised over the full vocabulary, rounded
-                                            to an absolute precision of 2^-14 (see below)
+                                            to 2^-14 or float16's own spacing, the coarser (below)
     tail_mass          list<float32>  (T)   R_t(V \\ S_t), measured at capture time
     entropy            list<float16>  (T)   H(R_t) of the full distribution (nats; for analysis only)
     target_log_prob    list<float32>  (T)   log R_t(y_t) of the full distribution, before truncation

@@ -405,3 +405,19 @@ def test_no_tail_on_either_side_gives_finite_gradients(divergence):
         torch.tensor([[0.5, 0.5, 0.0, 0.0]]), logits.detach()
     )
     torch.testing.assert_close(value.detach(), dense)
+
+
+@settings(max_examples=80, deadline=None)
+@given(cases)
+def test_rows_as_training_reads_them_exceed_the_exact_kl_by_little(case):
+    """The bound sparse <= dense holds for rows as captured; rows read from the cache are float16-rounded to
+    2^-14 and renormalised, which can move the value up a little: measured worst 1.1e-3 nats per token on
+    the mini model's teachers (the math review), here held to 2e-3 on random rows."""
+    teacher_logits, student_logits = random_case(*case)
+    truncated = truncate_top_p(teacher_logits, 0.995, 256)
+    stored = quantize_probabilities(truncated.support_probs.float(), 2.0**-14).float()
+    stored = torch.where(truncated.support_ids >= 0, stored, torch.zeros_like(stored))
+    read = renormalize_support(stored, truncated.tail_mass.float())
+    sparse = sparse_kl(truncated.support_ids, read, truncated.tail_mass.float(), student_logits.float())
+    dense = dense_kl(torch.softmax(teacher_logits, -1), student_logits)
+    assert torch.all(sparse.double() <= dense + 2e-3), (sparse, dense)
