@@ -144,14 +144,17 @@ def test_a_tokenizer_that_splits_prompt_and_answer_differently_is_named(tiny_mod
     from pipeline.models import TokenizationError, check_joint_tokenization
 
     prompt = tiny_model.family.build_prompt("Where was she born?", True)
-    check_joint_tokenization(tiny_model, "s/1", prompt, "She was born in Lisbon.")  # the mini model's is clean
+    # The mini model's tokenizer splits cleanly.
+    check_joint_tokenization(tiny_model, "s/1", prompt, "She was born in Lisbon.")
 
     def legacy(text, add_special_tokens=False):
         ids = tiny_model.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         return {"input_ids": ids if text.startswith("USER") else [7, *ids]}  # 7 stands for the spurious "▁"
 
     loaded = SimpleNamespace(tokenizer=legacy, family=tiny_model.family)
-    with pytest.raises(TokenizationError, match=r"sample s/1: the answer 'She was born in Lisbon.' tokenizes"):
+    with pytest.raises(
+        TokenizationError, match=r"sample s/1: the answer 'She was born in Lisbon.' tokenizes"
+    ):
         check_joint_tokenization(loaded, "s/1", prompt, "She was born in Lisbon.")
 
 
