@@ -32,6 +32,10 @@ class ModelOptions:
     # Every loss then counts the closing token as one more answer token; MLLMU-Bench fine-tuned its LLaVA
     # without one, so its experiments turn this off for the vanilla checkpoint.
     close_answers: bool = param(True, "Teacher-force each answer's closing token (end of turn or EOS).")
+    prompt_template: str | None = param(
+        None,
+        "The family's prompt format: llava | mllmu-bench (LLaVA), chat (Qwen); none: the family's first.",
+    )
 
     def loading(self) -> dict[str, Any]:
         """pipeline.models.load_model's keyword arguments."""
@@ -41,6 +45,7 @@ class ModelOptions:
             "attn_implementation": self.attn_implementation,
             "trust_remote_code": self.trust_remote_code,
             "close_answers": self.close_answers,
+            "prompt_template": self.prompt_template,
         }
 
 

@@ -188,6 +188,9 @@ def cache_header(
         "top_p": config.top_p,
         "max_support": config.max_support,
         "prompt_template": loaded.family.build_prompt("{question}", True, instruction),
+        # The student's own prompt (no intervention): training refuses a cache made for another format.
+        "student_prompt": loaded.family.build_prompt("{question}", True),
+        "template": loaded.family.template,
         "model_family": loaded.family.name,
         "model_fingerprint": loaded.model_fingerprint,
         "tokenizer_fingerprint": loaded.tokenizer_fingerprint,
@@ -329,7 +332,10 @@ def measure_cache_kl(
     manifest = read_manifest(directory)
     header = manifest.header
     close_answers = header.get("close_answers", True)
-    loaded = load_model(model_path, dtype=header["dtype"], device=device, close_answers=close_answers)
+    loaded = load_model(
+        model_path, dtype=header["dtype"], device=device, close_answers=close_answers,
+        prompt_template=header.get("template"),
+    )  # fmt: skip
     check_compatible(manifest, loaded.model_fingerprint, loaded.tokenizer_fingerprint)
     params = header["teacher_params"]
     config = PrecomputeConfig(
@@ -345,6 +351,7 @@ def measure_cache_kl(
         dtype=header["dtype"],
         device=device,
         close_answers=close_answers,
+        prompt_template=header.get("template"),
         **params,
     )
     config, teacher = checked(config)

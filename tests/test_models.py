@@ -167,3 +167,19 @@ def test_close_answers_off_drops_the_closing_token_from_teacher_forcing(tiny_mod
     closed = answer_token_ids(tiny_model, "She was born in Lisbon.")
     open_ended = answer_token_ids(with_fields(tiny_model, close_answers=False), "She was born in Lisbon.")
     assert closed == [*open_ended, tiny_model.tokenizer.eos_token_id]
+
+
+def test_the_llava_family_writes_mllmu_benchs_prompt_when_asked():
+    """MLLMU-Bench's fine-tuned LLaVA was trained on `USER: <image>\\n{question}\\nASSISTANT: {answer}`."""
+    from pipeline.models import LlavaFamily
+
+    assert LlavaFamily().build_prompt("Q?", True) == "USER: <image>\nQ? ASSISTANT:"
+    assert LlavaFamily(template="mllmu-bench").build_prompt("Q?", True) == "USER: <image>\nQ?\nASSISTANT:"
+    assert (
+        LlavaFamily(template="mllmu-bench").build_prompt("Q?", False, "Forget.")
+        == "USER: Forget.\nQ?\nASSISTANT:"
+    )
+    with pytest.raises(
+        ValueError, match="prompt template 'chat' is not one of the llava family's: llava, mllmu-bench"
+    ):
+        LlavaFamily(template="chat")

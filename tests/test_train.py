@@ -458,3 +458,27 @@ def test_a_cache_of_another_compute_dtype_is_named_with_both(tiny_model, tiny_mo
     run(config(tiny_model_dir, tmp_path / "kl", "kl_min", {"teacher": None, "base": cache}, max_steps=1))
     warning = capsys.readouterr().err
     assert f"retain cache {cache} was computed in bf16 but the student runs in fp32" in warning
+
+
+def test_a_cache_made_for_another_prompt_template_is_refused_naming_both(
+    tiny_model, tiny_model_dir, tmp_path
+):
+    cache = write_cache(tmp_path / "teacher", tiny_model, FORGET, "viker", blank_image=True)
+    for manifest_path in cache.glob("shard-*.json"):
+        manifest = json.loads(manifest_path.read_text())
+        manifest["header"]["student_prompt"] = "USER: <image>\n{question}\nASSISTANT:"
+        manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(IncompatibleCacheError, match=r"made for prompts .*\\nASSISTANT:' but this run asks"):
+        run(config(tiny_model_dir, tmp_path / "out", "viker", {"teacher": cache}))
+    # Asked in the format the cache names, the run accepts it.
+    accepted = run(
+        config(
+            tiny_model_dir,
+            tmp_path / "ok",
+            "viker",
+            {"teacher": cache},
+            prompt_template="mllmu-bench",
+            max_steps=1,
+        )
+    )
+    assert accepted["steps"] == 1

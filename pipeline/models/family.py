@@ -38,10 +38,19 @@ class ModelFamily:
     image_placeholder = "<image>"
     # LoRA goes on the language model's attention only: the vision tower has q_proj/v_proj too.
     lora_target_modules = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+    # The prompt formats a family can write, by name; the first is its default. A checkpoint is asked in
+    # the format it was trained on (e.g. MLLMU-Bench's fine-tuned LLaVA: "mllmu-bench").
+    template_names: tuple[str, ...] = ("default",)
 
-    def __init__(self, config: Any = None) -> None:
+    def __init__(self, config: Any = None, template: str | None = None) -> None:
         # The model's config (load_model passes it): token ids some families need, e.g. Qwen's image pad.
         self.config = config
+        self.template = template or self.template_names[0]
+        if self.template not in self.template_names:
+            raise ValueError(
+                f"prompt template {self.template!r} is not one of the {self.name} family's: "
+                f"{', '.join(self.template_names)}"
+            )
 
     def load_processor(self, model_dir: str, trust_remote_code: bool = False) -> Any:
         from transformers import AutoProcessor

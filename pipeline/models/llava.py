@@ -10,13 +10,16 @@ class LlavaFamily(ModelFamily):
     """LLaVA-1.5 (`llava-hf/llava-1.5-7b-hf` and the tiny mini-world model)."""
 
     name = "llava"
+    # llava-hf's chat format, and MLLMU-Bench's (its fine-tune and eval.py: a newline before ASSISTANT:).
+    TEMPLATES = {"llava": "USER: {image}{text} ASSISTANT:", "mllmu-bench": "USER: {image}{text}\nASSISTANT:"}
+    template_names = tuple(TEMPLATES)
 
     def build_prompt(
         self, question: str, has_image: bool, instruction: str | None = None, exemplars: str = ""
     ) -> str:
         text = f"{instruction}\n{question}" if instruction else question
         # MLLMU-Bench's eval.py puts the solved exemplars in front of the whole "USER: ..." turn.
-        turn = f"USER: <image>\n{text} ASSISTANT:" if has_image else f"USER: {text} ASSISTANT:"
+        turn = self.TEMPLATES[self.template].format(image="<image>\n" if has_image else "", text=text)
         return exemplars + turn
 
     def answer_text(self, answer: str) -> str:

@@ -97,6 +97,7 @@ def load_model(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     close_answers: bool = True,
+    prompt_template: str | None = None,
 ) -> LoadedModel:
     """Load a vision-language model and its processor, frozen and in eval mode.
 
@@ -107,7 +108,7 @@ def load_model(
 
     local_dir = resolve_model_dir(path)
     config = AutoConfig.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
-    family = FAMILIES[config.model_type](config)
+    family = FAMILIES[config.model_type](config, prompt_template)
     # safetensors only: a pickled checkpoint can run code when it is loaded.
     kwargs: dict[str, Any] = {
         "dtype": DTYPES[dtype],

@@ -78,6 +78,7 @@ class Qwen2VLFamily(ModelFamily):
 
     name = "qwen2_vl"
     image_placeholder = VISION_BLOCK
+    template_names = ("chat",)  # the Instruct checkpoints' chat template (CHAT_TEMPLATE)
     lora_target_modules = r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 
     def build_prompt(

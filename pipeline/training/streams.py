@@ -16,7 +16,7 @@ from itertools import islice
 
 from cache.manifest import CacheManifest, check_compatible, read_manifest
 from cache.reader import iter_cache
-from cache.schema import CachedSample
+from cache.schema import CachedSample, IncompatibleCacheError
 from pipeline.losses import AnswerPredictions
 from pipeline.models import DTYPES, PromptedSample
 from pipeline.samples import QASample
@@ -47,6 +47,15 @@ class Cache:
             raise ValueError(
                 f"{what} cache {directory} holds {len(unknown)} samples that are not in the {what} split, "
                 f"e.g. {unknown[:3]}: it was made from other data"
+            )
+        cached_prompt, student_prompt = (
+            manifest.header.get("student_prompt"),
+            loaded.family.build_prompt("{question}", True),
+        )
+        if cached_prompt is not None and cached_prompt != student_prompt:
+            raise IncompatibleCacheError(
+                f"{what} cache {directory} was made for prompts {cached_prompt!r} but this run asks "
+                f"{student_prompt!r}: give the --prompt-template the cache was made with, or recompute it"
             )
         compute, student = manifest.header.get("dtype"), dtype_name(loaded.model)
         if compute and student and compute != student:
