@@ -166,7 +166,12 @@ class EvaluateConfig(ModelOptions):
     gib_model: str | None = param(None, "Local copy of the gibberish classifier (none: the offline scorer).")
     limit: int | None = param(None, "At most this many people per split.", low=1)
     seed: int = param(0, "Seeds the few-shot draws.")
-    few_shot_profiles: int | None = param(None, "Exemplar profiles (none: the protocol's).", low=0)
+    mc_few_shot_profiles: int | None = param(
+        None, "Exemplar profiles before multiple-choice questions (none: the protocol's).", low=0
+    )
+    cloze_few_shot_profiles: int | None = param(
+        None, "Exemplar profiles before cloze questions (none: the protocol's).", low=0
+    )
     few_shot_questions: int | None = param(
         None, "At most this many exemplar questions, 0 = all (none: the protocol's).", low=0
     )

@@ -86,7 +86,8 @@ class EvalProtocol:
     name = "base"
     few_shot_questions: int | None = None
 
-    def few_shot_profiles(self, family_name: str) -> int:
+    def few_shot_profiles(self, family_name: str, task: str) -> int:
+        """Exemplar profiles for a task (classification or cloze)."""
         raise NotImplementedError
 
     def few_shot_ids(
@@ -113,8 +114,10 @@ class OfficialProtocol(EvalProtocol):
     name = "official"
     few_shot_questions = None  # every question of the exemplar profiles
 
-    def few_shot_profiles(self, family_name: str) -> int:
-        return 2 if family_name == "llava" else 1  # eval.py: random.sample(ids, 2) for llava, 1 otherwise
+    def few_shot_profiles(self, family_name: str, task: str) -> int:
+        # eval.py at 5762ad6 (its head): random.sample(ids, 1) for multiple choice; for cloze 2 with LLaVA,
+        # 1 with Idefics2.
+        return 2 if task == "cloze" and family_name == "llava" else 1
 
     def few_shot_ids(
         self, person_ids: Sequence[str], count: int, seed: int, split: str, task: str
@@ -152,7 +155,7 @@ class FixedProtocol(EvalProtocol):
     # (stages/prepare.py MAX_FEWSHOT_QUESTIONS): prompts stay short and familiar.
     few_shot_questions = 2
 
-    def few_shot_profiles(self, family_name: str) -> int:
+    def few_shot_profiles(self, family_name: str, task: str) -> int:
         return 1
 
     def few_shot_ids(
@@ -404,33 +407,33 @@ def few_shot_plan(
     items: dict[str, EvalItems],
     names: dict[str, str],
 ) -> tuple[int, int | None, EvalItems | None, dict[str, dict[str, list[str]]]]:
-    """(exemplar profiles, exemplar questions, the exemplar pool, role -> task -> exemplar person ids)."""
-    count = (
-        config.few_shot_profiles
-        if config.few_shot_profiles is not None
-        else protocol.few_shot_profiles(family_name)
-    )
+    """(task -> exemplar profiles, exemplar questions, the exemplar pool, role -> task -> exemplar ids)."""
+    chosen = {"classification": config.mc_few_shot_profiles, "cloze": config.cloze_few_shot_profiles}
+    counts = {
+        task: count if count is not None else protocol.few_shot_profiles(family_name, task)
+        for task, count in chosen.items()
+    }
     questions = (
         (config.few_shot_questions or None)
         if config.few_shot_questions is not None
         else protocol.few_shot_questions
     )
     pool = None
-    if count > 0 and any(role in FEW_SHOT_ROLES for role in config.splits):
+    if max(counts.values()) > 0 and any(role in FEW_SHOT_ROLES for role in config.splits):
         pool = exemplar_pool(config.data, names)
     few_shot: dict[str, dict[str, list[str]]] = {}
     for role in config.splits:
         few_shot[role] = {}
-        if role not in FEW_SHOT_ROLES or count <= 0:
+        if role not in FEW_SHOT_ROLES or max(counts.values()) <= 0:
             continue
         # eval.py draws exemplar profiles among the split's ids (the forget ids for the test split).
         ids = items[role].person_ids()
-        drawn = min(count, len(ids) - 1)  # keep at least one profile to evaluate
-        for task in ("classification", "cloze"):
+        for task, count in counts.items():
+            drawn = min(count, len(ids) - 1)  # keep at least one profile to evaluate
             few_shot[role][task] = (
-                protocol.few_shot_ids(ids, drawn, config.seed, names[role], task) if drawn else []
+                protocol.few_shot_ids(ids, drawn, config.seed, names[role], task) if drawn > 0 else []
             )
-    return count, questions, pool, few_shot
+    return counts, questions, pool, few_shot
 
 
 def generation_journal(

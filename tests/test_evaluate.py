@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -425,7 +426,8 @@ def test_full_mini_model_reproduces_its_memorization(mini_world, tmp_path):
             out=str(tmp_path / "full" / "metrics.json"),
             splits=("forget", "retain"),
             reverse_attack=False,
-            few_shot_profiles=0,
+            mc_few_shot_profiles=0,
+            cloze_few_shot_profiles=0,
             limit=6,
             batch_size=32,
             progress=False,
@@ -450,7 +452,8 @@ def test_random_lora_noise_breaks_coherence(mini_world, tmp_path):
         data=str(mini_world.data_dir),
         splits=("retain",),
         reverse_attack=False,
-        few_shot_profiles=0,
+        mc_few_shot_profiles=0,
+        cloze_few_shot_profiles=0,
         limit=6,
         batch_size=16,
         progress=False,
@@ -519,3 +522,26 @@ def test_a_pickled_adapter_is_not_loaded(tiny_model, tmp_path):
     (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
     with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
         check_adapter(tiny_model, tmp_path)
+
+
+def test_official_few_shot_counts_follow_eval_py_per_task(tiny_model_dir, tmp_path):
+    """eval.py at 5762ad6: one exemplar profile before multiple choice, two before cloze (LLaVA)."""
+    from stages.evaluate import OfficialProtocol
+
+    assert OfficialProtocol().few_shot_profiles("llava", "classification") == 1
+    assert OfficialProtocol().few_shot_profiles("llava", "cloze") == 2
+    assert OfficialProtocol().few_shot_profiles("idefics2", "cloze") == 1
+    out = tmp_path / "official" / "metrics.json"
+    config = EvaluateConfig(
+        model=str(tiny_model_dir), data=str(FIXTURE), out=str(out), forget_split="forget_5",
+        protocol="official", max_new_tokens=1, splits=("retain",), reverse_attack=False, progress=False,
+    )  # fmt: skip
+    run(config)
+    meta = json.loads((out.parent / "meta.json").read_text())
+    assert meta["few_shot_profiles"] == {"classification": 1, "cloze": 2}
+    people = len(load_eval_items(FIXTURE, "retain_95").person_ids())  # one is always left to evaluate
+    drawn = [len(meta["few_shot_ids"]["retain"][task]) for task in ("classification", "cloze")]
+    assert drawn == [min(1, people - 1), min(2, people - 1)] and drawn[0] == 1
+    run(replace(config, out=str(tmp_path / "one" / "metrics.json"), cloze_few_shot_profiles=1))
+    meta = json.loads((tmp_path / "one" / "meta.json").read_text())
+    assert meta["few_shot_profiles"] == {"classification": 1, "cloze": 1}
