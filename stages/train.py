@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -162,6 +162,7 @@ def load_setup(config: TrainConfig, method: Method, device: torch.device, proces
 class Optimization:
     peft_model: Any
     model: Any  # the peft model, wrapped by DDP under torchrun
+    trainable: list[torch.nn.Parameter]  # the LoRA weights the optimizer updates
     optimizer: torch.optim.Optimizer
     scheduler: Any
     steps_per_epoch: int
@@ -195,7 +196,7 @@ def optimization(
         model = torch.nn.parallel.DistributedDataParallel(
             peft_model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    return Optimization(peft_model, model, optimizer, scheduler, steps_per_epoch, total_steps)
+    return Optimization(peft_model, model, trainable, optimizer, scheduler, steps_per_epoch, total_steps)
 
 
 # ---------------------------------------------------------------- 2. the loss step
@@ -315,8 +316,7 @@ def optimizer_step(
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach()) * own_samples
     if config.max_grad_norm:
-        trainable = [parameter for _, parameter in named_trainable(opt.peft_model)]
-        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(opt.trainable, config.max_grad_norm)
     opt.optimizer.step()
     opt.scheduler.step()
     opt.optimizer.zero_grad(set_to_none=True)
@@ -449,8 +449,10 @@ def finished_meta(out: Path, config: TrainConfig, method: Method) -> dict[str, A
 
 def run_signature(config: TrainConfig, method: Method) -> dict[str, Any]:
     """What a resumed run must share with the one that wrote the checkpoint: the config and the method."""
-    resolved = {"loss": method.loss, "arguments": method.arguments, "forget_cache": method.forget_cache}
-    return {**config.signature(), "method_resolved": {**resolved, "retain_cache": method.retain_cache}}
+    resolved = {
+        name: value for name, value in asdict(method).items() if name != "name"
+    }  # config.method has it
+    return {**config.signature(), "method_resolved": resolved}
 
 
 def training_meta(

@@ -35,8 +35,13 @@ def imported_modules(path: str, module_level_only: bool = False) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return {name for name in found if module_files(name) and module_files(name)[-1].endswith(
-        (name.replace(".", "/") + ".py", name.replace(".", "/") + "/__init__.py"))}  # fmt: skip
+    # `from x import y` names a module only when x/y.py or x/y/__init__.py exists.
+    path = {name: name.replace(".", "/") for name in found}
+    return {
+        name
+        for name in found
+        if module_files(name)[-1:] in ([f"{path[name]}.py"], [f"{path[name]}/__init__.py"])
+    }
 
 
 def imported_files(path: str, module_level_only: bool = False) -> set[str]:
