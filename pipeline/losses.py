@@ -7,10 +7,17 @@ compute (and which caches to stream) without a table beside the registry:
     forget_teacher, retain_teacher   sparse teacher distributions from a cache (cache.distributions)
     forget_reference_log_probs       (B,) log p(y | I, x; theta_full) of the frozen model
     refusal_reference_log_probs      (B,) log p(y_idk | I, x; theta_full)
+    forget_reference_hidden,         per layer, (N, d) hidden states of the frozen model at the answer
+      retain_reference_hidden        positions (the adapter switched off: no second copy of the model);
+                                     the student's are AnswerPredictions.hidden_states (RMU)
+    gradient_saliency                GradientSaliency: per trainable tensor, the squared gradients of
+                                     L_NLL on D_f and on D_r at the frozen model (MMUnlearner)
 
 Keyword-only parameters are the loss's own arguments (with the papers' defaults); params.yaml's method
 entries set them (pipeline.methods). Every loss returns a dict
-with "loss" (the scalar to minimise) and its terms (for the training log).
+with "loss" (the scalar to minimise) and its terms (for the training log). A term may be a MaskedTerm:
+part of "loss" whose gradient the training step multiplies by a mask before the rest is added
+(MMUnlearner's -m ⊙ L(D_f)).
 
 Normalisation, the same for every method: ViKeR Eq. 2 and 5 sum over the answer tokens of a sample and
 average over samples (L_NLL = -1/|D| sum_s log p(y|I,x), log p(y|I,x) = sum_i log p(y_i|I,x,i)).
@@ -35,8 +42,6 @@ from cache.distributions import SPARSE_DIVERGENCES, TruncatedDistributions, malf
 from pipeline.hashing import stable_int
 from pipeline.registry import Registry
 
-LossTerms = dict[str, Tensor]
-
 
 @dataclass(frozen=True)
 class Range:
@@ -57,10 +62,22 @@ class Range:
 
 
 Weight = Annotated[float, Range(low=0.0)]  # a term's weight: 0 switches the term off
+Layer = Annotated[int, Range(low=0)]  # an index into the model's hidden states (0: the embeddings)
 Temperature = Annotated[float, Range(low=0.0, low_open=True)]  # NPO / DPO's beta
 LOSSES: Registry[Callable[..., LossTerms]] = Registry("loss")
 
 REFUSALS_FILE = Path(__file__).with_name("refusals.txt")
+
+
+@dataclass(frozen=True)
+class MaskedTerm:
+    """A part of a loss whose gradient on the i-th trainable tensor is multiplied by masks[i]."""
+
+    value: Tensor
+    masks: list[Tensor]
+
+
+LossTerms = dict[str, Tensor | MaskedTerm]
 
 
 @dataclass
@@ -70,6 +87,7 @@ class AnswerPredictions:
     logits: Tensor  # (N, V), N = sum(answer_lengths), samples concatenated in order
     targets: Tensor  # (N,) the answer token ids
     answer_lengths: list[int]
+    hidden_states: tuple[Tensor, ...] | None = None  # per layer, (N, d) at the same positions (RMU)
 
     def per_sample_sum(self, per_token: Tensor) -> Tensor:
         """(N,) per-token values -> (B,) sums over each sample's answer tokens."""
@@ -95,9 +113,10 @@ class AnswerPredictions:
         for count in sample_counts:
             lengths = self.answer_lengths[sample_start : sample_start + count]
             token_end = token_start + sum(lengths)
+            hidden = self.hidden_states and tuple(h[token_start:token_end] for h in self.hidden_states)
             parts.append(
                 AnswerPredictions(
-                    self.logits[token_start:token_end], self.targets[token_start:token_end], lengths
+                    self.logits[token_start:token_end], self.targets[token_start:token_end], lengths, hidden
                 )
             )
             sample_start, token_start = sample_start + count, token_end
@@ -291,6 +310,97 @@ def vgid(
     forget_kl = divergence("kl", forget_teacher, forget)
     retain_kl = divergence("kl", retain_teacher, retain)
     return {"loss": alpha * forget_kl + beta * retain_kl, "forget_kl": forget_kl, "retain_kl": retain_kl}
+
+
+def hidden_state(states: tuple[Tensor, ...], layer: int) -> Tensor:
+    """(N, d) the hidden states after `layer` decoder layers (0: the embeddings), with a named error."""
+    if layer >= len(states):
+        raise ValueError(f"layer {layer} is out of range: the model has {len(states) - 1} decoder layers")
+    return states[layer]
+
+
+def steering_direction(dim: int, seed: int, like: Tensor) -> Tensor:
+    """(d,) u ~ Uniform(S^{d-1})  (Vgid Eq. 11): a normalised Gaussian, fixed by `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    direction = torch.randn(dim, generator=generator, dtype=torch.float64)
+    return (direction / direction.norm()).to(device=like.device, dtype=like.dtype)
+
+
+def squared_distance(predictions: AnswerPredictions, hidden: Tensor, target: Tensor) -> Tensor:
+    """1/|D| sum_s sum_i ||h_i - t_i||^2 over the answer positions, in at least float32."""
+    dtype = torch.promote_types(torch.promote_types(hidden.dtype, target.dtype), torch.float32)
+    difference = hidden.to(dtype) - target.to(dtype)
+    return predictions.per_sample_sum(difference.pow(2).sum(-1)).mean()
+
+
+@LOSSES.register("rmu")
+def rmu(
+    forget: AnswerPredictions,
+    retain: AnswerPredictions,
+    forget_reference_hidden: tuple[Tensor, ...],
+    retain_reference_hidden: tuple[Tensor, ...],
+    *,
+    layer: Layer = 7,
+    steering: Weight = 1.0,
+    gamma: Weight = 1.0,
+    direction_seed: Layer = 0,
+) -> LossTerms:
+    """L_RMU = E_{D_F} ||h_theta(x_f) - v_f||^2 + gamma E_{D_R} ||h_theta(x_r) - h_ref(x_r)||^2,
+    v_f = lambda ||h_ref(x_f)||_2 u  (Vgid Eq. 11-15; Dang et al. 2025).
+
+    `steering` is Eq. 12's lambda; layer 7 is RMU's choice for 7B models (Li et al. 2024, WMDP). The
+    hidden states are those at the answer positions, each token's v_f scaled by its own reference norm.
+    """
+    student_forget = hidden_state(forget.hidden_states, layer)
+    reference_forget = hidden_state(forget_reference_hidden, layer)
+    direction = steering_direction(student_forget.shape[-1], direction_seed, reference_forget)
+    target = steering * reference_forget.norm(dim=-1, keepdim=True) * direction
+    forget_term = squared_distance(forget, student_forget, target)
+    retain_term = squared_distance(
+        retain, hidden_state(retain.hidden_states, layer), hidden_state(retain_reference_hidden, layer)
+    )
+    return {"loss": forget_term + gamma * retain_term, "forget_mse": forget_term, "retain_mse": retain_term}
+
+
+@dataclass(frozen=True)
+class GradientSaliency:
+    """Per trainable tensor, the mean over batches of the squared gradient of L_NLL on D_f and on D_r."""
+
+    forget_fisher: list[Tensor]
+    retain_fisher: list[Tensor]
+
+    def mask(self, threshold: float) -> list[Tensor]:
+        """m = (F_f + 1e-15) / (F_r + 1e-15) >= threshold, elementwise (MMUnlearner's mask; a tensor with
+        no gradient on either set has ratio 1)."""
+        return [
+            ((forget + 1e-15) / (retain + 1e-15) >= threshold).to(forget.dtype)
+            for forget, retain in zip(self.forget_fisher, self.retain_fisher, strict=True)
+        ]
+
+
+@LOSSES.register("mmunlearner")
+def mmunlearner(
+    forget: AnswerPredictions,
+    retain: AnswerPredictions,
+    gradient_saliency: GradientSaliency,
+    *,
+    threshold: Weight = 1.0,
+) -> LossTerms:
+    """L = -m ⊙ L(D_f) + L(D_r)  (MMUnlearner, Huo et al. 2025; the baselines excerpt).
+
+    m keeps the parameters whose forget saliency is at least `threshold` times their retain saliency
+    (threshold 1 as its mask generator); only the forget term's gradient is masked.
+    """
+    forget_nll, retain_nll = nll(forget), nll(retain)
+    masks = gradient_saliency.mask(threshold)
+    kept = sum(float(mask.sum()) for mask in masks) / max(1, sum(mask.numel() for mask in masks))
+    return {
+        "loss": -forget_nll + retain_nll,
+        "masked_forget": MaskedTerm(-forget_nll, masks),
+        "forget_nll": forget_nll,
+        "retain_nll": retain_nll,
+        "mask_kept": torch.tensor(kept),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -90,6 +90,8 @@ def check_value(loss: str, parameter: str, value: Any, where: str) -> None:
         raise MethodError(f"{where}: {name} must be true or false, got {value!r}")
     if base is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise MethodError(f"{where}: {name} must be a number, got {value!r}")
+    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise MethodError(f"{where}: {name} must be a whole number, got {value!r}")
     for allowed in ranges:
         if not allowed.holds(value):
             raise MethodError(f"{where}: {name} {value!r} is out of range (must be {allowed})")

@@ -27,7 +27,8 @@ from stages.config import KEY_TOKEN_EPSILON, ReportConfig
 # Row order and display names of the papers' tables; other runs follow in alphabetical order.
 METHOD_NAMES = {
     "origin": "Origin", "base": "Base", "full": "Full", "icu": "ICU", "ga": "GA", "ga_diff": "GA_Diff",
-    "kl_min": "KL_Min", "npo": "NPO", "idkpo": "IdkPO", "viker": "ViKeR", "vgid": "Vgid",
+    "kl_min": "KL_Min", "npo": "NPO", "po": "PO", "idkpo": "IdkPO", "rmu": "RMU",
+    "mmunlearner": "MMUnlearner", "viker": "ViKeR", "vgid": "Vgid",
     "viker_no_ga": "ViKeR w/o GA", "viker_no_vis": "ViKeR w/o Vis",
 }  # fmt: skip
 SPLIT_GROUPS = (("forget", "Forget"), ("test", "Generalization"), ("retain", "Retain"), ("real", "Real"))

@@ -37,12 +37,20 @@ import torch
 
 from cache import CachedSample, concat_samples
 from pipeline.data import load_unlearning_samples
-from pipeline.losses import AnswerPredictions, choose_refusal, compute_loss, load_refusals, loss_inputs
+from pipeline.losses import (
+    AnswerPredictions,
+    LossTerms,
+    MaskedTerm,
+    choose_refusal,
+    compute_loss,
+    load_refusals,
+    loss_inputs,
+)
 from pipeline.methods import Method, public_name, resolve_method
 from pipeline.models import (
     EncodedSamples,
     VisionFeatureCache,
-    answer_logits,
+    answer_outputs,
     check_joint_tokenization,
     check_lengths,
     load_model,
@@ -59,11 +67,13 @@ from pipeline.training.checkpoints import (
 from pipeline.training.lora import add_lora, named_trainable
 from pipeline.training.processes import Processes, start_processes
 from pipeline.training.reference import reference_log_probs, reference_log_probs_from_cache
+from pipeline.training.saliency import all_reduce_gradients, backward, gradient_saliency
 from pipeline.training.streams import Cache, PairedRetain, check_answer_tokens, prompted, sample_stream
 from pipeline.training.train_log import write_log
 from stages.config import TrainConfig
 
 META = "training_meta.json"
+REFERENCE_HIDDEN = ("forget_reference_hidden", "retain_reference_hidden")
 ForgetSource = Callable[[int], Iterator[tuple[QASample, CachedSample]]]
 
 
@@ -170,7 +180,7 @@ class Optimization:
 
 
 def optimization(
-    config: TrainConfig, setup: Setup, device: torch.device, processes: Processes
+    config: TrainConfig, method: Method, setup: Setup, device: torch.device, processes: Processes
 ) -> Optimization:
     """LoRA, AdamW on the adapter only, the learning-rate schedule, DDP."""
     peft_model = add_lora(setup.loaded, config.lora_rank, config.lora_alpha, config.lora_dropout, config.seed)
@@ -193,8 +203,12 @@ def optimization(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     model = peft_model
     if processes.world_size > 1:
+        # A loss on layer l's hidden states (RMU) leaves the LoRA weights above l without a gradient.
+        reads_hidden = bool(set(loss_inputs(method.loss)) & set(REFERENCE_HIDDEN))
         model = torch.nn.parallel.DistributedDataParallel(
-            peft_model, device_ids=[device.index] if device.type == "cuda" else None
+            peft_model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=reads_hidden,
         )
     return Optimization(peft_model, model, trainable, optimizer, scheduler, steps_per_epoch, total_steps)
 
@@ -206,25 +220,51 @@ class LossStep:
     """One forward over forget (+ refusal, + retain) samples and the method's loss on it.
 
     Each sample is tokenized and its image preprocessed once (EncodedSamples), and each image's vision
-    features are kept between steps while LoRA trains the language model only (VisionFeatureCache).
+    features are kept between steps while LoRA trains the language model only (VisionFeatureCache). The
+    frozen model's hidden states (RMU) come from the same model with its adapter switched off.
     """
 
     def __init__(
-        self, config: TrainConfig, method: Method, setup: Setup, model, device: torch.device
+        self, config: TrainConfig, method: Method, setup: Setup, opt: Optimization, device: torch.device
     ) -> None:
-        self.method, self.setup, self.model, self.device = method, setup, model, device
+        self.method, self.setup, self.device = method, setup, device
+        self.model, self.peft_model = opt.model, opt.peft_model
         self.needs = set(loss_inputs(method.loss))
+        self.reads_hidden = bool(self.needs & set(REFERENCE_HIDDEN))
         self.image_features = VisionFeatureCache(
             setup.loaded.model, max_bytes=config.image_feature_cache_mb << 20
         )
-        trains_vision = any("language_model" not in name for name, _ in named_trainable(model))
+        trains_vision = any("language_model" not in name for name, _ in named_trainable(opt.peft_model))
         self.image_features.enabled &= config.image_feature_cache_mb > 0 and not trains_vision
         self.encoded_samples = EncodedSamples(setup.loaded)
         self.image_key_of = functools.cache(image_key)
+        self.saliency = None
+        if "gradient_saliency" in self.needs:  # at the frozen model, without dropout's randomness
+            opt.peft_model.eval()
+            self.saliency = gradient_saliency(
+                lambda samples: self.teacher_forced([(s, s.answer) for s in samples], self.peft_model),
+                setup.forget_samples, setup.retain_samples, config.batch_size, opt.trainable,
+            )  # fmt: skip
+            opt.peft_model.train()
 
-    def predictions(self, forget_qas: list[QASample], retain_items: list) -> list[AnswerPredictions]:
-        """The student's answer predictions: forget, then refusal, then retain, from one forward pass."""
-        # (student sample, the answer it is teacher-forced on); the pair identifies the input completely.
+    def teacher_forced(
+        self, students: list[tuple[QASample, str]], model, hidden_states: bool = False
+    ) -> AnswerPredictions:
+        """The answer predictions of `model` on (sample, the answer it is teacher-forced on) pairs."""
+        loaded = self.setup.loaded
+        batch = self.encoded_samples.batch(students, lambda index: prompted(loaded, *students[index]))
+        check_lengths(loaded, batch, [replace(sample, answer=answer) for sample, answer in students])
+        batch = batch.to(self.device)
+        keys = [key for key in (self.image_key_of(sample) for sample, _ in students) if key is not None]
+        kwargs = self.image_features.model_kwargs(batch.inputs, keys)
+        logits, hidden = answer_outputs(model, batch, hidden_states, **kwargs)
+        return AnswerPredictions(logits, batch.targets, batch.answer_lengths, hidden)
+
+    def predictions(
+        self, forget_qas: list[QASample], retain_items: list
+    ) -> tuple[list[AnswerPredictions], list[AnswerPredictions] | None]:
+        """The student's answer predictions, forget, then refusal, then retain, from one forward pass;
+        and the frozen model's at the same positions where the loss reads its hidden states."""
         students = [(sample, sample.answer) for sample in forget_qas]
         counts = [len(forget_qas)]
         if "refusal" in self.needs:
@@ -233,22 +273,21 @@ class LossStep:
         if "retain" in self.needs:
             students += [(sample, sample.answer) for sample, _ in retain_items]
             counts.append(len(retain_items))
-        loaded = self.setup.loaded
-        batch = self.encoded_samples.batch(students, lambda index: prompted(loaded, *students[index]))
-        check_lengths(loaded, batch, [replace(sample, answer=answer) for sample, answer in students])
-        batch = batch.to(self.device)
-        keys = [key for key in (self.image_key_of(sample) for sample, _ in students) if key is not None]
-        logits = answer_logits(self.model, batch, **self.image_features.model_kwargs(batch.inputs, keys))
-        return AnswerPredictions(logits, batch.targets, batch.answer_lengths).split(counts)
+        student = self.teacher_forced(students, self.model, self.reads_hidden).split(counts)
+        if not self.reads_hidden:
+            return student, None
+        with self.peft_model.disable_adapter(), torch.no_grad():
+            reference = self.teacher_forced(students, self.peft_model, True).split(counts)
+        return student, reference
 
-    def __call__(self, forget_items: list, retain_items: list) -> dict[str, torch.Tensor]:
+    def __call__(self, forget_items: list, retain_items: list) -> LossTerms:
         forget_qas = [sample for sample, _ in forget_items]
-        parts = iter(self.predictions(forget_qas, retain_items))
-        inputs: dict[str, Any] = {"forget": next(parts)}
-        if "refusal" in self.needs:
-            inputs["refusal"] = next(parts)
-        if "retain" in self.needs:
-            inputs["retain"] = next(parts)
+        student, reference = self.predictions(forget_qas, retain_items)
+        roles = ["forget"] + ["refusal"] * ("refusal" in self.needs) + ["retain"] * ("retain" in self.needs)
+        inputs: dict[str, Any] = dict(zip(roles, student, strict=True))
+        if reference is not None:
+            for role, frozen in zip(roles, reference, strict=True):
+                inputs[f"{role}_reference_hidden"] = frozen.hidden_states
         setup, device = self.setup, self.device
         if setup.forget_cache is not None:
             check_answer_tokens(inputs["forget"], forget_items, setup.forget_cache.directory)
@@ -262,6 +301,7 @@ class LossStep:
         if setup.refusal_reference:
             values = [setup.refusal_reference[sample.sample_id] for sample in forget_qas]
             inputs["refusal_reference_log_probs"] = torch.tensor(values, device=device)
+        inputs["gradient_saliency"] = self.saliency
         return compute_loss(self.method.loss, inputs, self.method.arguments)
 
 
@@ -295,6 +335,9 @@ def optimizer_step(
     start, stop = plan.step(step_in_epoch)
     sums: dict[str, float] = {}
     micro_starts = list(range(start, stop, config.batch_size))
+    # A masked term takes two backward passes, which DDP's reducer cannot follow: the ranks then
+    # accumulate alone and average their gradients once, before the step.
+    reduces_by_hand = processes.world_size > 1 and loss_step.saliency is not None
     for index, micro_start in enumerate(micro_starts):
         positions = plan.rank_positions(micro_start, min(micro_start + config.batch_size, stop))
         forget_items = list(islice(forget_stream, len(positions)))
@@ -309,12 +352,15 @@ def optimizer_step(
         else:
             raise ValueError(f"{plan.num_forget} forget samples cannot feed {processes.world_size} processes")
         last_micro = index == len(micro_starts) - 1
-        sync = opt.model.no_sync() if processes.world_size > 1 and not last_micro else nullcontext()
-        with sync:
+        alone = processes.world_size > 1 and (reduces_by_hand or not last_micro)
+        with opt.model.no_sync() if alone else nullcontext():
             terms = loss_step(forget_items, retain_items)
-            (terms["loss"] * (own_samples * processes.world_size / (stop - start))).backward()
+            backward(terms, own_samples * processes.world_size / (stop - start), opt.trainable)
         for name, value in terms.items():
+            value = value.value if isinstance(value, MaskedTerm) else value
             sums[name] = sums.get(name, 0.0) + float(value.detach()) * own_samples
+    if reduces_by_hand:
+        all_reduce_gradients(opt.trainable, processes.world_size)
     if config.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(opt.trainable, config.max_grad_norm)
     opt.optimizer.step()
@@ -406,7 +452,8 @@ def run(
         return finished
 
     setup = load_setup(config, method, device, processes)
-    opt = optimization(config, setup, device, processes)
+    opt = optimization(config, method, setup, device, processes)
+    loss_step = LossStep(config, method, setup, opt, device)  # before a checkpoint moves the adapter
     torch.manual_seed(config.seed + 1000 * processes.rank)  # LoRA dropout masks: reproducible per rank
     random.seed(config.seed + 1000 * processes.rank)
     position = Position()
@@ -421,7 +468,6 @@ def run(
             )
 
     started = time.perf_counter()
-    loss_step = LossStep(config, method, setup, opt.model, device)
     train_loop(config, setup, opt, loss_step, position, processes, forget_source, on_step)
 
     meta = training_meta(config, method, setup, position, processes, time.perf_counter() - started)

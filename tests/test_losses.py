@@ -13,12 +13,15 @@ from cache.distributions import PAD_ID, TruncatedDistributions
 from pipeline.losses import (
     LOSSES,
     AnswerPredictions,
+    GradientSaliency,
+    MaskedTerm,
     choose_refusal,
     compute_loss,
     load_refusals,
     loss_arguments,
     loss_inputs,
     preference_loss,
+    steering_direction,
 )
 
 PROPERTY = settings(max_examples=25, deadline=None)
@@ -492,3 +495,108 @@ def test_po_is_dpo_without_idkpos_one_over_beta():
     idk = LOSSES["idkpo"](forget, refusal, reference, refusal_reference, beta=0.25)["loss"]
     torch.testing.assert_close(idk, po / 0.25)
     assert loss_inputs("po") == loss_inputs("idkpo")
+
+
+# ---------------------------------------------------------------------------------------------------
+# RMU and MMUnlearner
+
+
+def with_hidden(predictions: AnswerPredictions, generator: torch.Generator, layers: int, dim: int):
+    tokens = sum(predictions.answer_lengths)
+    hidden = tuple(torch.randn(tokens, dim, generator=generator) * 4 for _ in range(layers + 1))
+    return AnswerPredictions(predictions.logits, predictions.targets, predictions.answer_lengths, hidden)
+
+
+def dense_rmu(forget, retain, forget_reference, retain_reference, layer, steering, gamma, direction):
+    """Vgid Eq. 11-15, sample by sample and token by token."""
+
+    def mean_over_samples(predictions, targets_of):
+        per_sample, token = [], 0
+        for length in predictions.answer_lengths:
+            total = 0.0
+            for _ in range(length):
+                total = total + ((predictions.hidden_states[layer][token] - targets_of(token)) ** 2).sum()
+                token += 1
+            per_sample.append(total)
+        return torch.stack(per_sample).mean()
+
+    forget_term = mean_over_samples(
+        forget, lambda t: steering * forget_reference[layer][t].norm() * direction
+    )
+    retain_term = mean_over_samples(retain, lambda t: retain_reference[layer][t])
+    return forget_term + gamma * retain_term
+
+
+@PROPERTY
+@given(
+    seed=st.integers(0, 2**16),
+    lengths=answer_lengths_strategy,
+    layer=st.integers(0, 2),
+    steering=st.floats(0.0, 10.0),
+    gamma=st.floats(0.0, 5.0),
+)
+def test_rmu_equals_dense_reference(seed, lengths, layer, steering, gamma):
+    generator = torch.Generator().manual_seed(seed)
+    forget = with_hidden(random_predictions(generator, lengths, 5), generator, 2, 6)
+    retain = with_hidden(random_predictions(generator, lengths[::-1], 5), generator, 2, 6)
+    forget_reference = with_hidden(forget, generator, 2, 6).hidden_states
+    retain_reference = with_hidden(retain, generator, 2, 6).hidden_states
+    arguments = dict(layer=layer, steering=steering, gamma=gamma, direction_seed=seed % 7)
+    terms = LOSSES["rmu"](forget, retain, forget_reference, retain_reference, **arguments)
+    direction = steering_direction(6, seed % 7, forget.logits)
+    expected = dense_rmu(
+        forget, retain, forget_reference, retain_reference, layer, steering, gamma, direction
+    )
+    torch.testing.assert_close(terms["loss"], expected)
+
+
+def test_rmu_direction_is_a_fixed_unit_vector_and_its_minimum_is_the_steered_target():
+    generator = torch.Generator().manual_seed(3)
+    direction = steering_direction(16, 5, torch.zeros(1))
+    assert float(direction.norm()) == pytest.approx(1.0)
+    torch.testing.assert_close(direction, steering_direction(16, 5, torch.zeros(1)))
+    assert not torch.allclose(direction, steering_direction(16, 6, torch.zeros(1)))
+    forget = with_hidden(random_predictions(generator, [2, 1], 4), generator, 1, 16)
+    reference = with_hidden(forget, generator, 1, 16).hidden_states
+    steered = tuple(3.0 * h.norm(dim=-1, keepdim=True) * direction for h in reference)
+    at_target = AnswerPredictions(forget.logits, forget.targets, forget.answer_lengths, steered)
+    terms = LOSSES["rmu"](
+        at_target, forget, reference, forget.hidden_states, layer=1, steering=3.0, direction_seed=5
+    )
+    assert float(terms["forget_mse"]) == pytest.approx(0.0, abs=1e-9)
+    assert float(terms["retain_mse"]) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="layer 4 is out of range: the model has 1 decoder layers"):
+        LOSSES["rmu"](forget, forget, reference, reference, layer=4)
+
+
+def test_saliency_mask_keeps_what_the_forget_set_needs_more_than_the_retain_set():
+    saliency = GradientSaliency(
+        forget_fisher=[torch.tensor([2.0, 1.0, 0.0, 0.5])], retain_fisher=[torch.tensor([1.0, 2.0, 0.0, 0.5])]
+    )
+    assert saliency.mask(1.0)[0].tolist() == [1.0, 0.0, 1.0, 1.0]  # 0/0 and equal ratios are kept
+    assert saliency.mask(1.5)[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_a_masked_term_moves_only_the_masked_entries_and_the_rest_moves_all():
+    """backward() gives mask * d(masked)/dθ + d(rest)/dθ, on top of what was accumulated before."""
+    from pipeline.training.saliency import backward
+
+    weight = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    mask = torch.tensor([1.0, 0.0, 1.0])
+    weight.grad = torch.tensor([0.5, 0.5, 0.5])  # an earlier micro-batch
+    masked = (weight**2).sum()
+    rest = (weight * torch.tensor([1.0, 1.0, -1.0])).sum()
+    backward({"loss": masked + rest, "part": MaskedTerm(masked, [mask])}, 2.0, [weight])
+    expected = 0.5 + 2.0 * (mask * 2 * weight.detach() + torch.tensor([1.0, 1.0, -1.0]))
+    torch.testing.assert_close(weight.grad, expected)
+
+
+def test_mmunlearner_is_ga_diff_with_its_forget_term_masked():
+    generator = torch.Generator().manual_seed(4)
+    forget, retain = random_predictions(generator, [2, 3], 6), random_predictions(generator, [1, 2], 6)
+    saliency = GradientSaliency([torch.tensor([3.0, 0.0])], [torch.tensor([1.0, 1.0])])
+    terms = LOSSES["mmunlearner"](forget, retain, saliency)
+    torch.testing.assert_close(terms["loss"], LOSSES["ga_diff"](forget, retain)["loss"])
+    torch.testing.assert_close(terms["masked_forget"].value, -LOSSES["ga"](forget)["forget_nll"])
+    assert terms["masked_forget"].masks[0].tolist() == [1.0, 0.0]
+    assert float(terms["mask_kept"]) == 0.5

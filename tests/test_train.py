@@ -212,7 +212,12 @@ def test_the_train_bench_times_runs_taking_turns_that_train_as_alone(tiny_model_
         assert all(seconds > 0 for seconds in timed[name].step_cpu + timed[name].step_wall)
 
 
-@pytest.mark.parametrize("method", ["ga", "ga_diff", "kl_min", "npo", "idkpo", "vgid"])
+METHOD_ARGS = {"rmu": {"layer": 1}}  # the tiny model has 2 decoder layers
+
+
+@pytest.mark.parametrize(
+    "method", ["ga", "ga_diff", "kl_min", "npo", "po", "idkpo", "rmu", "mmunlearner", "vgid"]
+)
 def test_every_method_trains(method, tiny_model_dir, caches, tmp_path, monkeypatch):
     calls = []
     original = reference.frozen_answer_log_probs
@@ -222,20 +227,56 @@ def test_every_method_trains(method, tiny_model_dir, caches, tmp_path, monkeypat
         lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs),
     )
     out = tmp_path / method
-    run(config(tiny_model_dir, out, method, caches, epochs=2))
+    run(config(tiny_model_dir, out, method, caches, epochs=2, args=METHOD_ARGS.get(method, {})))
     log = json.loads((out / "train_log.json").read_text())
     assert len(log) == 4 and all(math.isfinite(row["loss"]) for row in log)
     # Reference log-probs are computed once before training (forget answers, + refusals), not per epoch.
-    assert len(calls) == {"npo": 1, "idkpo": 2}.get(method, 0)
+    assert len(calls) == {"npo": 1, "po": 2, "idkpo": 2}.get(method, 0)
     # At step one theta = theta_ref (LoRA's B starts at zero): NPO and IdkPO sit at their closed forms.
     if method == "npo":
         assert log[0]["loss"] == pytest.approx(2 / 0.4 * math.log(2), rel=1e-5)
         assert log[-1]["forget_log_ratio"] < 0  # the forget answers became less likely than under theta_ref
     if method == "idkpo":
         assert log[0]["loss"] == pytest.approx(math.log(2) / 0.4, rel=1e-5)
-    if method in ("ga_diff", "kl_min", "vgid"):
+    if method == "po":
+        assert log[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)
+    if method == "rmu":  # at step one the student's hidden states are the frozen model's
+        assert log[0]["retain_mse"] == pytest.approx(0.0, abs=1e-6)
+        assert log[-1]["forget_mse"] < log[0]["forget_mse"]
+    if method == "mmunlearner":
+        assert 0 < log[0]["mask_kept"] < 1
+    if method in ("ga_diff", "kl_min", "vgid", "rmu", "mmunlearner"):
         assert any(key.startswith("retain") for key in log[0])
     assert any(float(v.abs().max()) > 0 for k, v in adapter_weights(out).items() if "lora_B" in k)
+
+
+def test_mmunlearner_keeping_every_parameter_is_ga_diff_and_masking_all_is_not(
+    tiny_model_dir, caches, tmp_path
+):
+    ga_diff = run(config(tiny_model_dir, tmp_path / "ga_diff", "ga_diff", caches, lora_dropout=0.0))
+    kept = run(
+        config(
+            tiny_model_dir, tmp_path / "all", "mmunlearner", caches, lora_dropout=0.0, args={"threshold": 0.0}
+        )
+    )
+    assert kept["steps"] == ga_diff["steps"]
+    expected, actual = adapter_weights(tmp_path / "ga_diff"), adapter_weights(tmp_path / "all")
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key])
+    # A threshold no ratio reaches masks the whole forget term: the adapter moves by the retain term only.
+    run(
+        config(
+            tiny_model_dir,
+            tmp_path / "none",
+            "mmunlearner",
+            caches,
+            lora_dropout=0.0,
+            args={"threshold": 1e30},
+        )
+    )
+    masked = adapter_weights(tmp_path / "none")
+    differs = [key for key in expected if "lora_B" in key and not torch.allclose(masked[key], expected[key])]
+    assert differs
 
 
 def test_npo_reference_from_an_original_cache_equals_the_computed_one(tiny_model_dir, caches, tmp_path):
@@ -294,13 +335,16 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir, caches, 
 # Several processes
 
 
-def test_two_torchrun_processes_match_one(tiny_model_dir, caches, tmp_path):
+# vgid: DDP's reducer; mmunlearner: a masked term, gradients averaged by hand; rmu: the frozen model's
+# hidden states from the DDP-wrapped model with its adapter switched off.
+@pytest.mark.parametrize("method", ["vgid", "mmunlearner", "rmu"])
+def test_two_torchrun_processes_match_one(method, tiny_model_dir, caches, tmp_path):
     """Global batch 2 = one sample per rank; 3 forget samples, so rank 1 has none in each epoch's last
     step and must still join the all-reduce. LoRA dropout off: the ranks' masks would differ from one
     process's by construction, and this test is about the data split and the gradient average."""
-    options = dict(batch_size=2, epochs=2, lora_dropout=0.0, lr=5e-3)
+    options = dict(batch_size=2, epochs=2, lora_dropout=0.0, lr=5e-3, args=METHOD_ARGS.get(method, {}))
     single = tmp_path / "single"
-    run(config(tiny_model_dir, single, "vgid", caches, **options))
+    run(config(tiny_model_dir, single, method, caches, **options))
 
     double = tmp_path / "double"
     command = [
@@ -322,7 +366,8 @@ def test_two_torchrun_processes_match_one(tiny_model_dir, caches, tmp_path):
         "--out",
         str(double),
         "--method",
-        "vgid",
+        method,
+        *[f"--arg={key}={value}" for key, value in METHOD_ARGS.get(method, {}).items()],
         "--forget-split",
         FORGET,
         "--retain-split",
@@ -353,7 +398,7 @@ def test_two_torchrun_processes_match_one(tiny_model_dir, caches, tmp_path):
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-6)
     single_log = json.loads((single / "train_log.json").read_text())
     double_log = json.loads((double / "train_log.json").read_text())
-    for name in ("loss", "forget_kl", "retain_kl"):
+    for name in set(single_log[0]) - {"step_time_s"}:
         assert [r[name] for r in double_log] == pytest.approx(
             [r[name] for r in single_log], rel=1e-3, abs=1e-5
         )

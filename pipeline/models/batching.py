@@ -143,9 +143,31 @@ def _teacher_forcing_batch(inputs: dict[str, torch.Tensor], answers: list[list[i
 
 def answer_logits(model: torch.nn.Module, batch: TeacherForcingBatch, **model_kwargs: Any) -> torch.Tensor:
     """(N, V) logits at the answer positions only; works through PEFT and DDP wrappers."""
-    outputs = model(**batch.inputs, logits_to_keep=batch.window, use_cache=False, **model_kwargs)
+    return answer_outputs(model, batch, **model_kwargs)[0]
+
+
+def answer_outputs(
+    model: torch.nn.Module, batch: TeacherForcingBatch, hidden_states: bool = False, **model_kwargs: Any
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """(N, V) logits at the answer positions and, if asked, each layer's (N, d) hidden states there
+    (index 0: the embeddings, l: after l decoder layers, as transformers' `hidden_states`)."""
+    outputs = model(
+        **batch.inputs,
+        logits_to_keep=batch.window,
+        use_cache=False,
+        output_hidden_states=hidden_states,
+        **model_kwargs,
+    )
     logits = outputs.logits
-    return logits.reshape(-1, logits.shape[-1])[batch.predict_positions]
+    selected = logits.reshape(-1, logits.shape[-1])[batch.predict_positions]
+    if not hidden_states:
+        return selected, None
+    window = batch.window
+    layers = tuple(
+        layer[:, -window:, :].reshape(-1, layer.shape[-1])[batch.predict_positions]
+        for layer in outputs.hidden_states
+    )
+    return selected, layers
 
 
 def check_lengths(loaded: LoadedModel, batch: TeacherForcingBatch, samples: list) -> None:
