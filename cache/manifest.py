@@ -117,7 +117,7 @@ def verify_cache(directory: str | Path, checksums: bool = True) -> list[str]:
         )
     num_shards = max(totals)
     first_header: tuple[str, dict[str, Any]] | None = None
-    seen_ids: dict[str, str] = {}
+    seen_ids: dict[tuple[str, int], str] = {}
     for index in range(num_shards):
         name = shard_name(index, num_shards)
         pair = files.get((index, num_shards), {})
@@ -162,10 +162,11 @@ def verify_cache(directory: str | Path, checksums: bool = True) -> list[str]:
                 f"and lists {len(manifest.samples)} samples"
             )
         for record in manifest.samples:
-            sample_id = record.get("sample_id")
-            if sample_id in seen_ids:
-                problems.append(f"{name}.json: sample {sample_id} is also in {seen_ids[sample_id]}")
-            seen_ids[sample_id] = name
+            row_key = (record.get("sample_id"), record.get("draw", 0))
+            if row_key in seen_ids:
+                draw = f" (draw {row_key[1]})" if row_key[1] else ""
+                problems.append(f"{name}.json: sample {row_key[0]}{draw} is also in {seen_ids[row_key]}")
+            seen_ids[row_key] = name
     for index, total in sorted(files):
         if total != num_shards:
             problems.append(f"{shard_name(index, total)}: belongs to a {total}-shard run, not {num_shards}")

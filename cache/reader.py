@@ -33,6 +33,7 @@ def _decode_batch(batch: pa.RecordBatch, layout: Layout) -> list[CachedSample]:
     tail_mass, _ = _list_column(batch, "tail_mass")
     entropy, _ = _list_column(batch, "entropy")
     target_log_prob, _ = _list_column(batch, "target_log_prob")
+    draws = batch.column("draw").to_pylist() if "draw" in batch.schema.names else [0] * len(sample_ids)
 
     sizes = sizes.astype(np.int64)
     total_tokens = len(sizes)
@@ -73,6 +74,7 @@ def _decode_batch(batch: pa.RecordBatch, layout: Layout) -> list[CachedSample]:
                 tail_mass=torch.from_numpy(tail_mass[start:stop].copy()),
                 entropy=torch.from_numpy(entropy[start:stop].astype(np.float32)),
                 target_log_prob=torch.from_numpy(target_log_prob[start:stop].astype(np.float32)),
+                draw=int(draws[row]),
             )
         )
     return samples
@@ -86,13 +88,15 @@ def iter_cache(
     batch_size: int = 64,
     shuffle_seed: int | None = None,
     verify_checksums: bool = True,
+    draw: int | None = None,
 ) -> Iterator[CachedSample]:
     """Stream the cached samples; memory is bounded by one row group / record batch, not the cache.
 
     shards: which shard indices to read (default all). rank/world_size: this process gets every
     world_size-th sample of the stream (same order on every rank, so the parts are disjoint and cover
     everything). shuffle_seed: shuffle shard order, row-group order and rows within a row group,
-    identically on every rank. Each shard's checksum is verified before its rows are used.
+    identically on every rank. Each shard's checksum is verified before its rows are used. draw: only
+    the rows of that draw (a cache of several, cache.schema), before the stream is split between ranks.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -123,6 +127,8 @@ def iter_cache(
             except Exception as error:
                 raise CacheError(f"{path}: row group {group} is unreadable ({error})") from error
             samples = [sample for batch in batches for sample in _decode_batch(batch, layout)]
+            if draw is not None:
+                samples = [sample for sample in samples if sample.draw == draw]
             if shuffle_seed is not None:
                 rng.shuffle(samples)
             for sample in samples:

@@ -33,6 +33,9 @@ sample is concatenated into one flat list with a per-token size list (no list<li
     target_log_prob    list<float32>  (T)   log R_t(y_t) of the full distribution, before truncation
                                             (for an `original`/`base` teacher: the frozen model's
                                             reference log-prob, used by NPO / DPO / KL baselines)
+    draw               int16                which draw of a randomised teacher input the row holds
+                                            (Vgid's noise, `--draws`): draw e serves epoch e mod draws;
+                                            0 in a cache of one draw (and absent in older caches)
 
 Everything is zstd (level 9); floats use BYTE_STREAM_SPLIT, ints PLAIN. The probabilities are the bulk of
 the file, and what matters for a KL is their absolute precision (an entry moved by dr changes the KL by
@@ -101,6 +104,7 @@ class Layout:
                 ("tail_mass", pa.list_(pa.float32())),
                 ("entropy", pa.list_(entropy_type)),
                 ("target_log_prob", pa.list_(pa.float32())),
+                ("draw", pa.int16()),
             ]
         )
 
@@ -147,6 +151,7 @@ class CachedSample:
     tail_mass: Tensor  # (T,) float32
     entropy: Tensor  # (T,) float32
     target_log_prob: Tensor  # (T,) float32
+    draw: int = 0  # which draw of a randomised teacher input (cache.schema: the `draw` column)
 
     @property
     def num_tokens(self) -> int:
@@ -163,8 +168,10 @@ class CachedSample:
         answer_token_ids: Tensor,
         distributions: TruncatedDistributions,
         target_log_prob: Tensor,
+        draw: int = 0,
     ) -> CachedSample:
         return cls(
+            draw=draw,
             sample_id=sample_id,
             answer_token_ids=answer_token_ids.long().cpu(),
             support_ids=distributions.support_ids.cpu(),

@@ -98,19 +98,20 @@ class ShardWriter:
         self._writer = pq.ParquetWriter(self.temp_path, self._schema, **layout.writer_options())
         self._pending: list[tuple[CachedSample, dict[str, Any]]] = []
         self._records: list[dict[str, Any]] = []
-        self._seen: set[str] = set()
+        self._seen: set[tuple[str, int]] = set()
         self._num_tokens = 0
         self._closed = False
 
     def write(self, sample: CachedSample, record: dict[str, Any]) -> None:
         """Add one sample; `record` (prompt, image sources, seeds...) goes to the manifest."""
         _check_sample(sample, self.vocab_size)
-        if sample.sample_id in self._seen:
-            raise CacheError(f"sample {sample.sample_id} written twice to {self.name}")
-        self._seen.add(sample.sample_id)
-        self._pending.append(
-            (sample, {**record, "sample_id": sample.sample_id, "num_tokens": sample.num_tokens})
-        )
+        if (sample.sample_id, sample.draw) in self._seen:
+            raise CacheError(f"sample {sample.sample_id} (draw {sample.draw}) written twice to {self.name}")
+        self._seen.add((sample.sample_id, sample.draw))
+        entry = {**record, "sample_id": sample.sample_id, "num_tokens": sample.num_tokens}
+        if sample.draw:
+            entry["draw"] = sample.draw
+        self._pending.append((sample, entry))
         if len(self._pending) >= self.row_group_samples:
             self._flush()
 
@@ -128,6 +129,7 @@ class ShardWriter:
             columns["tail_mass"].append(sample.tail_mass.numpy().astype(np.float32))
             columns["entropy"].append(sample.entropy.numpy().astype(self.layout.entropy_dtype))
             columns["target_log_prob"].append(sample.target_log_prob.numpy().astype(np.float32))
+            columns["draw"].append(sample.draw)
             self._records.append(record)
             self._num_tokens += sample.num_tokens
         table = pa.Table.from_pydict(columns, schema=self._schema)

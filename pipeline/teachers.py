@@ -89,10 +89,15 @@ class TeacherContext:
     arguments: dict[str, Any]  # the teacher's declared parameters (Teacher.parameters) and their values
     reference_pool: list[tuple[str, bytes]] | None = None  # (image id, encoded bytes), for viker
     reference_kind: str = ""
+    draw: int = 0  # which of a teacher's `draws` random inputs per sample (Vgid's noise per epoch)
 
     def sample_seed(self, sample: QASample) -> int:
-        """A per-sample seed independent of sharding and batching."""
-        return stable_int(f"{self.arguments['seed']}:{sample.sample_id}", num_bytes=4, byteorder="little")
+        """A per-sample (and per-draw) seed independent of sharding and batching; draw 0's is the seed
+        a cache of one draw uses."""
+        key = f"{self.arguments['seed']}:{sample.sample_id}"
+        if self.draw:
+            key = f"{self.arguments['seed']}:draw{self.draw}:{sample.sample_id}"
+        return stable_int(key, num_bytes=4, byteorder="little")
 
     @cached_property
     def _decoded_pool(self) -> list[tuple[str, str, Image.Image]]:
@@ -202,7 +207,7 @@ def viker(sample: QASample, context: TeacherContext) -> TeacherInput:
     )
 
 
-@teacher("vgid", parameters=("perturbation", "sigma", "icu_prompt", "seed"), instruction=True)
+@teacher("vgid", parameters=("perturbation", "sigma", "icu_prompt", "seed", "draws"), instruction=True)
 def vgid(sample: QASample, context: TeacherContext) -> TeacherInput:
     """Vgid Eq. 2: pi_T(y | x_f) = pi_theta0(y | P_phi(v_f), t_ic + t_f)."""
     instruction = context.icu_instruction()
@@ -234,7 +239,7 @@ def icu(sample: QASample, context: TeacherContext) -> TeacherInput:
     return unmodified
 
 
-@teacher("noise", parameters=("perturbation", "sigma", "seed"))
+@teacher("noise", parameters=("perturbation", "sigma", "seed", "draws"))
 def noise(sample: QASample, context: TeacherContext) -> TeacherInput:
     """Noise-T: the perturbed image, original question."""
     if sample.image is None:

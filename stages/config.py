@@ -81,6 +81,11 @@ class PrecomputeConfig(ModelOptions):
     sigma: float = param(0.4, "Gaussian perturbation: noise std on [0, 1] pixels.", low=0)
     icu_prompt: str = param("strict", "Vgid / icu: strict | declarative | polite (Vgid App. A.1).")
     seed: int = param(0, "Seeds reference draws and perturbations (per sample, whatever the sharding).")
+    draws: int = param(
+        1,
+        "Vgid / noise: perturbation draws per sample; epoch e trains on draw e mod draws (Vgid Alg. 1).",
+        low=1,
+    )
     top_p: float = param(
         0.995, "Keep the smallest support of this mass per token.", low=0, high=1, low_open=True
     )

@@ -130,9 +130,15 @@ def run(config: PrecomputeConfig) -> list[ShardManifest]:
         extractor.vision_features.clear()
         with ShardWriter(config.out, shard_index, config.num_shards, header) as writer:
             for chunk in _progress(_batched(shard_samples, config.batch_size), config, len(shard_samples)):
-                inputs = [teacher(sample, context) for sample in chunk]
-                for sample, teacher_input, row in zip(chunk, inputs, extractor(chunk, inputs), strict=True):
-                    writer.write(row, {**teacher_input.record(), "answer": sample.answer})
+                for draw in range(int(context.arguments.get("draws", 1))):
+                    drawn = replace(context, draw=draw)
+                    inputs = [teacher(sample, drawn) for sample in chunk]
+                    for sample, teacher_input, row in zip(
+                        chunk, inputs, extractor(chunk, inputs), strict=True
+                    ):
+                        writer.write(
+                            replace(row, draw=draw), {**teacher_input.record(), "answer": sample.answer}
+                        )
             manifest = writer.close()
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         name = shard_name(shard_index, config.num_shards)
@@ -368,7 +374,10 @@ def measure_cache_kl(
                 raise CacheError(
                     f"cache row {error} is not a sample of split {config.split} in {data_dir}"
                 ) from None
-            inputs = [teacher(sample, context) for sample in qa]
+            inputs = [
+                teacher(sample, replace(context, draw=row.draw))
+                for sample, row in zip(qa, chunk, strict=True)
+            ]
             for sample, teacher_input in zip(qa, inputs, strict=True):
                 if teacher_input.record()["prompt"] != recorded[sample.sample_id]["prompt"]:
                     raise CacheError(

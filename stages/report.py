@@ -443,7 +443,7 @@ def key_tokens(
             raise CacheError(
                 f"cache {cache_dir} was made with another tokenizer than the one given to decode it"
             )
-    for index, sample in enumerate(iter_cache(cache_dir)):
+    for index, sample in enumerate(iter_cache(cache_dir, draw=0)):
         if limit is not None and index >= limit:
             break
         ids = sample.answer_token_ids.tolist()

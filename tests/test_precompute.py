@@ -155,6 +155,31 @@ def test_vgid_perturbs_the_image_and_prepends_the_exact_icu_text(world, tiny_mod
     assert noise_input.variants[0].prompt == tiny_model.family.build_prompt(sample.question, True)
 
 
+def test_vgid_draws_hold_one_row_per_sample_and_draw_with_its_own_noise(world, tiny_model_dir, tmp_path):
+    """Vgid Algorithm 1 redraws the noise per batch: --draws D stores D rows per sample, draw 0 the same
+    as a one-draw cache, each later draw with its own recorded seed and image."""
+    one = tmp_path / "one"
+    run(config(world, tiny_model_dir, one, teacher="vgid", limit=3))
+    three = tmp_path / "three"
+    run(config(world, tiny_model_dir, three, teacher="vgid", limit=3, draws=3))
+    assert read_manifest(three).header["teacher_params"]["draws"] == 3
+    rows = list(iter_cache(three))
+    assert sorted((row.sample_id, row.draw) for row in rows) == sorted(
+        (row.sample_id, draw) for row in iter_cache(one) for draw in range(3)
+    )
+    first = {row.sample_id: row for row in iter_cache(one)}
+    for row in iter_cache(three, draw=0):
+        torch.testing.assert_close(row.support_probs, first[row.sample_id].support_probs)
+    seeds = {}
+    for record in read_manifest(three).samples:
+        seeds.setdefault(record["sample_id"], []).append(record["perturbation_seeds"][0])
+    assert all(len(set(values)) == 3 for values in seeds.values())
+    later = {row.sample_id: row for row in iter_cache(three, draw=2)}
+    assert any(
+        not torch.equal(later[sample_id].support_probs, first[sample_id].support_probs) for sample_id in first
+    )
+
+
 def test_perturbations():
     image = Image.new("RGB", (8, 6), (10, 120, 250))
     rng = np.random.default_rng

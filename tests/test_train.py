@@ -46,6 +46,7 @@ def write_cache(
     edit_tokens_of: str | None = None,
     num_shards: int = 1,
     dtype: str | None = None,
+    draws: int = 1,
 ) -> Path:
     """One row per sample of `split`: the frozen model's top-p distributions over the answer tokens,
     on the sample's own image (an `original`/`base` teacher) or on a blank one (a stand-in teacher that
@@ -53,7 +54,7 @@ def write_cache(
     samples = load_unlearning_samples(DATA, split)
     header = {
         "teacher": teacher,
-        "teacher_params": {"blank_image": blank_image},
+        "teacher_params": {"blank_image": blank_image, **({"draws": draws} if draws > 1 else {})},
         "top_p": 0.95,
         "max_support": 32,
         "prompt_template": "test",
@@ -65,8 +66,9 @@ def write_cache(
     }
     for shard in range(num_shards):
         with ShardWriter(directory, shard, num_shards, header) as writer:
-            for sample in samples[shard::num_shards]:
-                image = Image.new("RGB", (32, 32), (128, 128, 128)) if blank_image else sample.pil_image()
+            for sample, draw in [(s, d) for s in samples[shard::num_shards] for d in range(draws)]:
+                grey = 128 + 40 * draw
+                image = Image.new("RGB", (32, 32), (grey, grey, grey)) if blank_image else sample.pil_image()
                 prompt = loaded.family.build_prompt(sample.question, True)
                 batch = encode_answers(loaded, [PromptedSample(prompt, image, sample.answer)])
                 with torch.no_grad():
@@ -76,7 +78,7 @@ def write_cache(
                     answer_ids[0] = (answer_ids[0] + 1) % logits.shape[-1]
                 log_probs = torch.log_softmax(logits, -1)[torch.arange(len(answer_ids)), batch.targets]
                 cached = CachedSample.from_distributions(
-                    sample.sample_id, answer_ids, truncate_top_p(logits, 0.95, 32), log_probs
+                    sample.sample_id, answer_ids, truncate_top_p(logits, 0.95, 32), log_probs, draw
                 )
                 writer.write(cached, {"prompt": prompt})
     return directory
@@ -277,6 +279,25 @@ def test_mmunlearner_keeping_every_parameter_is_ga_diff_and_masking_all_is_not(
     masked = adapter_weights(tmp_path / "none")
     differs = [key for key in expected if "lora_B" in key and not torch.allclose(masked[key], expected[key])]
     assert differs
+
+
+def test_epoch_e_reads_draw_e_of_a_cache_of_several_noise_draws(tiny_model, tiny_model_dir, tmp_path):
+    from pipeline.training.processes import Processes
+    from pipeline.training.streams import Cache, sample_stream
+
+    directory = write_cache(tmp_path / "drawn", tiny_model, FORGET, "vgid", blank_image=True, draws=2)
+    samples = load_unlearning_samples(DATA, FORGET)
+    cache = Cache.open(str(directory), tiny_model, {s.sample_id: s for s in samples}, "forget")
+    assert cache.draws == 2
+    for epoch in range(4):
+        rows = [rows for _, rows in sample_stream(samples, cache, 0, "forget", epoch, Processes())]
+        assert sorted(row.sample_id for row in rows) == sorted(s.sample_id for s in samples)
+        assert {row.draw for row in rows} == {epoch % 2}
+    meta = run(
+        config(tiny_model_dir, tmp_path / "run", "vgid", {"teacher": directory, "base": write_cache(
+            tmp_path / "base", tiny_model, RETAIN, "base")}, epochs=2)
+    )  # fmt: skip
+    assert meta["steps"] == 4
 
 
 def test_npo_reference_from_an_original_cache_equals_the_computed_one(tiny_model_dir, caches, tmp_path):

@@ -43,5 +43,5 @@ def reference_log_probs_from_cache(cache: Cache) -> dict[str, float]:
     """From an `original` cache, whose stored target log-probs are the frozen model's own (one pass)."""
     return {
         cached.sample_id: float(cached.target_log_prob.double().sum())
-        for cached in iter_cache(cache.directory, batch_size=16)
+        for cached in iter_cache(cache.directory, batch_size=16, draw=0)
     }

@@ -66,9 +66,20 @@ class Cache:
             )
         return cls(directory=str(directory), manifest=manifest, teacher=str(manifest.header.get("teacher")))
 
-    def stream(self, rank: int, world_size: int, shuffle_seed: int) -> Iterator[CachedSample]:
+    @property
+    def draws(self) -> int:
+        """How many draws of a randomised teacher input the cache holds (Vgid's noise; 1 otherwise)."""
+        return int(self.manifest.header.get("teacher_params", {}).get("draws", 1))
+
+    def stream(self, rank: int, world_size: int, shuffle_seed: int, cycle: int = 0) -> Iterator[CachedSample]:
+        """One pass over the rows of draw `cycle mod draws` (epoch e reads draw e, Vgid's Algorithm 1)."""
         return iter_cache(
-            self.directory, rank=rank, world_size=world_size, shuffle_seed=shuffle_seed, batch_size=16
+            self.directory,
+            rank=rank,
+            world_size=world_size,
+            shuffle_seed=shuffle_seed,
+            batch_size=16,
+            draw=cycle % self.draws,
         )
 
 
@@ -123,7 +134,7 @@ def sample_stream(
     by_id = {sample.sample_id: sample for sample in samples}
     shuffle_seed = epoch_seed(seed, stream, cycle)
     if cache is not None:
-        for cached in cache.stream(processes.rank, processes.world_size, shuffle_seed):
+        for cached in cache.stream(processes.rank, processes.world_size, shuffle_seed, cycle):
             yield by_id[cached.sample_id], cached
         return
     order = list(range(len(samples)))
