@@ -58,7 +58,9 @@ def test_the_shipped_params_file_fits_the_schema_and_every_method_its_loss():
             check_section(name, params[name], config_class, "params.yaml")
     for name in params["methods"]:
         method = resolve_method(name, params["methods"])
-        assert method.loss in {"ga", "ga_diff", "kl_min", "npo", "idkpo", "viker", "vgid"}
+        assert method.loss in {
+            "ga", "ga_diff", "kl_min", "npo", "po", "idkpo", "rmu", "mmunlearner", "viker", "vgid"
+        }  # fmt: skip
     viker = resolve_method("viker", params["methods"])
     assert viker.arguments == {"lambda_": params["methods"]["viker"]["args"]["lambda"]}
 

@@ -411,8 +411,10 @@ def test_no_tail_on_either_side_gives_finite_gradients(divergence):
 @given(cases)
 def test_rows_as_training_reads_them_exceed_the_exact_kl_by_little(case):
     """The bound sparse <= dense holds for rows as captured; rows read from the cache are float16-rounded to
-    2^-14 and renormalised, which can move the value up a little: measured worst 1.1e-3 nats per token on
-    the mini model's teachers (the math review), here held to 2e-3 on random rows."""
+    2^-14 and renormalised, which moves the value by about sum_j dr_j (log(r_j / q_j) + 1) to first
+    order: the slack is held to that (plus 1e-4), not to a fixed number of nats, since a row far from the
+    student (a large log-ratio) turns the same rounding into more (measured worst on the mini model's
+    teachers: 1.1e-3 nats per token)."""
     teacher_logits, student_logits = random_case(*case)
     truncated = truncate_top_p(teacher_logits, 0.995, 256)
     stored = quantize_probabilities(truncated.support_probs.float(), 2.0**-14).float()
@@ -420,4 +422,9 @@ def test_rows_as_training_reads_them_exceed_the_exact_kl_by_little(case):
     read = renormalize_support(stored, truncated.tail_mass.float())
     sparse = sparse_kl(truncated.support_ids, read, truncated.tail_mass.float(), student_logits.float())
     dense = dense_kl(torch.softmax(teacher_logits, -1), student_logits)
-    assert torch.all(sparse.double() <= dense + 2e-3), (sparse, dense)
+    captured = truncated.support_probs.double()
+    moved = (read.double() - captured).abs()
+    log_q = torch.log_softmax(student_logits.double(), -1).gather(1, truncated.support_ids.clamp_min(0))
+    log_ratio = torch.where(captured > 0, captured.clamp_min(1e-300).log() - log_q, torch.zeros_like(log_q))
+    first_order = (moved * (log_ratio.abs() + 1)).sum(-1)
+    assert torch.all(sparse.double() <= dense + first_order + 1e-4), (sparse, dense, first_order)
