@@ -72,7 +72,7 @@ def main() -> None:
         vocab = r.shape[-1]
         err, eps = errors_by_prefix(r, q, vocab)
         entry = {"tokens": len(r), "vocab": vocab}
-        entry["top_p 0.995, cap 256 (default)"] = rule(err, eps, 0.995, None, 256)
+        entry["top_p 0.995, cap 256 (the former default)"] = rule(err, eps, 0.995, None, 256)
         for delta in (1e-4, 1e-3):
             for cap in (256, 1024, vocab):
                 entry[f"top_p 0.9 or until error <= {delta:g}, cap {cap}"] = rule(err, eps, 0.9, delta, cap)

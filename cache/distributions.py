@@ -90,8 +90,39 @@ def truncate_top_p(
     )
 
 
+def tail_bucket_errors(teacher: Tensor, student: Tensor, order: Tensor) -> Tensor:
+    """(N, W) the exact error of the tail bucket, KL(R||Q) - KL_bucket(R||Q), when the support is the
+    first k = 1..W tokens of `order` (N, W): eps * KL(R_T/eps || Q_T/Q(T)), the mismatch of the dropped
+    tails' shapes; it only falls as k grows (merging cells never raises a KL). float64."""
+    r, q = teacher.double(), student.double()
+
+    def log(values: Tensor) -> Tensor:
+        return values.clamp_min(1e-300).log()
+
+    def after_each_prefix(per_token: Tensor, kept: Tensor) -> Tensor:
+        """(N, W) the sum over the tokens after each prefix: the rest of the vocabulary plus a suffix
+        sum over the later candidates (no 1 - cumsum: it cancels where the tail is small)."""
+        mask = torch.ones_like(per_token, dtype=torch.bool).scatter_(1, order, False)
+        outside = (per_token * mask).sum(-1, keepdim=True)
+        suffix = torch.flip(torch.cumsum(torch.flip(kept, [-1]), -1), [-1])
+        return outside + torch.nn.functional.pad(suffix[:, 1:], (0, 1))
+
+    r_kept, q_kept = r.gather(1, order), q.gather(1, order)
+    tail = after_each_prefix(r, r_kept)
+    student_tail = after_each_prefix(q, q_kept)
+    pointwise = torch.where(r > 0, r * (log(r) - log(q)), torch.zeros_like(r))
+    tail_kl = after_each_prefix(pointwise, pointwise.gather(1, order))
+    bucket = torch.where(tail > 0, tail * (log(tail) - log(student_tail)), torch.zeros_like(tail))
+    return (tail_kl - bucket).clamp_min(0.0)
+
+
 def truncate_probabilities(
-    probs: Tensor, top_p: float, max_support: int, include: Tensor | None = None
+    probs: Tensor,
+    top_p: float,
+    max_support: int,
+    include: Tensor | None = None,
+    student: Tensor | None = None,
+    tail_cost: float = 0.0,
 ) -> TruncatedDistributions:
     """Truncate full-vocabulary distributions (N, V), e.g. ViKeR's mean of k softmaxes.
 
@@ -100,6 +131,13 @@ def truncate_probabilities(
     include (N,) optional token ids that must be in the support as well (precompute passes the
     ground-truth answer token: its teacher probability, and the gradient there, stay exact); when the
     cap is reached it takes the place of the least probable kept token.
+
+    student (N, V), with tail_cost > 0: the distributions the KL will compare R with (the student at step
+    0, the frozen model on the unmodified input). Candidates are then ranked by R + Q, and each row also
+    keeps the first k of them that minimise error_k + tail_cost * k, error_k the tail bucket's exact
+    error against the student (tail_bucket_errors): an entry is added where it buys at least tail_cost
+    nats, so a flat teacher whose tail the student's does not resemble gets the entries it needs, and a
+    row whose tails agree gets none beyond the top-p set. Both sets share the max_support cap.
     Runs on the tensors' device with no per-row Python loop.
     """
     if probs.dim() != 2:
@@ -120,6 +158,8 @@ def truncate_probabilities(
         mass_before = torch.cumsum(top_probs.double(), dim=-1) - top_probs.double()
         keep = mass_before < top_p
         keep[:, 0] = True
+    if student is not None and tail_cost > 0:
+        top_ids, top_probs, keep = _student_aware(probs, student, top_ids, keep, width, tail_cost)
 
     if include is not None:
         include = include.to(top_ids.device).long()[:, None]
@@ -151,6 +191,23 @@ def truncate_probabilities(
     return TruncatedDistributions(
         support_ids[:, :used], support_probs[:, :used].float(), tail_mass.float(), entropy.float()
     )
+
+
+def _student_aware(
+    probs: Tensor, student: Tensor, top_ids: Tensor, keep: Tensor, width: int, tail_cost: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Candidates ranked by R + Q; keep the top-p set plus the error-minimising prefix (see above)."""
+    student = _at_least_float32(student).to(probs.device)
+    _, order = torch.topk(probs + student, width, dim=-1, sorted=True)
+    errors = tail_bucket_errors(probs, student, order)
+    prefix = torch.argmin(errors + tail_cost * torch.arange(1, width + 1, device=probs.device), dim=-1)
+    kept_by_error = torch.arange(width, device=probs.device)[None, :] <= prefix[:, None]
+    # The top-p set marked over the vocabulary (a spare column V takes the slots it does not keep).
+    vocab_size = probs.shape[-1]
+    marked = torch.zeros(probs.shape[0], vocab_size + 1, dtype=torch.bool, device=probs.device)
+    marked.scatter_(1, torch.where(keep, top_ids, torch.full_like(top_ids, vocab_size)), True)
+    in_top_p = marked[:, :vocab_size].gather(1, order)
+    return order, probs.gather(1, order), kept_by_error | in_top_p
 
 
 def quantize_probabilities(

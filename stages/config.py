@@ -87,9 +87,16 @@ class PrecomputeConfig(ModelOptions):
         low=1,
     )
     top_p: float = param(
-        0.995, "Keep the smallest support of this mass per token.", low=0, high=1, low_open=True
+        0.9, "Keep at least the smallest support of this mass per token.", low=0, high=1, low_open=True
     )
-    max_support: int = param(256, "At most this many tokens per support.", low=1)
+    tail_cost: float = param(
+        4e-5,
+        "Nats an extra support entry must save: each token also keeps the entries (ranked by teacher + "
+        "student probability) that bring the tail bucket's KL error against the student at step 0 down "
+        "by at least this much each; 0: top-p alone (docs/performance.md).",
+        low=0,
+    )
+    max_support: int = param(1024, "At most this many tokens per support.", low=1)
     split: str | None = param(None, "Split to cache (none: the teacher's, forget_10 or retain_90).")
     kinds: tuple[str, ...] = param(("qa",), "Comma list of sample kinds: qa, generation, mc, cloze.")
     shard_index: int | None = param(None, "Compute only this shard (none: every shard).", low=0)

@@ -114,7 +114,10 @@ def run(config: PrecomputeConfig) -> list[ShardManifest]:
     expected_header = shard_header(header, config.num_shards)
     check_existing_shards(Path(config.out), expected_header)
 
-    extractor = TeacherExtractor(loaded, config.top_p, config.max_support)
+    extractor = TeacherExtractor(loaded, config.top_p, config.max_support, config.tail_cost)
+    # The student-aware part of the rule compares R with the frozen model on the unmodified input,
+    # which is R itself for an unmodified teacher.
+    compares_student = config.tail_cost > 0 and not teacher.unmodified
     owned = range(config.num_shards) if config.shard_index is None else [config.shard_index]
     manifests = []
     for shard_index in owned:
@@ -133,8 +136,9 @@ def run(config: PrecomputeConfig) -> list[ShardManifest]:
                 for draw in range(int(context.arguments.get("draws", 1))):
                     drawn = replace(context, draw=draw)
                     inputs = [teacher(sample, drawn) for sample in chunk]
+                    students = [original(sample, drawn) for sample in chunk] if compares_student else None
                     for sample, teacher_input, row in zip(
-                        chunk, inputs, extractor(chunk, inputs), strict=True
+                        chunk, inputs, extractor(chunk, inputs, students), strict=True
                     ):
                         writer.write(
                             replace(row, draw=draw), {**teacher_input.record(), "answer": sample.answer}
@@ -192,6 +196,7 @@ def cache_header(
         "teacher": config.teacher,
         "teacher_params": context.arguments,
         "top_p": config.top_p,
+        "tail_cost": config.tail_cost,
         "max_support": config.max_support,
         "prompt_template": loaded.family.build_prompt("{question}", True, instruction),
         # The student's own prompt (no intervention): training refuses a cache made for another format.
@@ -245,17 +250,27 @@ def check_existing_shards(directory: Path, expected_header: dict[str, Any]) -> N
 class TeacherExtractor:
     """Runs teacher inputs through the frozen model and returns truncated per-token distributions."""
 
-    def __init__(self, loaded: LoadedModel, top_p: float, max_support: int) -> None:
+    def __init__(self, loaded: LoadedModel, top_p: float, max_support: int, tail_cost: float = 0.0) -> None:
         self.loaded = loaded
-        self.top_p, self.max_support = top_p, max_support
+        self.top_p, self.max_support, self.tail_cost = top_p, max_support, tail_cost
         self.vision_features = VisionFeatureCache(loaded.model)
 
-    def __call__(self, samples: Sequence[QASample], inputs: Sequence[TeacherInput]) -> list[CachedSample]:
+    def __call__(
+        self,
+        samples: Sequence[QASample],
+        inputs: Sequence[TeacherInput],
+        students: Sequence[TeacherInput] | None = None,
+    ) -> list[CachedSample]:
+        """The truncated rows of each sample; `students` (the unmodified inputs) for the student-aware
+        part of the rule (cache.distributions.truncate_probabilities)."""
         with torch.inference_mode():
             answers, mean_probs, target_log_prob, lengths = self.mean_distributions(samples, inputs)
+            student = self.mean_distributions(samples, students)[1] if students is not None else None
             # The ground-truth token always joins the support: R(y_t) and the gradient at y_t stay exact.
             targets = torch.cat(answers).to(mean_probs.device)
-            truncated = truncate_probabilities(mean_probs, self.top_p, self.max_support, include=targets)
+            truncated = truncate_probabilities(
+                mean_probs, self.top_p, self.max_support, targets, student, self.tail_cost
+            )
             # One copy of the small truncated tensors per batch, then split per sample on the host.
             truncated, target_log_prob = truncated.to("cpu"), target_log_prob.cpu()
         rows, start = [], 0
@@ -364,7 +379,7 @@ def measure_cache_kl(
     samples = {sample.sample_id: sample for sample in load_samples(config)}
     context = teacher_context(config, teacher, loaded)
     recorded = {record["sample_id"]: record for record in manifest.samples}
-    extractor = TeacherExtractor(loaded, header["top_p"], header["max_support"])
+    extractor = TeacherExtractor(loaded, header["top_p"], header["max_support"], header.get("tail_cost", 0.0))
 
     def exact(cached: list[CachedSample]) -> Iterator[tuple[Tensor, Tensor]]:
         for chunk in _batched(cached, batch_size):

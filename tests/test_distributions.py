@@ -16,6 +16,7 @@ from cache.distributions import (
     sparse_cosine,
     sparse_jsd,
     sparse_kl,
+    tail_bucket_errors,
     truncate_probabilities,
     truncate_top_p,
 )
@@ -428,3 +429,66 @@ def test_rows_as_training_reads_them_exceed_the_exact_kl_by_little(case):
     log_ratio = torch.where(captured > 0, captured.clamp_min(1e-300).log() - log_q, torch.zeros_like(log_q))
     first_order = (moved * (log_ratio.abs() + 1)).sum(-1)
     assert torch.all(sparse.double() <= dense + first_order + 1e-4), (sparse, dense, first_order)
+
+
+# ---------------------------------------------------------------- the student-aware truncation rule
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases)
+def test_tail_bucket_errors_are_the_exact_kl_minus_the_bucket_kl_of_each_prefix(case):
+    teacher_logits, student_logits = random_case(*case)
+    teacher, student = torch.softmax(teacher_logits, -1), torch.softmax(student_logits, -1)
+    order = torch.argsort(torch.rand(teacher.shape, generator=torch.Generator().manual_seed(case[0])), -1)
+    errors = tail_bucket_errors(teacher, student, order)
+    for k in range(1, teacher.shape[1] + 1):  # dense: eps KL(r_T / eps || q_T / Q(T)) over the tail T
+        for row in range(len(teacher)):
+            tail = order[row, k:]
+            r, q = teacher[row, tail], student[row, tail]
+            expected = (r * (torch.log(r / r.sum()) - torch.log(q / q.sum()))).sum() if len(tail) else 0.0
+            torch.testing.assert_close(
+                errors[row, k - 1], torch.as_tensor(expected).double(), atol=1e-9, rtol=1e-6
+            )
+    assert torch.all(errors[:, 1:] <= errors[:, :-1] + 1e-12)  # merging cells never raises the KL
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases, st.sampled_from([1e-4, 1e-3, 1e-2]))
+def test_the_student_aware_rule_keeps_the_top_p_set_and_minimises_error_plus_cost(case, tail_cost):
+    teacher_logits, student_logits = random_case(*case)
+    teacher, student = torch.softmax(teacher_logits, -1), torch.softmax(student_logits, -1)
+    vocab = teacher.shape[1]
+    plain = truncate_probabilities(teacher, 0.8, vocab)
+    aware = truncate_probabilities(teacher, 0.8, vocab, student=student, tail_cost=tail_cost)
+    exact = dense_kl(teacher, student_logits)
+
+    def error(truncated):
+        return exact - sparse_kl(
+            truncated.support_ids, truncated.support_probs, truncated.tail_mass, student_logits
+        )
+
+    for row in range(len(teacher)):
+        kept_plain = set(plain.support_ids[row][plain.support_ids[row] >= 0].tolist())
+        kept_aware = set(aware.support_ids[row][aware.support_ids[row] >= 0].tolist())
+        assert kept_plain <= kept_aware
+    assert torch.all(error(aware) <= error(plain) + 1e-9)
+    # The error-minimising prefix of the R + Q ranking: no other prefix length costs less.
+    order = torch.argsort(teacher + student, -1, descending=True)
+    errors = tail_bucket_errors(teacher, student, order)
+    best = (errors + tail_cost * torch.arange(1, vocab + 1)).min(-1).values
+    for row in range(len(teacher)):
+        prefix = set(
+            order[row, : int(torch.argmin(errors[row] + tail_cost * torch.arange(1, vocab + 1))) + 1].tolist()
+        )
+        kept_aware = set(aware.support_ids[row][aware.support_ids[row] >= 0].tolist())
+        assert prefix <= kept_aware
+    assert torch.all(best >= 0)
+
+
+def test_a_student_equal_to_the_teacher_adds_nothing_to_the_top_p_set():
+    teacher_logits, _ = random_case(3, 4, 30, 3.0)
+    teacher = torch.softmax(teacher_logits, -1)
+    plain = truncate_probabilities(teacher, 0.9, 30)
+    aware = truncate_probabilities(teacher, 0.9, 30, student=teacher.clone(), tail_cost=1e-5)
+    torch.testing.assert_close(aware.support_ids, plain.support_ids)
+    torch.testing.assert_close(aware.tail_mass, plain.tail_mass)

@@ -180,6 +180,34 @@ def test_vgid_draws_hold_one_row_per_sample_and_draw_with_its_own_noise(world, t
     )
 
 
+def test_the_student_aware_rule_adds_entries_to_visual_teachers_only(world, tiny_model_dir, tmp_path):
+    """tail_cost > 0 keeps the top-p set plus the entries that cut the tail bucket's error against the
+    model on the unmodified input; for an unmodified teacher that input is the teacher's own, nothing."""
+
+    def supports(teacher: str, tail_cost: float) -> dict:
+        out = tmp_path / f"{teacher}-{tail_cost}"
+        run(
+            config(
+                world, tiny_model_dir, out, teacher=teacher, limit=4, tail_cost=tail_cost, max_support=4096
+            )
+        )
+        assert read_manifest(out).header["tail_cost"] == tail_cost
+        return {
+            row.sample_id: [set(ids[ids >= 0].tolist()) for ids in row.support_ids] for row in iter_cache(out)
+        }
+
+    plain, aware = supports("vgid", 0.0), supports("vgid", 1e-5)
+    assert all(
+        small <= large
+        for sample_id in plain
+        for small, large in zip(plain[sample_id], aware[sample_id], strict=True)
+    )
+    assert sum(len(s) for rows in aware.values() for s in rows) > sum(
+        len(s) for rows in plain.values() for s in rows
+    )
+    assert supports("original", 0.0) == supports("original", 1e-5)
+
+
 def test_perturbations():
     image = Image.new("RGB", (8, 6), (10, 120, 250))
     rng = np.random.default_rng
