@@ -19,6 +19,8 @@ Logical split names accepted everywhere a split is asked for:
     test / Test_Set      every Test_Set row
     real / Retain_Set    the real-celebrity group
     full / Full_Set      every fictitious person
+    unseen / Unseen_Set  people no model was fine-tuned on (the mini world's reference people): the
+                         never-seen side of membership inference (pipeline.membership); not in the hub
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from pipeline.hashing import sha256_hex, stable_int
 from pipeline.samples import QASample
 
 SPLIT_FILE = "train-00000-of-00001.parquet"
-HUB_FOLDERS = ("Test_Set", "Retain_Set", "Full_Set")
-LOGICAL_FOLDERS = {"test": "Test_Set", "real": "Retain_Set", "full": "Full_Set"}
+HUB_FOLDERS = ("Test_Set", "Retain_Set", "Full_Set", "Unseen_Set")
+LOGICAL_FOLDERS = {"test": "Test_Set", "real": "Retain_Set", "full": "Full_Set", "unseen": "Unseen_Set"}
 
 UNLEARNING_KINDS = ("qa", "generation", "mc", "cloze")
 IMAGE_POOLS = ("people", "pets", "scene", "pattern")  # folders of images: references/<kind>/

@@ -189,6 +189,12 @@ class EvaluateConfig(ModelOptions):
     )
     instruction: str | None = param(None, "In-context unlearning prefix for every question (ICU).")
     splits: tuple[str, ...] = param(("forget", "test", "retain", "real"), "Comma list of split roles.")
+    mia_nonmembers: str | None = param(
+        None,
+        "Split of never-seen people for membership inference against the forget split's QA "
+        "(pipeline.membership), e.g. the mini world's `unseen`; none: skip it (MLLMU-Bench and CLEAR "
+        "have no such split: docs/evaluation.md).",
+    )
     progress: bool = param(True, "Show a progress bar.")
 
 

@@ -43,12 +43,14 @@ from pipeline.data import (
     EvalItem,
     EvalItems,
     load_eval_items,
+    load_unlearning_samples,
     resolve_split,
     split_files,
     split_names,
 )
 from pipeline.hashing import files_sha256, sha256_hex
 from pipeline.journal import Journal
+from pipeline.membership import membership_aucs
 from pipeline.metrics import (
     bleu,
     build_coherence_scorer,
@@ -58,9 +60,9 @@ from pipeline.metrics import (
     parse_option_letter,
     rouge_l_f1,
 )
-from pipeline.models import PromptedSample, generate, load_model
+from pipeline.models import PromptedSample, answer_token_log_probs, generate, load_model
 from pipeline.registry import Registry
-from pipeline.samples import decode_image
+from pipeline.samples import QASample, decode_image
 from stages.config import EvaluateConfig
 
 # Vgid App. A.3.7, verbatim.
@@ -441,7 +443,9 @@ def generation_journal(
 ) -> Journal:
     """The journal of generated batches beside --out, keyed by everything the replies depend on."""
     adapter_files = sorted(Path(config.adapter).glob("adapter_model.*")) if config.adapter else []
-    folders = sorted({folder for role in config.splits for folder in resolve_split(names[role]) if folder})
+    read = [names[role] for role in config.splits] + [config.forget_split]
+    read += [config.mia_nonmembers] if config.mia_nonmembers else []
+    folders = sorted({folder for split in read for folder in resolve_split(split) if folder})
     key = {
         "config": {name: value for name, value in asdict(config).items() if name != "progress"},
         "model": loaded.model_fingerprint,
@@ -519,6 +523,32 @@ def write_outputs(
     _write_atomic(out, json.dumps(metrics, indent=2) + "\n")
 
 
+def membership_samples(config: EvaluateConfig) -> tuple[list[QASample], list[QASample]] | None:
+    """Membership inference's two sides: the forget split's QA (members) and the never-seen split's."""
+    if not config.mia_nonmembers:
+        return None
+    members = load_unlearning_samples(config.data, config.forget_split, ("qa",))
+    try:
+        nonmembers = load_unlearning_samples(config.data, config.mia_nonmembers, ("qa",))
+    except DataError as error:
+        raise DataError(f"{error} (--mia-nonmembers none skips membership inference)") from None
+    return members, nonmembers
+
+
+def scored_answers(loaded, model, samples: list[QASample], config: EvaluateConfig) -> list[tuple[Any, str]]:
+    """(answer-token log-probs under `model`, answer) per sample, on the student's own prompt."""
+    inputs = [
+        PromptedSample(
+            loaded.family.build_prompt(sample.question, sample.image is not None),
+            sample.pil_image() if sample.image is not None else None,
+            sample.answer,
+        )
+        for sample in samples
+    ]
+    log_probs = answer_token_log_probs(loaded, model, inputs, config.batch_size)
+    return list(zip(log_probs, [sample.answer for sample in samples], strict=True))
+
+
 def run(config: EvaluateConfig) -> dict[str, Any]:
     """Evaluate and write metrics.json, meta.json and responses.jsonl; returns the metrics."""
     import torch
@@ -535,6 +565,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     for role, role_items in items.items():
         if not len(role_items):
             raise DataError(f"split {names[role]} under {config.data} has no evaluation questions")
+    membership_sides = membership_samples(config)  # before the model loads: a missing split fails fast
 
     torch.manual_seed(config.seed)
     loaded = load_model(config.model, **config.loading())
@@ -571,6 +602,10 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     counts: dict[str, dict[str, int]] = {}
     for split, _, _ in runs:
         metrics[split], counts[split] = aggregate([q for q in questions if q.split == split])
+    if membership_sides is not None:
+        metrics["mia"] = membership_aucs(
+            *(scored_answers(loaded, model, side, config) for side in membership_sides)
+        )
     metrics["meta"] = {"protocol": protocol.name, "coherence_scorer": scorer.name}
     meta = {
         "config": asdict(config),

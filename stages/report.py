@@ -34,6 +34,7 @@ METHOD_NAMES = {
 SPLIT_GROUPS = (("forget", "Forget"), ("test", "Generalization"), ("retain", "Retain"), ("real", "Real"))
 COLUMNS = (("mc_acc", "ACC"), ("cloze_acc", "Cloze"), ("rougeL", "ROUGE-L"), ("bleu", "BLEU"),
            ("coherence", "GIB"), ("rec", "REC"))  # fmt: skip
+MIA_COLUMNS = (("loss_auc", "LOSS AUC"), ("min_k_auc", "Min-K% AUC"), ("zlib_auc", "zlib AUC"))
 SEED_SUFFIX = re.compile(r"^(?P<method>.+?)-s(?P<seed>\d+)$")
 NUM_REFERENCES = 9  # reference images the token plot's ViKeR teacher averages over
 
@@ -166,6 +167,18 @@ def report_markdown(runs: Sequence[Run], figures: Sequence[str] = ()) -> str:
             "## Reverse-engineering attack (Vgid Table 6)",
             "",
             markdown_table(summary, methods, reverse_groups, COLUMNS[:3]),
+        ]
+    if any("mia" in summary.get(method, {}) for method in methods):
+        lines += [
+            "",
+            "## Is the knowledge gone? Membership inference (forget QA against never-seen people)",
+            "",
+            "AUC of each attack telling the forget split's QA answers from those of people no model was "
+            "trained on (pipeline/membership.py): 50 means indistinguishable, the ideal after unlearning; "
+            "the full model's row is the starting point. A method whose generated answers forget while its "
+            "AUC stays near the full model's hides the knowledge rather than removing it.",
+            "",
+            markdown_table(summary, methods, (("mia", "MIA"),), MIA_COLUMNS),
         ]
     checked = findings(summary)
     if checked:

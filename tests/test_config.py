@@ -43,7 +43,7 @@ def test_option_names_are_unique_across_nested_configs():
 
 def test_build_reads_comma_lists_and_nested_fields():
     config = build(PrecomputeConfig, {"model": "m", "data": "d", "out": "o", "kinds": "qa,mc", "k": 3})
-    assert config.kinds == ("qa", "mc") and config.k == 3 and config.top_p == 0.995
+    assert config.kinds == ("qa", "mc") and config.k == 3 and config.top_p == 0.9
     from stages.config import PrepareConfig
 
     prepare = build(PrepareConfig, {"num_people": 7, "epochs": 2, "vocab_size": 300})

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from builders import build_random_tiny_llava
 
-from pipeline.data import DataError, load_eval_items
+from pipeline.data import DataError, load_eval_items, load_unlearning_samples
 from pipeline.mini_world.config import TinyLlavaConfig
 from pipeline.models import LlavaFamily
 from stages.cli import main
@@ -545,3 +545,43 @@ def test_official_few_shot_counts_follow_eval_py_per_task(tiny_model_dir, tmp_pa
     run(replace(config, out=str(tmp_path / "one" / "metrics.json"), cloze_few_shot_profiles=1))
     meta = json.loads((tmp_path / "one" / "meta.json").read_text())
     assert meta["few_shot_profiles"] == {"classification": 1, "cloze": 1}
+
+
+# ------------------------------------------------------------------------- membership inference
+
+
+def test_membership_inference_scores_forget_qa_against_the_never_seen_people(tiny_model_dir, tmp_path):
+    from pipeline.mini_world.config import WorldConfig
+    from pipeline.mini_world.world import write_world
+
+    world = write_world(tmp_path / "world", WorldConfig(num_people=10, num_real=2, num_reference_people=3))
+    metrics = run(
+        EvaluateConfig(
+            model=str(tiny_model_dir), data=world.data_dir, out=str(tmp_path / "run" / "metrics.json"),
+            splits=("forget",), reverse_attack=False, limit=1, max_new_tokens=2, progress=False,
+            mia_nonmembers="unseen",
+        )
+    )  # fmt: skip
+    mia = metrics["mia"]
+    members = load_unlearning_samples(world.data_dir, "forget_10", ("qa",))
+    nonmembers = load_unlearning_samples(world.data_dir, "unseen", ("qa",))
+    assert (mia["members"], mia["nonmembers"]) == (len(members), len(nonmembers)) and len(nonmembers) > 0
+    assert all(0.0 <= mia[f"{attack}_auc"] <= 1.0 for attack in ("loss", "min_k", "zlib"))
+
+
+def test_a_missing_never_seen_split_is_named_before_the_model_loads(tmp_path, monkeypatch):
+    import stages.evaluate as evaluate
+    from pipeline.mini_world.config import WorldConfig
+    from pipeline.mini_world.world import write_world
+
+    world = write_world(tmp_path / "world", WorldConfig(num_people=10, num_real=2, num_reference_people=3))
+    shutil.rmtree(Path(world.data_dir) / "Unseen_Set")
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(DataError, match=r"Unseen_Set.*--mia-nonmembers none skips"):
+        run(
+            EvaluateConfig(
+                model="unused", data=world.data_dir, out=str(tmp_path / "m.json"), mia_nonmembers="unseen",
+                progress=False,
+            )
+        )  # fmt: skip
+    assert not (tmp_path / "m.json").exists()

@@ -46,7 +46,7 @@ def test_same_seed_gives_same_bytes_and_another_seed_differs(written):
     first, second, other_seed = written
     assert first.file_sha256 == second.file_sha256
     parquet_files = [name for name in first.file_sha256 if name.endswith(".parquet")]
-    assert len(parquet_files) == 9  # forget/retain x3, Test_Set, Full_Set, Retain_Set
+    assert len(parquet_files) == 10  # forget/retain x3, Test_Set, Full_Set, Retain_Set, Unseen_Set
     differing = [name for name in parquet_files if first.file_sha256[name] != other_seed.file_sha256[name]]
     assert differing == parquet_files
 
@@ -55,7 +55,7 @@ def test_hub_layout_and_data_card(written):
     info = written[0]
     data_dir = Path(info.data_dir)
     expected = {"forget_5", "forget_10", "forget_15", "retain_95", "retain_90", "retain_85"}
-    expected |= {"Test_Set", "Retain_Set", "Full_Set"}
+    expected |= {"Test_Set", "Retain_Set", "Full_Set", "Unseen_Set"}
     assert {path.parent.name for path in data_dir.glob(f"*/{SPLIT_FILE}")} == expected
     card = (data_dir / "DATA_CARD.md").read_text()
     for folder in expected:
@@ -92,8 +92,13 @@ def test_splits_are_disjoint_by_person_and_sized_as_the_benchmark(world):
     assert set(world.splits["Full_Set"]) == fictitious
     assert set(world.splits["Test_Set"]) == fictitious  # every forget set's people are in the Test_Set
     assert set(world.splits["Retain_Set"]) == real
-    in_any_split = set().union(*map(set, world.splits.values()))
-    assert not reference & in_any_split
+    # Reference people are in no training split; their QA is the never-seen side of membership inference.
+    assert set(world.splits["Unseen_Set"]) == reference
+    trained = [ids for folder, ids in world.splits.items() if folder != "Unseen_Set"]
+    assert not reference & set().union(*map(set, trained))
+    # Their facts may match trained ones word for word (templated answers); their images never do.
+    trained_images = {sample.image for sample in world.samples()}
+    assert all(person.train_qa and person.image not in trained_images for person in world.group("reference"))
 
 
 def test_default_world_has_the_required_sizes_and_a_modest_vocabulary():

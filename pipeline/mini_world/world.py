@@ -193,8 +193,9 @@ def build_world(config: WorldConfig = WorldConfig()) -> World:
                 draw_portrait(appearance, config.image_size, _alt_jitter(rng))
                 for _ in range(config.alt_images)
             )
+        # Reference people get profile QA too, never trained on: membership inference's unseen side.
+        person.train_qa = _train_qa(profile)
         if group != "reference":
-            person.train_qa = _train_qa(profile)
             people_names = names[: config.num_people + config.num_real]
             _questions(
                 person, people_names, random.Random(f"{config.seed}-{person.person_id}-mc"), test=False
@@ -219,6 +220,7 @@ def build_world(config: WorldConfig = WorldConfig()) -> World:
     splits["Test_Set"] = list(fictitious)
     splits["Full_Set"] = list(fictitious)
     splits["Retain_Set"] = [person.person_id for person in people if person.group == "real"]
+    splits["Unseen_Set"] = [person.person_id for person in people if person.group == "reference"]
 
     references: dict[str, list[tuple[str, bytes]]] = {
         "people": [(f"people_{p.person_id}", p.image) for p in people if p.group == "reference"],
@@ -297,7 +299,8 @@ gives byte-identical files.
 ## People
 - {config.num_people} fictitious people (ids `001`...), split into forget/retain sets.
 - {config.num_real} people standing for MLLMU-Bench's real celebrities (`Retain_Set`), always retained.
-- {config.num_reference_people} reference people in no split: their portraits form ViKeR's `people` pool.
+- {config.num_reference_people} reference people in no training split: their portraits form ViKeR's `people` pool,
+  and their profile QA (`Unseen_Set`, never fine-tuned on) is membership inference's never-seen side.
 
 Each profile has a name and six attributes drawn from small vocabularies (so values are shared):
 birthplace ({len(CITIES)} cities), occupation ({len(OCCUPATIONS)}), hobby ({len(HOBBIES)}),
@@ -358,4 +361,5 @@ def _split_role(folder: str) -> str:
         "Test_Set": "alternative images and paraphrased questions (generalization)",
         "Full_Set": "all fictitious people",
         "Retain_Set": "real-celebrity stand-ins (model utility)",
+        "Unseen_Set": "reference people, never fine-tuned on (membership inference's never-seen side)",
     }[folder]

@@ -170,6 +170,20 @@ def answer_outputs(
     return selected, layers
 
 
+@torch.no_grad()
+def answer_token_log_probs(
+    loaded: LoadedModel, model: torch.nn.Module, inputs: list[PromptedSample], batch_size: int = 8
+) -> list[torch.Tensor]:
+    """Per PromptedSample, the (|y|,) log p(y_i | I, x, y_<i) under `model`, teacher-forced, in float32."""
+    values: list[torch.Tensor] = []
+    for start in range(0, len(inputs), batch_size):
+        batch = encode_answers(loaded, inputs[start : start + batch_size]).to(loaded.device)
+        log_probs = torch.log_softmax(answer_logits(model, batch).float(), -1)
+        picked = log_probs.gather(1, batch.targets[:, None]).squeeze(1).cpu()
+        values += list(torch.split(picked, batch.answer_lengths))
+    return values
+
+
 def check_lengths(loaded: LoadedModel, batch: TeacherForcingBatch, samples: list) -> None:
     """Refuse a sequence (prompt + image tokens + answer) longer than the model's context, naming its
     sample (anything with `sample_id` and `answer`), before it runs: the model would silently misread it."""

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 
 from cache.reader import iter_cache
-from pipeline.losses import AnswerPredictions
 from pipeline.samples import QASample
 from pipeline.training.processes import Processes
 from pipeline.training.streams import Cache, prompted
 
 
-@torch.no_grad()
 def frozen_answer_log_probs(loaded, inputs: list, batch_size: int = 8) -> list[float]:
     """log p(y | I, x; theta_full) per PromptedSample, with the frozen (LoRA-free) model in eval mode."""
-    from pipeline.models import answer_logits, encode_answers
+    from pipeline.models import answer_token_log_probs
 
-    values: list[float] = []
-    for start in range(0, len(inputs), batch_size):
-        batch = encode_answers(loaded, inputs[start : start + batch_size]).to(loaded.device)
-        logits = answer_logits(loaded.model, batch)
-        values += AnswerPredictions(logits, batch.targets, batch.answer_lengths).answer_log_probs().tolist()
-    return values
+    return [
+        float(values.sum()) for values in answer_token_log_probs(loaded, loaded.model, inputs, batch_size)
+    ]
 
 
 def reference_log_probs(
