@@ -425,6 +425,10 @@ def main() -> None:
                     f"top-p {top_p} alone": measure_variant(teacher=teacher, top_p=top_p, **top_p_alone)
                     for top_p in (0.99, 0.995)
                 },
+                **{  # the rule's size/error frontier (visual teachers; unmodified ones get no extra entries)
+                    f"tail_cost {tail_cost:g}": measure_variant(teacher=teacher, tail_cost=tail_cost)
+                    for tail_cost in ((2e-5, 6e-5, 8e-5) if teacher in ("viker", "vgid") else ())
+                },
             }
             for teacher in ("viker", "vgid", "original", "base")
         }
