@@ -52,11 +52,11 @@ from pipeline.models import (  # noqa: E402
     TeacherForcingBatch,
     answer_logits,
     encode_answers,
+    prompted,  # noqa: E402
     tokenizer_fingerprint,
 )
 from pipeline.samples import QASample  # noqa: E402
 from pipeline.teachers import TEACHERS, TeacherContext  # noqa: E402
-from pipeline.training.streams import prompted  # noqa: E402
 from stages.precompute import TeacherExtractor  # noqa: E402
 
 # llava-hf/llava-1.5-7b-hf/config.json, with the defaults it relies on written out.

@@ -60,7 +60,7 @@ from pipeline.metrics import (
     parse_option_letter,
     rouge_l_f1,
 )
-from pipeline.models import PromptedSample, answer_token_log_probs, generate, load_model
+from pipeline.models import PromptedSample, answer_token_log_probs, generate, load_model, prompted
 from pipeline.registry import Registry
 from pipeline.samples import QASample, decode_image
 from stages.config import EvaluateConfig
@@ -537,14 +537,7 @@ def membership_samples(config: EvaluateConfig) -> tuple[list[QASample], list[QAS
 
 def scored_answers(loaded, model, samples: list[QASample], config: EvaluateConfig) -> list[tuple[Any, str]]:
     """(answer-token log-probs under `model`, answer) per sample, on the student's own prompt."""
-    inputs = [
-        PromptedSample(
-            loaded.family.build_prompt(sample.question, sample.image is not None),
-            sample.pil_image() if sample.image is not None else None,
-            sample.answer,
-        )
-        for sample in samples
-    ]
+    inputs = [prompted(loaded, sample) for sample in samples]
     log_probs = answer_token_log_probs(loaded, model, inputs, config.batch_size)
     return list(zip(log_probs, [sample.answer for sample in samples], strict=True))
 

@@ -54,6 +54,7 @@ from pipeline.models import (
     check_joint_tokenization,
     check_lengths,
     load_model,
+    prompted,
 )
 from pipeline.samples import QASample
 from pipeline.teachers import TEACHERS, image_key
@@ -68,7 +69,7 @@ from pipeline.training.lora import add_lora, named_trainable
 from pipeline.training.processes import Processes, start_processes
 from pipeline.training.reference import reference_log_probs, reference_log_probs_from_cache
 from pipeline.training.saliency import all_reduce_gradients, backward, gradient_saliency
-from pipeline.training.streams import Cache, PairedRetain, check_answer_tokens, prompted, sample_stream
+from pipeline.training.streams import Cache, PairedRetain, check_answer_tokens, sample_stream
 from pipeline.training.train_log import write_log
 from stages.config import TrainConfig
 

@@ -15,6 +15,7 @@ from pipeline.models.batching import (
     check_joint_tokenization,
     check_lengths,
     encode_answers,
+    prompted,
 )
 from pipeline.models.encoded_samples import EncodedSamples
 from pipeline.models.family import FAMILIES, ModelFamily, PromptedSample
@@ -51,6 +52,7 @@ __all__ = [
     "check_joint_tokenization",
     "check_lengths",
     "encode_answers",
+    "prompted",
     "generate",
     "load_model",
     "model_fingerprint",

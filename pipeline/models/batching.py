@@ -16,6 +16,7 @@ from PIL import Image
 
 from pipeline.models.family import PromptedSample
 from pipeline.models.loading import LoadedModel
+from pipeline.samples import QASample
 
 
 def answer_token_ids(loaded: LoadedModel, answer: str) -> list[int]:
@@ -24,6 +25,16 @@ def answer_token_ids(loaded: LoadedModel, answer: str) -> list[int]:
         raise ValueError("empty answer")
     ids = loaded.tokenizer(loaded.family.answer_text(answer), add_special_tokens=False)["input_ids"]
     return list(ids) + (loaded.family.end_token_ids(loaded.tokenizer) if loaded.close_answers else [])
+
+
+def prompted(loaded: LoadedModel, sample: QASample, answer: str | None = None) -> PromptedSample:
+    """The student's input: the sample's own image and question, teacher-forced on `answer`."""
+    has_image = sample.image is not None
+    return PromptedSample(
+        prompt=loaded.family.build_prompt(sample.question, has_image),
+        image=sample.pil_image() if has_image else None,
+        answer=sample.answer if answer is None else answer,
+    )
 
 
 @dataclass

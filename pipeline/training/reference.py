@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from cache.reader import iter_cache
+from pipeline.models import prompted
 from pipeline.samples import QASample
 from pipeline.training.processes import Processes
-from pipeline.training.streams import Cache, prompted
+from pipeline.training.streams import Cache
 
 
 def frozen_answer_log_probs(loaded, inputs: list, batch_size: int = 8) -> list[float]:

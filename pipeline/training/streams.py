@@ -18,7 +18,7 @@ from cache.manifest import CacheManifest, check_compatible, read_manifest
 from cache.reader import iter_cache
 from cache.schema import CachedSample, IncompatibleCacheError
 from pipeline.losses import AnswerPredictions
-from pipeline.models import DTYPES, PromptedSample
+from pipeline.models import DTYPES
 from pipeline.samples import QASample
 from pipeline.training.processes import Processes
 
@@ -87,16 +87,6 @@ def dtype_name(model) -> str | None:
     """The model's compute dtype as the cache header names it (fp32, bf16, fp16)."""
     dtype = next(model.parameters()).dtype
     return next((name for name, value in DTYPES.items() if value == dtype), None)
-
-
-def prompted(loaded, sample: QASample, answer: str | None = None) -> PromptedSample:
-    """The student's input: the sample's own image and question, teacher-forced on `answer`."""
-    has_image = sample.image is not None
-    return PromptedSample(
-        prompt=loaded.family.build_prompt(sample.question, has_image),
-        image=sample.pil_image() if has_image else None,
-        answer=sample.answer if answer is None else answer,
-    )
 
 
 def check_answer_tokens(
