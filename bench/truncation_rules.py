@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cache.distributions import tail_bucket_errors  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.teachers import original  # noqa: E402
 from stages.config import PrecomputeConfig  # noqa: E402
@@ -29,21 +30,14 @@ from stages.precompute import TeacherExtractor, checked, load_samples, teacher_c
 
 
 def errors_by_prefix(r: torch.Tensor, q: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, width) the tail-bucket error and the tail mass when S is the k most probable tokens of R."""
+    """(N, width) the tail-bucket error and the kept mass when S is the k most probable tokens of R."""
     top_r, order = torch.topk(r, width, dim=-1)
-    q_sorted = q.gather(1, order)
-    log = lambda x: x.clamp_min(1e-300).log()  # noqa: E731
-    full = (r * (log(r) - log(q))).sum(-1, keepdim=True)
-    inside = torch.cumsum(top_r * (log(top_r) - log(q_sorted)), -1)
-    eps = (1 - torch.cumsum(top_r, -1)).clamp_min(0)
-    q_tail = (1 - torch.cumsum(q_sorted, -1)).clamp_min(1e-300)
-    bucket = torch.where(eps > 0, eps * (log(eps) - q_tail.log()), torch.zeros_like(eps))
-    return (full - inside) - bucket, eps
+    return tail_bucket_errors(r, q, order), torch.cumsum(top_r, -1)
 
 
-def rule(err: torch.Tensor, eps: torch.Tensor, top_p: float, delta: float | None, cap: int) -> dict:
+def rule(err: torch.Tensor, kept: torch.Tensor, top_p: float, delta: float | None, cap: int) -> dict:
     rows = torch.arange(len(err))
-    k = (((1 - eps[:, :cap]) < top_p).sum(-1) + 1).clamp(max=cap)
+    k = ((kept[:, :cap] < top_p).sum(-1) + 1).clamp(max=cap)
     if delta is not None:
         ok = err[:, :cap] <= delta
         k = torch.maximum(k, torch.where(ok.any(-1), ok.float().argmax(-1) + 1, torch.full_like(k, cap)))
@@ -70,12 +64,12 @@ def main() -> None:
             _, q, _, _ = extractor.mean_distributions(samples, [original(s, context) for s in samples])
         r, q = r.double(), q.double()
         vocab = r.shape[-1]
-        err, eps = errors_by_prefix(r, q, vocab)
+        err, kept = errors_by_prefix(r, q, vocab)
         entry = {"tokens": len(r), "vocab": vocab}
-        entry["top_p 0.995, cap 256 (the former default)"] = rule(err, eps, 0.995, None, 256)
+        entry["top_p 0.995, cap 256 (the former default)"] = rule(err, kept, 0.995, None, 256)
         for delta in (1e-4, 1e-3):
             for cap in (256, 1024, vocab):
-                entry[f"top_p 0.9 or until error <= {delta:g}, cap {cap}"] = rule(err, eps, 0.9, delta, cap)
+                entry[f"top_p 0.9 or until error <= {delta:g}, cap {cap}"] = rule(err, kept, 0.9, delta, cap)
         results[name] = entry
         print(name, json.dumps(entry, indent=1), flush=True)
     out = ROOT / "bench" / "results" / "truncation_rules.json"

@@ -99,11 +99,12 @@ def tail_bucket_errors(teacher: Tensor, student: Tensor, order: Tensor) -> Tenso
     def log(values: Tensor) -> Tensor:
         return values.clamp_min(1e-300).log()
 
+    outside_order = torch.ones_like(r, dtype=torch.bool).scatter_(1, order, False)
+
     def after_each_prefix(per_token: Tensor, kept: Tensor) -> Tensor:
         """(N, W) the sum over the tokens after each prefix: the rest of the vocabulary plus a suffix
         sum over the later candidates (no 1 - cumsum: it cancels where the tail is small)."""
-        mask = torch.ones_like(per_token, dtype=torch.bool).scatter_(1, order, False)
-        outside = (per_token * mask).sum(-1, keepdim=True)
+        outside = (per_token * outside_order).sum(-1, keepdim=True)
         suffix = torch.flip(torch.cumsum(torch.flip(kept, [-1]), -1), [-1])
         return outside + torch.nn.functional.pad(suffix[:, 1:], (0, 1))
 
