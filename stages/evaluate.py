@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -58,10 +57,13 @@ from pipeline.metrics import (
     name_recognized,
     official_reply,
     parse_option_letter,
+    question_measures,
     rouge_l_f1,
 )
 from pipeline.models import PromptedSample, answer_token_log_probs, generate, load_model, prompted
+from pipeline.models.adapters import load_adapter, switch_adapter
 from pipeline.registry import Registry
+from pipeline.relearning import heldout_people
 from pipeline.samples import QASample, decode_image
 from stages.config import EvaluateConfig
 
@@ -73,10 +75,6 @@ REVERSE_PROMPT = (
 SPLIT_ROLES = ("forget", "test", "retain", "real")
 REVERSE_ROLES = ("forget", "test")  # Vgid Table 6 attacks the forget and test sets
 FEW_SHOT_ROLES = ("forget", "test", "retain")  # eval.py: the celebrity split gets no exemplars
-
-
-class AdapterMismatchError(ValueError):
-    """The adapter was trained on another base model (or tokenizer) than the one given."""
 
 
 # ------------------------------------------------------------------------------------------ protocols
@@ -323,74 +321,12 @@ def aggregate(questions: list[Question]) -> tuple[dict[str, float], dict[str, in
     """Per-question averages with the metrics.json names; a metric without questions is left out."""
     values: dict[str, list[float]] = defaultdict(list)
     for question in questions:
-        item = question.item
-        text = "" if item.modality == "image_textual" else "text_"
-        if item.task == "classification":
-            values[f"{text}mc_acc"].append(question.scores["correct"])
-        elif item.task == "cloze":
-            values[f"{text}cloze_acc"].append(question.scores["correct"])
-        else:
-            values[f"{text}rougeL"].append(question.scores["rougeL"])
-            values[f"{text}bleu"].append(question.scores["bleu"])
-            values[f"{text}coherence"].append(question.scores["coherence"])
-            if "rec" in question.scores:
-                values["rec"].append(question.scores["rec"])
+        measures = question_measures(question.item.task, question.item.modality, question.scores)
+        for name, value in measures.items():
+            values[name].append(value)
     metrics = {name: sum(scores) / len(scores) for name, scores in sorted(values.items())}
     counts = {name: len(scores) for name, scores in sorted(values.items())}
     return metrics, counts
-
-
-# ------------------------------------------------------------------------------------------ adapter
-
-
-def check_adapter(loaded, adapter_dir: str | Path) -> str:
-    """Refuse an adapter trained on another base model or tokenizer; returns the base model it names.
-
-    The train stage writes training_meta.json with the base model's and tokenizer's fingerprints; an
-    adapter without it (trained elsewhere) is checked by the base model path its adapter_config names.
-    """
-    adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / "adapter_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"--adapter {adapter_dir}: no adapter_config.json (not a PEFT adapter directory)"
-        )
-    if not (adapter_dir / "adapter_model.safetensors").is_file():  # a pickled .bin can run code when loaded
-        raise FileNotFoundError(
-            f"--adapter {adapter_dir}: no adapter_model.safetensors (only safetensors are loaded)"
-        )
-    base_name = json.loads(config_path.read_text()).get("base_model_name_or_path") or "?"
-    meta_path = adapter_dir / "training_meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        for key, ours in (("model_fingerprint", loaded.model_fingerprint),
-                          ("tokenizer_fingerprint", loaded.tokenizer_fingerprint)):  # fmt: skip
-            theirs = meta.get(key)
-            if theirs and theirs != ours:
-                raise AdapterMismatchError(
-                    f"adapter {adapter_dir} was trained on base model {meta.get('model', base_name)} "
-                    f"({key} {theirs[:12]}), but --model {loaded.path} has {key} {ours[:12]}"
-                )
-    elif Path(base_name).resolve() != Path(loaded.path).resolve():
-        print(
-            f"warning: adapter {adapter_dir} names base model {base_name}, evaluating on {loaded.path}; "
-            "it has no training_meta.json fingerprint to confirm they are the same model",
-            file=sys.stderr,
-        )
-    return base_name
-
-
-def load_adapter(loaded, adapter_dir: str | Path):
-    """The loaded model wrapped with a checked LoRA adapter (PeftModel, eval mode)."""
-    from peft import PeftModel
-
-    base_name = check_adapter(loaded, adapter_dir)
-    try:
-        return PeftModel.from_pretrained(loaded.model, str(adapter_dir)).eval()
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise AdapterMismatchError(
-            f"adapter {adapter_dir} (trained on {base_name}) does not fit --model {loaded.path}: {error}"
-        ) from error
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -439,23 +375,37 @@ def few_shot_plan(
 
 
 def generation_journal(
-    config: EvaluateConfig, loaded, names: dict[str, str], questions: list[Question]
+    config: EvaluateConfig, loaded, names: dict[str, str], questions: list[Question], name: str = "generation"
 ) -> Journal:
     """The journal of generated batches beside --out, keyed by everything the replies depend on."""
-    adapter_files = sorted(Path(config.adapter).glob("adapter_model.*")) if config.adapter else []
+
+    def adapter_files(adapter: str | None) -> list[Path]:
+        return sorted(Path(adapter).glob("adapter_model.*")) if adapter else []
+
     read = [names[role] for role in config.splits] + [config.forget_split]
     read += [config.mia_nonmembers] if config.mia_nonmembers else []
     folders = sorted({folder for split in read for folder in resolve_split(split) if folder})
     key = {
         "config": {name: value for name, value in asdict(config).items() if name != "progress"},
         "model": loaded.model_fingerprint,
-        "adapter": files_sha256(adapter_files),
+        "adapter": files_sha256(adapter_files(config.adapter)),
+        "relearned": files_sha256(adapter_files(config.relearned)),
         "data": files_sha256([file for folder in folders for file in split_files(config.data, folder)]),
         "prompts": sha256_hex("\n".join(question.prompt for question in questions).encode()),
     }
-    return Journal(
-        Path(config.out).parent / ".generation-journal.jsonl", sha256_hex(json.dumps(key).encode())
+    return Journal(Path(config.out).parent / f".{name}-journal.jsonl", sha256_hex(json.dumps(key).encode()))
+
+
+def heldout_items(config: EvaluateConfig, items: dict[str, EvalItems]) -> EvalItems | None:
+    """The forget items of the people --relearned did not relearn on (none without --relearned)."""
+    if not config.relearned:
+        return None
+    if "forget" not in config.splits:
+        raise ValueError("--relearned scores forget people: keep `forget` in --splits")
+    people = heldout_people(
+        config.relearned, config.forget_split, items["forget"].person_ids(), config.adapter
     )
+    return items["forget"].of_people(set(people))
 
 
 def finished_metrics(out: Path, key: str) -> dict[str, Any] | None:
@@ -542,8 +492,28 @@ def scored_answers(loaded, model, samples: list[QASample], config: EvaluateConfi
     return list(zip(log_probs, [sample.answer for sample in samples], strict=True))
 
 
+def run_meta(
+    config: EvaluateConfig, loaded, protocol: str, scorer: str, names: dict[str, str]
+) -> dict[str, Any]:
+    """What a run was scored with, for meta.json."""
+    return {
+        "config": asdict(config),
+        "protocol": protocol,
+        "coherence_scorer": scorer,
+        "model_fingerprint": loaded.model_fingerprint,
+        "tokenizer_fingerprint": loaded.tokenizer_fingerprint,
+        "model_family": loaded.family.name,
+        "split_names": {role: names[role] for role in config.splits},
+        "reverse_prompt": REVERSE_PROMPT if config.reverse_attack else None,
+    }
+
+
 def run(config: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate and write metrics.json, meta.json and responses.jsonl; returns the metrics."""
+    """Evaluate and write metrics.json, meta.json and responses.jsonl; returns the metrics.
+
+    With --relearned, the forget people it did not relearn on are asked twice more: `forget_heldout` is
+    this model on them, `forget_relearned` the adapter after the relearning attack.
+    """
     import torch
 
     started = time.time()
@@ -559,6 +529,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         if not len(role_items):
             raise DataError(f"split {names[role]} under {config.data} has no evaluation questions")
     membership_sides = membership_samples(config)  # before the model loads: a missing split fails fast
+    heldout = heldout_items(config, items)
 
     torch.manual_seed(config.seed)
     loaded = load_model(config.model, **config.loading())
@@ -568,22 +539,39 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     )
 
     images = ImageCache()
-    questions: list[Question] = []
-    runs = [(role, role, False) for role in config.splits]
-    if config.reverse_attack:
-        runs += [(f"{role}_reverse", role, True) for role in REVERSE_ROLES if role in config.splits]
-    for split, role, reverse in runs:
-        questions += build_questions(
-            items[role], exemplar_items, few_shot[role], protocol, loaded.family, split, images,
+
+    def questions_of(split: str, role_items: EvalItems, role: str, reverse: bool = False) -> list[Question]:
+        return build_questions(
+            role_items, exemplar_items, few_shot[role], protocol, loaded.family, split, images,
             limit=config.limit, instruction=config.instruction, reverse=reverse,
             few_shot_questions=few_shot_questions, seed=config.seed,
         )  # fmt: skip
+
+    runs = [(role, role, False) for role in config.splits]
+    if config.reverse_attack:
+        runs += [(f"{role}_reverse", role, True) for role in REVERSE_ROLES if role in config.splits]
+    questions = [q for split, role, reverse in runs for q in questions_of(split, items[role], role, reverse)]
+    relearned_questions: list[Question] = []
+    if heldout is not None:
+        questions += questions_of("forget_heldout", heldout, "forget")
+        relearned_questions = questions_of("forget_relearned", heldout, "forget")
     journal = generation_journal(config, loaded, names, questions)
     finished = finished_metrics(Path(config.out), journal.key)
     if finished is not None:  # a run that completed with exactly these inputs (the same resume key)
         journal.remove()
         return finished
     answer_questions(config, loaded, model, protocol, questions, journal)
+    metrics: dict[str, Any] = {}
+    if membership_sides is not None:  # before --relearned's adapter joins the model
+        metrics["mia"] = membership_aucs(
+            *(scored_answers(loaded, model, side, config) for side in membership_sides)
+        )
+    if relearned_questions:
+        relearned_journal = generation_journal(config, loaded, names, relearned_questions, "relearned")
+        relearned_model = switch_adapter(loaded, model, config.relearned, "relearned")
+        answer_questions(config, loaded, relearned_model, protocol, relearned_questions, relearned_journal)
+        questions += relearned_questions
+        relearned_journal.remove()
 
     references = [item.ground_truth for role_items in items.values() for item in role_items.generation]
     scorer = build_coherence_scorer(references, config.gib_model)
@@ -591,27 +579,18 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     for question, coherence in zip(answers, scorer([q.reply for q in answers]), strict=True):
         question.scores["coherence"] = coherence
 
-    metrics: dict[str, Any] = {}
     counts: dict[str, dict[str, int]] = {}
-    for split, _, _ in runs:
+    splits = [split for split, _, _ in runs]
+    splits += ["forget_heldout", "forget_relearned"] if heldout is not None else []
+    for split in splits:
         metrics[split], counts[split] = aggregate([q for q in questions if q.split == split])
-    if membership_sides is not None:
-        metrics["mia"] = membership_aucs(
-            *(scored_answers(loaded, model, side, config) for side in membership_sides)
-        )
     metrics["meta"] = {"protocol": protocol.name, "coherence_scorer": scorer.name}
     meta = {
-        "config": asdict(config),
-        "protocol": protocol.name,
-        "coherence_scorer": scorer.name,
-        "model_fingerprint": loaded.model_fingerprint,
-        "tokenizer_fingerprint": loaded.tokenizer_fingerprint,
-        "model_family": loaded.family.name,
-        "split_names": {role: names[role] for role in config.splits},
+        **run_meta(config, loaded, protocol.name, scorer.name, names),
+        "heldout_people": heldout.person_ids() if heldout is not None else None,
         "few_shot_profiles": few_shot_count,
         "few_shot_ids": few_shot,
         "few_shot_questions": few_shot_questions,
-        "reverse_prompt": REVERSE_PROMPT if config.reverse_attack else None,
         "counts": counts,
         "seconds": round(time.time() - started, 1),
         "resume_key": journal.key,

@@ -15,6 +15,7 @@ least epsilon. `key_tokens` lists them for every sample of a teacher cache (`pip
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from pipeline.metrics import person_means
+from pipeline.relearning import recovery_interval
 from stages.config import KEY_TOKEN_EPSILON, ReportConfig
 
 # Row order and display names of the papers' tables; other runs follow in alphabetical order.
@@ -35,6 +40,7 @@ SPLIT_GROUPS = (("forget", "Forget"), ("test", "Generalization"), ("retain", "Re
 COLUMNS = (("mc_acc", "ACC"), ("cloze_acc", "Cloze"), ("rougeL", "ROUGE-L"), ("bleu", "BLEU"),
            ("coherence", "GIB"), ("rec", "REC"))  # fmt: skip
 MIA_COLUMNS = (("loss_auc", "LOSS AUC"), ("min_k_auc", "Min-K% AUC"), ("zlib_auc", "zlib AUC"))
+RELEARN_COLUMNS = (("cloze_acc", "Cloze"), ("mc_acc", "ACC"), ("rougeL", "ROUGE-L"))  # the first: the finding
 SEED_SUFFIX = re.compile(r"^(?P<method>.+?)-s(?P<seed>\d+)$")
 NUM_REFERENCES = 9  # reference images the token plot's ViKeR teacher averages over
 
@@ -45,6 +51,7 @@ class Run:
     method: str
     metrics: dict[str, dict[str, Any]]
     meta: dict[str, Any] = field(default_factory=dict)
+    directory: Path | None = None  # holds responses.jsonl, the per-question scores
 
 
 def method_of(run_name: str) -> str:
@@ -66,7 +73,7 @@ def load_runs(runs_dir: str | Path) -> list[Run]:
             raise ValueError(f"{path} is not valid JSON: {error}") from error
         meta_path = path.parent / "meta.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        runs.append(Run(path.parent.name, method_of(path.parent.name), metrics, meta))
+        runs.append(Run(path.parent.name, method_of(path.parent.name), metrics, meta, path.parent))
     if not runs:
         raise FileNotFoundError(f"no <run>/metrics.json under {runs_dir}")
     return runs
@@ -180,6 +187,24 @@ def report_markdown(runs: Sequence[Run], figures: Sequence[str] = ()) -> str:
             "",
             markdown_table(summary, methods, (("mia", "MIA"),), MIA_COLUMNS),
         ]
+    relearned = relearning_results(runs)
+    if relearned:
+        lines += [
+            "",
+            "## Is the knowledge gone? The relearning attack and membership inference",
+            "",
+            "Each adapter was fine-tuned on the QA of part of the forget people (`pipeline relearn`), then "
+            "asked about the other forget people, whose facts it never saw again (docs/evaluation.md). "
+            "Before → after: the forget measure on those held-out people (%, mean over seeds). Recovery: "
+            "(after - before) / (Full - before), 1 = back to the full model, 0 = nothing back, with a 95% "
+            "bootstrap interval over seeds and held-out people; '-' where unlearning lowered the measure by "
+            "under 5 points. Full's row is the control: the same attack on the model that never unlearned. "
+            "MIA: AUC of forget vs never-seen QA, 50 = indistinguishable.",
+            "",
+            robustness_table(relearned, summary),
+            "",
+            relearning_finding(relearned),
+        ]
     checked = findings(summary)
     if checked:
         lines += ["", "## The papers' findings on these runs (means over seeds)", ""]
@@ -188,6 +213,107 @@ def report_markdown(runs: Sequence[Run], figures: Sequence[str] = ()) -> str:
     for figure in figures:
         lines += ["", f"![{Path(figure).stem}]({Path(figure).name})"]
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ robustness
+
+
+@dataclass
+class Relearning:
+    """One method's forget measure on the held-out people: before and after the relearning attack
+    (means over seeds), and the recovery with its bootstrap interval over seeds and people."""
+
+    before: float
+    after: float
+    recovery: tuple[float, float, float] | None
+
+
+def relearning_results(runs: Sequence[Run]) -> dict[str, dict[str, Relearning]]:
+    """method -> measure -> Relearning, for each method whose runs scored forget_relearned and whose
+    held-out people the full model's run scored too (the recovery's 1)."""
+    full = next((run for run in runs if run.method == "full" and "forget_heldout" in run.metrics), None)
+    if full is None or full.directory is None:
+        return {}
+    people = full.meta.get("heldout_people")
+    results: dict[str, dict[str, Relearning]] = {}
+    for method in method_order(sorted({run.method for run in runs})):
+        scored = [run for run in runs if run.method == method and "forget_relearned" in run.metrics]
+        if not scored or any(run.meta.get("heldout_people") != people for run in scored):
+            continue
+        results[method] = {}
+        for measure, _ in RELEARN_COLUMNS:
+            tables = [
+                [_person_means(run, split, measure) for split in ("forget_heldout", "forget_relearned")]
+                for run in scored
+            ]
+            full_level = _person_means(full, "forget_heldout", measure)
+            common = sorted(set(full_level).intersection(*(set(t) for row in tables for t in row)))
+            if not common:
+                continue
+            before = np.array([[row[0][person] for person in common] for row in tables])
+            after = np.array([[row[1][person] for person in common] for row in tables])
+            full_row = np.array([full_level[person] for person in common])
+            interval = None if method == "full" else recovery_interval(before, after, full_row)
+            results[method][measure] = Relearning(float(before.mean()), float(after.mean()), interval)
+    return results
+
+
+def _person_means(run: Run, split: str, measure: str) -> dict[str, float]:
+    return person_means(run.directory / "responses.jsonl", split, measure) if run.directory else {}
+
+
+def _recovery_cell(entry: Relearning) -> str:
+    if entry.recovery is None:
+        return "-"
+    point, low, high = entry.recovery
+    return f"{point:.2f}" if math.isnan(low) else f"{point:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def robustness_table(results: dict[str, dict[str, Relearning]], summary) -> str:
+    """Methods as rows: each forget measure before -> after relearning with its recovery, then MIA AUCs."""
+    header = (
+        "| Method | "
+        + " | ".join(f"{name} before → after | {name} recovery" for _, name in RELEARN_COLUMNS)
+        + " | "
+        + " | ".join(name for _, name in MIA_COLUMNS)
+        + " |"
+    )
+    rule = "|---|" + "---|---|" * len(RELEARN_COLUMNS) + "---|" * len(MIA_COLUMNS)
+    rows = []
+    for method, measures in results.items():
+        cells = []
+        for measure, _ in RELEARN_COLUMNS:
+            entry = measures.get(measure)
+            if entry is None:
+                cells += ["-", "-"]
+                continue
+            cells += [f"{100 * entry.before:.1f} → {100 * entry.after:.1f}", _recovery_cell(entry)]
+        cells += [_cell(summary, method, "mia", metric) for metric, _ in MIA_COLUMNS]
+        rows.append(f"| {METHOD_NAMES.get(method, method)} | " + " | ".join(cells) + " |")
+    return "\n".join([header, rule, *rows])
+
+
+def relearning_finding(results: dict[str, dict[str, Relearning]]) -> str:
+    """Which methods' forgotten facts come back under the attack, on the first of RELEARN_COLUMNS."""
+    measure, name = RELEARN_COLUMNS[0]
+    back, gone, unforgotten = [], [], []
+    for method, measures in results.items():
+        entry, label = measures.get(measure), METHOD_NAMES.get(method, method)
+        if method == "full" or entry is None:
+            continue
+        if entry.recovery is None or math.isnan(entry.recovery[1]):
+            unforgotten.append(label)
+        elif entry.recovery[1] > 0:
+            back.append(f"{label} {_recovery_cell(entry)}")
+        else:
+            gone.append(f"{label} {_recovery_cell(entry)}")
+    lines = [
+        f"- Knowledge came back ({name} recovery interval above 0): {', '.join(back) or 'none'}.",
+        f"- No recovery detected (interval reaches 0): {', '.join(gone) or 'none'}.",
+    ]
+    if unforgotten:
+        lines.append(f"- Forgot too little of {name} to measure a recovery: {', '.join(unforgotten)}.")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ findings
@@ -292,6 +418,38 @@ def tradeoff_plot(runs: Sequence[Run], out_path: str | Path) -> Path | None:
     return _save_figure(figure, out_path)
 
 
+def relearning_plot(runs: Sequence[Run], out_path: str | Path) -> Path | None:
+    """Per method, each forget measure on the held-out people before and after the relearning attack;
+    the dashed line is the full model's level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = relearning_results(runs)
+    methods = [method for method in results if method != "full"]
+    if not methods:
+        return None
+    figure, axes = plt.subplots(
+        1, len(RELEARN_COLUMNS), figsize=(4.5 * len(RELEARN_COLUMNS), 4.0), squeeze=False
+    )
+    positions = np.arange(len(methods))
+    for axis, (measure, name) in zip(axes[0], RELEARN_COLUMNS, strict=True):
+        entries = [results[m].get(measure) for m in methods]
+        axis.bar(positions - 0.2, [100 * e.before if e else 0 for e in entries], 0.4, label="unlearned")
+        axis.bar(positions + 0.2, [100 * e.after if e else 0 for e in entries], 0.4, label="relearned")
+        if measure in results.get("full", {}):
+            axis.axhline(100 * results["full"][measure].before, color="black", linestyle="--", label="Full")
+        axis.set_xticks(
+            positions, [METHOD_NAMES.get(m, m) for m in methods], rotation=60, ha="right", fontsize=8
+        )
+        axis.set_ylabel(f"held-out forget {name} (%)")
+        axis.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle("Forget measures before and after the relearning attack (lower is more forgetting)")
+    return _save_figure(figure, out_path)
+
+
 def _save_figure(figure, out_path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -361,7 +519,7 @@ def token_probabilities(
     """One forget sample's per-token probabilities under the full model and each adapter."""
     from pipeline.data import DataError, load_unlearning_samples
     from pipeline.models import answer_token_ids, load_model
-    from stages.evaluate import check_adapter
+    from pipeline.models.adapters import switch_adapter
 
     try:
         samples = load_unlearning_samples(data_dir, forget_split, kinds=("qa",))
@@ -378,18 +536,10 @@ def token_probabilities(
     tokens = [loaded.tokenizer.decode([token]) for token in token_ids]
     entropy = reference_entropy(loaded, prompt, sample.answer, reference_images) if reference_images else None
     probabilities = {"Full": answer_probabilities(loaded, loaded.model, prompt, image, sample.answer)}
-    if adapters:
-        from peft import PeftModel
-
-        model = None
-        for label, adapter_dir in adapters.items():
-            check_adapter(loaded, adapter_dir)
-            if model is None:
-                model = PeftModel.from_pretrained(loaded.model, adapter_dir, adapter_name=label).eval()
-            else:
-                model.load_adapter(adapter_dir, adapter_name=label)
-            model.set_adapter(label)
-            probabilities[label] = answer_probabilities(loaded, model, prompt, image, sample.answer)
+    model = loaded.model
+    for label, adapter_dir in adapters.items():
+        model = switch_adapter(loaded, model, adapter_dir, label)
+        probabilities[label] = answer_probabilities(loaded, model, prompt, image, sample.answer)
     return TokenProbabilities(
         sample.sample_id, sample.question, sample.answer, tokens, entropy, probabilities
     )
@@ -483,9 +633,10 @@ def run(config: ReportConfig) -> Path:
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figures: list[str] = []
-    tradeoff = tradeoff_plot(runs, out.parent / "tradeoff.png")
-    if tradeoff:
-        figures.append(str(tradeoff))
+    for plot, name in ((tradeoff_plot, "tradeoff.png"), (relearning_plot, "relearning.png")):
+        written = plot(runs, out.parent / name)
+        if written:
+            figures.append(str(written))
     if config.token_plot:
         figure = _token_plot_from_runs(
             runs, out.parent / "token_probs.png", config.references, config.sample_index, config.epsilon,

@@ -15,17 +15,16 @@ from builders import build_random_tiny_llava
 from pipeline.data import DataError, load_eval_items, load_unlearning_samples
 from pipeline.mini_world.config import TinyLlavaConfig
 from pipeline.models import LlavaFamily
+from pipeline.models.adapters import AdapterMismatchError, load_adapter
 from stages.cli import main
 from stages.evaluate import (
     PROTOCOLS,
     REVERSE_PROMPT,
-    AdapterMismatchError,
     EvaluateConfig,
     ImageCache,
     Question,
     aggregate,
     build_questions,
-    load_adapter,
     run,
     score_question,
     split_names,
@@ -516,7 +515,7 @@ def test_a_journal_of_other_settings_is_not_reused_and_a_cut_line_is_ignored(tmp
 
 
 def test_a_pickled_adapter_is_not_loaded(tiny_model, tmp_path):
-    from stages.evaluate import check_adapter
+    from pipeline.models.adapters import check_adapter
 
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.bin").write_bytes(b"pickle")

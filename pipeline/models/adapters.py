@@ -1,0 +1,80 @@
+"""LoRA adapters on a loaded model: refused when trained on another base model or tokenizer.
+
+The train stage writes training_meta.json with the base model's and tokenizer's fingerprints beside the
+PEFT files; evaluation, the relearning attack and the report load adapters only through here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter was trained on another base model (or tokenizer) than the one given."""
+
+
+def check_adapter(loaded, adapter_dir: str | Path) -> str:
+    """Refuse an adapter trained on another base model or tokenizer; returns the base model it names.
+
+    The train stage writes training_meta.json with the base model's and tokenizer's fingerprints; an
+    adapter without it (trained elsewhere) is checked by the base model path its adapter_config names.
+    """
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"--adapter {adapter_dir}: no adapter_config.json (not a PEFT adapter directory)"
+        )
+    if not (adapter_dir / "adapter_model.safetensors").is_file():  # a pickled .bin can run code when loaded
+        raise FileNotFoundError(
+            f"--adapter {adapter_dir}: no adapter_model.safetensors (only safetensors are loaded)"
+        )
+    base_name = json.loads(config_path.read_text()).get("base_model_name_or_path") or "?"
+    meta_path = adapter_dir / "training_meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        for key, ours in (("model_fingerprint", loaded.model_fingerprint),
+                          ("tokenizer_fingerprint", loaded.tokenizer_fingerprint)):  # fmt: skip
+            theirs = meta.get(key)
+            if theirs and theirs != ours:
+                raise AdapterMismatchError(
+                    f"adapter {adapter_dir} was trained on base model {meta.get('model', base_name)} "
+                    f"({key} {theirs[:12]}), but --model {loaded.path} has {key} {ours[:12]}"
+                )
+    elif Path(base_name).resolve() != Path(loaded.path).resolve():
+        print(
+            f"warning: adapter {adapter_dir} names base model {base_name}, evaluating on {loaded.path}; "
+            "it has no training_meta.json fingerprint to confirm they are the same model",
+            file=sys.stderr,
+        )
+    return base_name
+
+
+def load_adapter(loaded, adapter_dir: str | Path, trainable: bool = False):
+    """The loaded model wrapped with a checked LoRA adapter: a PeftModel in eval mode, or with its LoRA
+    weights trainable (training on from an adapter, e.g. the relearning attack)."""
+    from peft import PeftModel
+
+    base_name = check_adapter(loaded, adapter_dir)
+    try:
+        model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), is_trainable=trainable)
+        return model if trainable else model.eval()
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise AdapterMismatchError(
+            f"adapter {adapter_dir} (trained on {base_name}) does not fit --model {loaded.path}: {error}"
+        ) from error
+
+
+def switch_adapter(loaded, model, adapter_dir: str | Path, name: str):
+    """`model` (the loaded model, or a PeftModel on it) with a checked adapter loaded as `name` and made the
+    active one, in eval mode: models that differ only in their adapter share one copy of the base weights."""
+    from peft import PeftModel
+
+    check_adapter(loaded, adapter_dir)
+    if not isinstance(model, PeftModel):
+        return PeftModel.from_pretrained(loaded.model, str(adapter_dir), adapter_name=name).eval()
+    model.load_adapter(str(adapter_dir), adapter_name=name)
+    model.set_adapter(name)
+    return model.eval()
