@@ -256,6 +256,15 @@ class EvalItems:
     def person_ids(self) -> list[str]:
         return sorted({item.person_id for item in self.all()})
 
+    def of_people(self, person_ids: set[str] | frozenset[str]) -> EvalItems:
+        """The items about these people only, in the same order."""
+        return EvalItems(
+            self.split,
+            [item for item in self.classification if item.person_id in person_ids],
+            [item for item in self.cloze if item.person_id in person_ids],
+            [item for item in self.generation if item.person_id in person_ids],
+        )
+
 
 def _modality(row: dict, item: dict, where: str) -> str:
     kind = _item_field(row, item, "Type", where)

@@ -181,6 +181,14 @@ def ga(forget: AnswerPredictions) -> LossTerms:
     return {"loss": -forget_nll, "forget_nll": forget_nll}
 
 
+@LOSSES.register("finetune")
+def finetune(forget: AnswerPredictions) -> LossTerms:
+    """L = L_NLL(D): plain fine-tuning; `pipeline relearn` trains on part of the forget set with it (the
+    relearning attack: Deeb & Roger 2024, Hu et al. 2024)."""
+    forget_nll = nll(forget)
+    return {"loss": forget_nll, "forget_nll": forget_nll}
+
+
 @LOSSES.register("ga_diff")
 def ga_diff(forget: AnswerPredictions, retain: AnswerPredictions, *, beta: Weight = 1.0) -> LossTerms:
     """L = -L(D_f) + beta L(D_r)  (MLLMU-Bench GA_Diff with beta = 1; Vgid Eq. 7 names the weight lambda)."""

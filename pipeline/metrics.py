@@ -17,6 +17,7 @@ answers (see `NgramFluencyScorer` and docs/evaluation.md).
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -33,6 +34,34 @@ from pipeline.registry import Registry
 
 _ROUGE_L = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 _BLEU_SMOOTHING = SmoothingFunction().method1
+
+
+def question_measures(task: str, modality: str, scores: dict[str, float]) -> dict[str, float]:
+    """One scored question's values under metrics.json's names (a split's measure is their mean):
+    mc_acc, cloze_acc, rougeL, bleu, coherence, rec; text_* for pure-text questions (rec has no text_)."""
+    text = "" if modality == "image_textual" else "text_"
+    if task == "classification":
+        return {f"{text}mc_acc": scores["correct"]}
+    if task == "cloze":
+        return {f"{text}cloze_acc": scores["correct"]}
+    measures = {f"{text}{name}": scores[name] for name in ("rougeL", "bleu", "coherence")}
+    if "rec" in scores:
+        measures["rec"] = scores["rec"]
+    return measures
+
+
+def person_means(responses: Path, split: str, measure: str) -> dict[str, float]:
+    """Per person, the mean of one measure over a split's questions in an evaluation's responses.jsonl
+    (item ids read <data split>/<person>/<task>/<index>)."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for line in Path(responses).read_text().splitlines():
+        record = json.loads(line)
+        if record["split"] != split:
+            continue
+        value = question_measures(record["task"], record["modality"], record["scores"]).get(measure)
+        if value is not None:
+            values[record["item_id"].split("/")[1]].append(value)
+    return {person: sum(scores) / len(scores) for person, scores in sorted(values.items())}
 
 
 def rouge_l_f1(prediction: str, reference: str) -> float:

@@ -22,6 +22,7 @@ from stages.config import (
     EvaluateConfig,
     PrecomputeConfig,
     PrepareConfig,
+    RelearnConfig,
     ReportConfig,
     TrainConfig,
 )
@@ -96,7 +97,7 @@ def running(context: click.Context, stage_run, *arguments) -> Any:
         raise click.ClickException(str(error)) from error
 
 
-SEEDS_HELP = "Comma list: one run per seed, '{seed}' in --out (and --adapter) replaced by each."
+SEEDS_HELP = "Comma list: one run per seed, '{seed}' in --out (and --adapter, --relearned) replaced by each."
 
 
 @main.command("prepare-mini")
@@ -141,6 +142,24 @@ def train_command(context: click.Context, seeds: str | None, **values) -> None:
         click.echo(json.dumps(running(context, run, config, method), indent=2))
 
 
+@main.command("relearn")
+@options(RelearnConfig)
+@click.option("--seeds", default=None, help=SEEDS_HELP + " Overrides --seed.")
+@click.pass_context
+def relearn_command(context: click.Context, seeds: str | None, **values) -> None:
+    """The relearning attack: fine-tune an unlearned adapter on the QA of part of the forget people."""
+    from stages.relearn import run
+
+    for seed in seed_list(seeds):
+        adapter = values["adapter"]
+        run_values = {**values, "out": values["out"].replace("{seed}", seed)}
+        run_values["adapter"] = adapter.replace("{seed}", seed) if adapter else None
+        if seed:
+            run_values["seed"] = int(seed)
+        config = running(context, build, RelearnConfig, run_values)
+        click.echo(json.dumps(running(context, run, config), indent=2))
+
+
 @main.command("evaluate")
 @options(EvaluateConfig)
 @click.option("--seeds", default=None, help=SEEDS_HELP + " The evaluation's own draws stay seeded by --seed.")
@@ -150,9 +169,9 @@ def evaluate_command(context: click.Context, seeds: str | None, **values) -> Non
     from stages.evaluate import run
 
     for seed in seed_list(seeds):
-        adapter = values["adapter"]
         run_values = {**values, "out": values["out"].replace("{seed}", seed)}
-        run_values["adapter"] = adapter.replace("{seed}", seed) if adapter else None
+        for option in ("adapter", "relearned"):
+            run_values[option] = values[option].replace("{seed}", seed) if values[option] else None
         config = running(context, build, EvaluateConfig, run_values)
         click.echo(json.dumps(running(context, run, config), indent=2))
 

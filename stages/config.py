@@ -128,6 +128,9 @@ class TrainConfig(ModelOptions):
         None, "Refusal sentences for IdkPO, one per line (none: pipeline/refusals.txt)."
     )
     forget_split: str = param("forget_10", "Forget split.")
+    forget_people: tuple[str, ...] = param(
+        (), "Comma list of person IDs: train on only their forget samples (none: the whole split)."
+    )
     retain_split: str = param("retain_90", "Retain split.")
     sample_kinds: tuple[str, ...] = param(("qa",), "Comma list of sample kinds: qa, generation, mc, cloze.")
     # Optimisation: ViKeR App. A.4 (LoRA r 8 / alpha 16, AdamW, lr 5e-6, batch 2, 1 epoch).
@@ -144,6 +147,9 @@ class TrainConfig(ModelOptions):
     lora_rank: int = param(8, "LoRA rank r.", low=1)
     lora_alpha: int = param(16, "LoRA alpha.", low=1)
     lora_dropout: float = param(0.05, "LoRA dropout.", low=0, high=1)
+    init_adapter: str | None = param(
+        None, "Train on from this LoRA adapter (its weights, rank and alpha); none: fresh LoRA weights."
+    )
     seed: int = param(0, "Seeds LoRA's initialisation, dropout and the data order.")
     checkpoint_every: int = param(0, "Optimizer steps between checkpoints; 0: never.", low=0)
     image_feature_cache_mb: int = param(
@@ -161,6 +167,33 @@ class TrainConfig(ModelOptions):
 
         skip = {"out", "device", "checkpoint_every", "progress", "log_dir"}
         return json.loads(json.dumps({key: value for key, value in asdict(self).items() if key not in skip}))
+
+
+@dataclass(kw_only=True)
+class RelearnConfig(ModelOptions):
+    """relearn: the relearning attack, fine-tuning an unlearned adapter on the QA of part of the forget
+    people; evaluate --relearned scores the others (docs/evaluation.md, "Relearning attack")."""
+
+    data: str = param(help="Data directory (MLLMU-Bench's hub layout).")
+    adapter: str | None = param(
+        None,
+        "The unlearned LoRA adapter, trained on further (none: a fresh adapter on --model, the control).",
+    )
+    out: str = param(help="The relearned adapter's directory (PEFT, training_meta.json names its people).")
+    forget_split: str = param("forget_10", "Forget split whose people are divided.")
+    fraction: float = param(
+        0.25, "Share of the forget people relearned on (at least one, at least one held out).",
+        low=0, high=1, low_open=True,
+    )  # fmt: skip
+    split_seed: int = param(0, "Seeds which people are relearned on: the same for every method and seed.")
+    sample_kinds: tuple[str, ...] = param(("qa",), "What the attacker trains on: qa, generation, mc, cloze.")
+    lr: float = param(5e-4, "AdamW learning rate.", low=0, low_open=True)
+    batch_size: int = param(4, "Samples per optimizer step.", low=1)
+    epochs: int = param(2, "Passes over the relearned people's samples.", low=1)
+    lora_rank: int = param(8, "LoRA rank of the fresh adapter (no --adapter).", low=1)
+    lora_alpha: int = param(16, "LoRA alpha of the fresh adapter (no --adapter).", low=1)
+    seed: int = param(0, "Seeds the data order and dropout (and a fresh adapter's initialisation).")
+    progress: bool = param(False, "Print each step's log row.")
 
 
 @dataclass(kw_only=True)
@@ -195,6 +228,11 @@ class EvaluateConfig(ModelOptions):
         "(pipeline.membership), e.g. the mini world's `unseen`; none: skip it (MLLMU-Bench and CLEAR "
         "have no such split: docs/evaluation.md).",
     )
+    relearned: str | None = param(
+        None,
+        "Adapter after the relearning attack on this model (pipeline relearn): the forget people it did not "
+        "relearn on are scored as forget_heldout (this model) and forget_relearned (that adapter).",
+    )
     progress: bool = param(True, "Show a progress bar.")
 
 
@@ -218,6 +256,7 @@ SECTIONS: dict[str, type] = {
     "prepare-mini": PrepareConfig,
     "precompute": PrecomputeConfig,
     "train": TrainConfig,
+    "relearn": RelearnConfig,
     "evaluate": EvaluateConfig,
     "report": ReportConfig,
 }

@@ -56,6 +56,7 @@ from pipeline.models import (
     load_model,
     prompted,
 )
+from pipeline.models.adapters import load_adapter
 from pipeline.samples import QASample
 from pipeline.teachers import TEACHERS, image_key
 from pipeline.training.checkpoints import (
@@ -152,10 +153,26 @@ def frozen_references(
         )
 
 
+def chosen_people(samples: list[QASample], config: TrainConfig) -> list[QASample]:
+    """The forget samples of --forget-people (all of them when none is named)."""
+    if not config.forget_people:
+        return samples
+    present = {sample.person_id for sample in samples}
+    absent = sorted(set(config.forget_people) - present)
+    if absent:
+        raise ValueError(
+            f"--forget-people {','.join(absent)}: not in {config.forget_split} (its people: "
+            f"{','.join(sorted(present))})"
+        )
+    return [sample for sample in samples if sample.person_id in config.forget_people]
+
+
 def load_setup(config: TrainConfig, method: Method, device: torch.device, processes: Processes) -> Setup:
     needs = set(loss_inputs(method.loss))
     loaded = load_model(config.model, **{**config.loading(), "device": str(device)})
-    forget_samples = load_unlearning_samples(config.data, config.forget_split, config.sample_kinds)
+    forget_samples = chosen_people(
+        load_unlearning_samples(config.data, config.forget_split, config.sample_kinds), config
+    )
     retain_samples = (
         load_unlearning_samples(config.data, config.retain_split, config.sample_kinds)
         if "retain" in needs
@@ -183,8 +200,13 @@ class Optimization:
 def optimization(
     config: TrainConfig, method: Method, setup: Setup, device: torch.device, processes: Processes
 ) -> Optimization:
-    """LoRA, AdamW on the adapter only, the learning-rate schedule, DDP."""
-    peft_model = add_lora(setup.loaded, config.lora_rank, config.lora_alpha, config.lora_dropout, config.seed)
+    """LoRA (fresh, or --init-adapter's), AdamW on the adapter only, the learning-rate schedule, DDP."""
+    if config.init_adapter:
+        peft_model = load_adapter(setup.loaded, config.init_adapter, trainable=True)
+    else:
+        peft_model = add_lora(
+            setup.loaded, config.lora_rank, config.lora_alpha, config.lora_dropout, config.seed
+        )
     peft_model.train()
     trainable = [parameter for _, parameter in named_trainable(peft_model)]
     # The fused kernel updates every LoRA tensor in one call (CPU and CUDA).

@@ -107,13 +107,14 @@ def dense_mean_divergence(name: str, teacher: torch.Tensor, predictions: AnswerP
 
 @PROPERTY
 @given(seed=st.integers(0, 2**16), lengths=answer_lengths_strategy, vocab=st.integers(2, 12))
-def test_ga_and_ga_diff_equal_dense_reference(seed, lengths, vocab):
+def test_ga_ga_diff_and_finetune_equal_dense_reference(seed, lengths, vocab):
     generator = torch.Generator().manual_seed(seed)
     forget = random_predictions(generator, lengths, vocab)
     retain = random_predictions(generator, lengths[::-1], vocab)
     forget_nll = -dense_sequence_log_probs(forget).mean()
     retain_nll = -dense_sequence_log_probs(retain).mean()
     torch.testing.assert_close(LOSSES["ga"](forget)["loss"], -forget_nll)
+    torch.testing.assert_close(LOSSES["finetune"](forget)["loss"], forget_nll)
     torch.testing.assert_close(
         LOSSES["ga_diff"](forget, retain, beta=0.7)["loss"], -forget_nll + 0.7 * retain_nll
     )
