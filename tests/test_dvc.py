@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 SMALL_PARAMS = {
     "prepare-mini": {
-        "num_people": 10,
+        "num_people": 20,  # forget_10 holds 2: one relearned on, one held out (the relearning attack)
         "num_real": 3,
         "num_reference_people": 6,
         "alt_images": 1,
@@ -34,6 +34,7 @@ SMALL_PARAMS = {
     },
     "precompute": {"k": 2, "batch_size": 4},
     "train": {"epochs": 1, "batch_size": 4},
+    "relearn": {"epochs": 1},
     "evaluate": {"limit": 1, "max_new_tokens": 6, "batch_size": 16},
 }
 
@@ -88,6 +89,7 @@ STAGE_MODULES = {
     "prepare-mini": "prepare",
     "precompute": "precompute",
     "train": "train",
+    "relearn": "relearn",
     "evaluate": "evaluate",
     "report": "report",
 }
@@ -124,10 +126,17 @@ def test_repro_writes_every_stage_output(repo):
         for split in ("forget", "test", "retain", "real"):
             assert 0.0 <= metrics[split]["rougeL"] <= 1.0, (run, split)
             assert 0.0 <= metrics[split]["mc_acc"] <= 1.0, (run, split)
+        # The relearning attack: the held-out forget people before and after it, on every run.
+        assert (
+            set(metrics["forget_heldout"]) == set(metrics["forget_relearned"]) and metrics["forget_relearned"]
+        )
         if run != "full":
             assert (repo / "work/adapters" / run / "adapter_config.json").is_file()
+            assert (repo / "work/relearned" / run / "adapter_config.json").is_file()
     report = (repo / "results/report.md").read_text()
     assert "ViKeR" in report and "Vgid" in report
+    assert "The relearning attack and membership inference" in report
+    assert (repo / "results/relearning.png").is_file()
     shown = json.loads(_dvc("metrics", "show", "--json", cwd=repo).stdout)
     assert any("results/runs/viker-s0/metrics.json" in json.dumps(entry) for entry in shown.values())
 
