@@ -17,7 +17,6 @@ answers (see `NgramFluencyScorer` and docs/evaluation.md).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -48,20 +47,6 @@ def question_measures(task: str, modality: str, scores: dict[str, float]) -> dic
     if "rec" in scores:
         measures["rec"] = scores["rec"]
     return measures
-
-
-def person_means(responses: Path, split: str, measure: str) -> dict[str, float]:
-    """Per person, the mean of one measure over a split's questions in an evaluation's responses.jsonl
-    (item ids read <data split>/<person>/<task>/<index>)."""
-    values: dict[str, list[float]] = defaultdict(list)
-    for line in Path(responses).read_text().splitlines():
-        record = json.loads(line)
-        if record["split"] != split:
-            continue
-        value = question_measures(record["task"], record["modality"], record["scores"]).get(measure)
-        if value is not None:
-            values[record["item_id"].split("/")[1]].append(value)
-    return {person: sum(scores) / len(scores) for person, scores in sorted(values.items())}
 
 
 def rouge_l_f1(prediction: str, reference: str) -> float:

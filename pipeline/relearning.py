@@ -9,7 +9,6 @@ nothing about the second: whatever comes back there was still in the weights.
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,37 +70,15 @@ def heldout_people(
 MIN_FORGOTTEN = 0.05  # a measure unlearning lowered by less than this has nothing to recover
 
 
-def recovery(before: float, after: float, full: float, min_forgotten: float = MIN_FORGOTTEN) -> float | None:
+def recovery(before, after, full, min_forgotten: float = MIN_FORGOTTEN):
     """(after - before) / (full - before): the share of what unlearning took away that relearning gives
     back; 1 = the full model's level, 0 = nothing back (Deeb & Roger measure recovered accuracy against the
-    pre-unlearning model's). None where unlearning lowered the measure by less than `min_forgotten`."""
+    pre-unlearning model's). None (NaN in arrays) where unlearning lowered the measure by less than
+    `min_forgotten`. Floats or numpy arrays of resampled means, elementwise."""
+    if np.ndim(before) == 0 and np.ndim(after) == 0 and np.ndim(full) == 0:
+        gap = full - before
+        return None if gap < min_forgotten else (after - before) / gap
+    before, after, full = (np.asarray(values, dtype=float) for values in (before, after, full))
     gap = full - before
-    return None if gap < min_forgotten else (after - before) / gap
-
-
-def recovery_interval(
-    before: np.ndarray, after: np.ndarray, full: np.ndarray, confidence: float = 0.95, draws: int = 4000,
-    seed: int = 0,
-) -> tuple[float, float, float] | None:  # fmt: skip
-    """The recovery of the means, with a bootstrap interval over seeds and people.
-
-    before, after: (seeds, people) per-person means of one measure (the unlearned and the relearned
-    model); full: (people,) the full model's. A resample draws seeds and people with replacement; one
-    whose gap falls under MIN_FORGOTTEN has no recovery and is left out (no interval, NaN, when that is
-    most of them). None without a recovery at all.
-    """
-    point = recovery(float(before.mean()), float(after.mean()), float(full.mean()))
-    if point is None:
-        return None
-    rng = np.random.default_rng(seed)
-    seeds = rng.integers(0, before.shape[0], (draws, before.shape[0], 1))
-    people = rng.integers(0, before.shape[1], (draws, 1, before.shape[1]))
-    before_means = before[seeds, people].mean(axis=(1, 2))
-    after_means = after[seeds, people].mean(axis=(1, 2))
-    gaps = full[people[:, 0, :]].mean(axis=1) - before_means
-    kept = gaps >= MIN_FORGOTTEN
-    if kept.mean() < 0.5:  # most resamples forgot nothing: no interval worth the name
-        return point, math.nan, math.nan
-    values = (after_means[kept] - before_means[kept]) / gaps[kept]
-    low, high = np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return point, float(low), float(high)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(gap >= min_forgotten, (after - before) / gap, np.nan)
