@@ -205,6 +205,12 @@ class EvaluateConfig(ModelOptions):
     adapter: str | None = param(None, "LoRA adapter directory to evaluate on top of --model.")
     forget_split: str = param("forget_10", "Forget split: its test, retain and real splits go with it.")
     protocol: str = param("fixed", "Prompt protocol (docs/evaluation.md).", choices=("fixed", "official"))
+    mc_scoring: str = param(
+        "generate",
+        "Multiple choice: generate the letter and parse it (eval.py) | likelihood: the option of highest "
+        "log P(option | image, question), MLLMU-Bench Eq. 13 (no generation, no exemplars).",
+        choices=("generate", "likelihood"),
+    )
     max_new_tokens: int = param(50, "Greedy generation length.", low=1)
     batch_size: int = param(8, "Questions per generation batch.", low=1)
     reverse_attack: bool = param(True, "Also score forget/test with Vgid's reverse prompt appended.")

@@ -236,11 +236,13 @@ def build_questions(
     reverse: bool = False,
     few_shot_questions: int | None = None,
     seed: int = 0,
+    mc_scoring: str = "generate",
 ) -> list[Question]:
     """Prompts for every evaluated item of one split (exemplar profiles' own MC/cloze items excluded).
 
     Exemplars: the questions of the exemplar profiles with the query's task and modality, at most
-    `few_shot_questions` of them (a seeded choice, the same for every query of the split).
+    `few_shot_questions` of them (a seeded choice, the same for every query of the split). Scored by
+    likelihood, a multiple-choice prompt is the question alone (Eq. 13's x), without exemplars.
     """
     order = list(dict.fromkeys(item.person_id for item in items.all()))
     questions: list[Question] = []
@@ -257,11 +259,12 @@ def build_questions(
             if item.person_id not in kept:
                 continue
             has_image = item.modality == "image_textual"
-            text = item.prompt()
+            by_likelihood = task == "classification" and mc_scoring == "likelihood"
+            text = item.question if by_likelihood else item.prompt()
             if reverse:
                 text = f"{text}\n{REVERSE_PROMPT}"
             prefix, context = "", ()
-            if shots and exemplar_items is not None:
+            if shots and exemplar_items is not None and not by_likelihood:
                 key = (task, item.modality)
                 if key not in exemplar_sets:
                     pool = exemplar_items.classification if task == "classification" else exemplar_items.cloze
@@ -421,10 +424,36 @@ def finished_metrics(out: Path, key: str) -> dict[str, Any] | None:
         return None
 
 
+def choose_options(loaded, model, questions: list[Question], batch_size: int) -> None:
+    """Multiple choice by likelihood (MLLMU-Bench Eq. 13): each reply is the letter of the option y with
+    the highest log P(y | image, question), summed over y's tokens, teacher-forced in one pass."""
+    inputs = [
+        PromptedSample(question.prompt, question.image, text, question.context_images)
+        for question in questions
+        for text in (question.item.options or {}).values()
+    ]
+    log_probs = iter(answer_token_log_probs(loaded, model, inputs, batch_size))
+    for question in questions:
+        letters = list(question.item.options or {})
+        totals = [float(next(log_probs).sum()) for _ in letters]
+        question.reply = letters[max(range(len(letters)), key=totals.__getitem__)]
+        question.scores["option_log_probs"] = dict(zip(letters, totals, strict=True))
+
+
 def answer_questions(
     config: EvaluateConfig, loaded, model, protocol: EvalProtocol, questions: list[Question], journal: Journal
 ) -> None:
-    """Generate every reply (in order of prompt length, so batches carry little padding) and score it."""
+    """Generate every reply (in order of prompt length, so batches carry little padding) and score it;
+    with --mc-scoring likelihood, multiple choice is scored by the options' likelihood instead."""
+    by_likelihood = [
+        q for q in questions if config.mc_scoring == "likelihood" and q.item.task == "classification"
+    ]
+    if by_likelihood:
+        choose_options(loaded, model, by_likelihood, config.batch_size)
+        chosen = {id(question) for question in by_likelihood}
+        for question in by_likelihood:
+            score_question(question)
+        questions = [question for question in questions if id(question) not in chosen]
     order = sorted(range(len(questions)), key=lambda index: len(questions[index].prompt))
     samples = [
         PromptedSample(questions[i].prompt, questions[i].image, None, questions[i].context_images)
@@ -544,7 +573,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         return build_questions(
             role_items, exemplar_items, few_shot[role], protocol, loaded.family, split, images,
             limit=config.limit, instruction=config.instruction, reverse=reverse,
-            few_shot_questions=few_shot_questions, seed=config.seed,
+            few_shot_questions=few_shot_questions, seed=config.seed, mc_scoring=config.mc_scoring,
         )  # fmt: skip
 
     runs = [(role, role, False) for role in config.splits]
@@ -584,7 +613,11 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     splits += ["forget_heldout", "forget_relearned"] if heldout is not None else []
     for split in splits:
         metrics[split], counts[split] = aggregate([q for q in questions if q.split == split])
-    metrics["meta"] = {"protocol": protocol.name, "coherence_scorer": scorer.name}
+    metrics["meta"] = {
+        "protocol": protocol.name,
+        "coherence_scorer": scorer.name,
+        "mc_scoring": config.mc_scoring,
+    }
     meta = {
         **run_meta(config, loaded, protocol.name, scorer.name, names),
         "heldout_people": heldout.person_ids() if heldout is not None else None,

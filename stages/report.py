@@ -199,6 +199,7 @@ def report_markdown(runs: Sequence[Run], figures: Sequence[str] = (), draws: int
 def _header(runs: Sequence[Run], methods: Sequence[str], resamples: PeopleAndSeeds | None) -> list[str]:
     protocols = sorted({str(run.metrics.get("meta", {}).get("protocol", "?")) for run in runs})
     scorers = sorted({str(run.metrics.get("meta", {}).get("coherence_scorer", "?")) for run in runs})
+    mc_scorings = sorted({str(run.metrics.get("meta", {}).get("mc_scoring", "generate")) for run in runs})
     seeds = {method: sum(1 for run in runs if run.method == method) for method in methods}
     spread = (
         "[95% bootstrap interval over the people and the seeds]"
@@ -209,14 +210,16 @@ def _header(runs: Sequence[Run], methods: Sequence[str], resamples: PeopleAndSee
         "# Evaluation report",
         "",
         f"Runs: {', '.join(run.name for run in runs)}.",
-        f"Evaluation protocol: {', '.join(protocols)}. Coherence (GIB) scorer: {', '.join(scorers)}.",
+        f"Evaluation protocol: {', '.join(protocols)}. Multiple choice scored by: {', '.join(mc_scorings)} "
+        "(generate: the generated letter; likelihood: the most likely option, MLLMU-Bench Eq. 13). "
+        f"Coherence (GIB) scorer: {', '.join(scorers)}.",
         f"All values are percentages, the mean over seeds {spread} "
         f"(seeds: {', '.join(f'{METHOD_NAMES.get(m, m)} {n}' for m, n in seeds.items())}).",
         "Forget and Generalization (the forget people through other images and paraphrases): lower ACC, "
         "Cloze, ROUGE-L and BLEU mean more forgetting. Retain and Real: higher is better. GIB: higher is "
         "more fluent. REC: the person's name appears in answers to questions asking for it.",
     ]
-    if len(protocols) > 1 or len(scorers) > 1:
+    if len(protocols) > 1 or len(scorers) > 1 or len(mc_scorings) > 1:
         lines.append("\n**Warning: the runs were scored differently; their numbers do not compare.**")
     return lines
 

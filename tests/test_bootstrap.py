@@ -89,4 +89,6 @@ def test_cells_show_intervals_and_a_finding_must_hold_in_the_resamples(tmp_path)
         for claim, holds, measured in findings(summary, resample_runs([full, lumpy], 400))
     )
     holds, measured = next(value for claim, value in checked.items() if claim.startswith("ViKeR forgets"))
-    assert not holds and "of resamples" in measured  # the mean passes, about a quarter of the resamples do not
+    assert (
+        not holds and "of resamples" in measured
+    )  # the mean passes, about a quarter of the resamples do not

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from dataclasses import replace
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from builders import build_random_tiny_llava
+from PIL import Image
 
 from pipeline.data import DataError, load_eval_items, load_unlearning_samples
 from pipeline.mini_world.config import TinyLlavaConfig
@@ -58,7 +60,11 @@ def test_metrics_json_has_every_split_and_fraction(fixed_run):
     out, metrics = fixed_run
     assert json.loads(out.read_text()) == metrics
     assert set(metrics) == {*SPLITS, "meta"}
-    assert metrics["meta"] == {"protocol": "fixed", "coherence_scorer": "ngram-fluency"}
+    assert metrics["meta"] == {
+        "protocol": "fixed",
+        "coherence_scorer": "ngram-fluency",
+        "mc_scoring": "generate",
+    }
     for split in SPLITS:
         assert set(metrics[split]) == IMAGE_METRICS | TEXT_METRICS, split  # the fixture names nobody: no rec
         for name, value in metrics[split].items():
@@ -104,6 +110,52 @@ def test_responses_and_meta_account_for_every_question(fixed_run):
     assert all("Correct Answer:" in r["prompt"] for r in retain_mc)
     # eval.py gives the celebrity split no exemplars.
     assert all("Correct Answer:" not in r["prompt"] for r in responses if r["split"] == "real")
+
+
+def test_likelihood_multiple_choice_picks_the_most_likely_option_without_generating(
+    tiny_model, tiny_model_dir, tmp_path, monkeypatch
+):
+    import stages.evaluate as evaluate
+    from pipeline.models import PromptedSample, answer_token_log_probs
+
+    asked = []
+    original = evaluate.generate
+    monkeypatch.setattr(
+        evaluate,
+        "generate",
+        lambda loaded, samples, **kw: asked.extend(samples) or original(loaded, samples, **kw),
+    )
+    out = tmp_path / "likelihood" / "metrics.json"
+    metrics = run(
+        EvaluateConfig(
+            model=str(tiny_model_dir), data=str(FIXTURE), out=str(out), forget_split="forget_5",
+            splits=("forget", "retain"), reverse_attack=False, max_new_tokens=2, progress=False,
+            mc_scoring="likelihood",
+        )
+    )  # fmt: skip
+    assert metrics["meta"]["mc_scoring"] == "likelihood"
+    mc = [r for r in read_responses(out) if r["task"] == "classification"]
+    assert mc and not any("Just give ONE letter" in sample.prompt for sample in asked)  # none generated
+    items = {
+        item.item_id: item
+        for split in ("forget_5", "retain_95")
+        for item in load_eval_items(FIXTURE, split).classification
+    }
+    for record in mc:
+        item = items[record["item_id"]]
+        assert item.question in record["prompt"] and "A: " not in record["prompt"]  # Eq. 13's x alone
+        image = Image.open(io.BytesIO(item.image)).convert("RGB") if item.image else None
+        totals = {
+            letter: float(
+                answer_token_log_probs(
+                    tiny_model, tiny_model.model, [PromptedSample(record["prompt"], image, text)]
+                )[0].sum()
+            )
+            for letter, text in item.options.items()
+        }
+        assert record["scores"]["option_log_probs"] == pytest.approx(totals, abs=1e-4)
+        assert record["reply"] == max(totals, key=totals.get)
+        assert record["scores"]["correct"] == float(record["reply"] == item.correct_letter)
 
 
 def test_fixed_protocol_uses_the_family_chat_format(fixed_run):
