@@ -75,8 +75,12 @@ class PeopleAndSeeds:
             chosen = person_draws[people]
             with np.errstate(invalid="ignore", divide="ignore"):
                 per_seed = sums[:, chosen].sum(axis=2) / counts[:, chosen].sum(axis=2)  # (seeds, draws)
-            seeds = seed_draws[(method, len(runs))]
-            self.values[cell] = np.nanmean(per_seed[seeds, np.arange(draws)[:, None]], axis=1)
+            drawn = per_seed[seed_draws[(method, len(runs))], np.arange(draws)[:, None]]  # (draws, seeds)
+            # A resample that drew only people without this measure's questions has no value (NaN).
+            answered = (~np.isnan(drawn)).sum(axis=1)
+            self.values[cell] = np.where(
+                answered > 0, np.nansum(drawn, axis=1) / np.maximum(answered, 1), np.nan
+            )
 
     def interval(self, cell: Cell, confidence: float = 0.95) -> tuple[float, float] | None:
         """The central `confidence` interval of a cell's resampled values (None for an unknown cell)."""
