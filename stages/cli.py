@@ -97,6 +97,17 @@ def running(context: click.Context, stage_run, *arguments) -> Any:
         raise click.ClickException(str(error)) from error
 
 
+def seeded(values: dict[str, Any], seed: str, paths: tuple[str, ...], sets_seed: bool) -> dict[str, Any]:
+    """One seed's option values: '{seed}' replaced in the path options, and --seed set to it where the
+    seed is the run's own (train, relearn; evaluation keeps its draws seeded by --seed)."""
+    run_values = dict(values)
+    for option in paths:
+        run_values[option] = run_values[option].replace("{seed}", seed) if run_values[option] else None
+    if seed and sets_seed:
+        run_values["seed"] = int(seed)
+    return run_values
+
+
 SEEDS_HELP = "Comma list: one run per seed, '{seed}' in --out (and --adapter, --relearned) replaced by each."
 
 
@@ -131,10 +142,7 @@ def train_command(context: click.Context, seeds: str | None, **values) -> None:
     from stages.train import run
 
     for seed in seed_list(seeds):
-        run_values = {**values, "out": values["out"].replace("{seed}", seed)}
-        if seed:
-            run_values["seed"] = int(seed)
-        config = running(context, build, TrainConfig, run_values)
+        config = running(context, build, TrainConfig, seeded(values, seed, ("out",), sets_seed=True))
         method = running(
             context, resolve_method, config.method, context.obj["methods"], config.loss, config.args,
             config.forget_cache, config.retain_cache, context.obj["_where"],
@@ -151,11 +159,7 @@ def relearn_command(context: click.Context, seeds: str | None, **values) -> None
     from stages.relearn import run
 
     for seed in seed_list(seeds):
-        adapter = values["adapter"]
-        run_values = {**values, "out": values["out"].replace("{seed}", seed)}
-        run_values["adapter"] = adapter.replace("{seed}", seed) if adapter else None
-        if seed:
-            run_values["seed"] = int(seed)
+        run_values = seeded(values, seed, ("out", "adapter"), sets_seed=True)
         config = running(context, build, RelearnConfig, run_values)
         click.echo(json.dumps(running(context, run, config), indent=2))
 
@@ -169,9 +173,7 @@ def evaluate_command(context: click.Context, seeds: str | None, **values) -> Non
     from stages.evaluate import run
 
     for seed in seed_list(seeds):
-        run_values = {**values, "out": values["out"].replace("{seed}", seed)}
-        for option in ("adapter", "relearned"):
-            run_values[option] = values[option].replace("{seed}", seed) if values[option] else None
+        run_values = seeded(values, seed, ("out", "adapter", "relearned"), sets_seed=False)
         config = running(context, build, EvaluateConfig, run_values)
         click.echo(json.dumps(running(context, run, config), indent=2))
 

@@ -256,3 +256,21 @@ def test_the_report_gives_before_after_and_recovery_over_seeds_and_people(tmp_pa
     finding = relearning_finding(results)
     assert "came back (Cloze recovery interval above 0): GA 1.00" in finding
     assert "No recovery detected (interval reaches 0): NPO 0.00 [0.00, 0.00]" in finding
+
+
+def test_seeds_fill_the_path_options_and_set_the_runs_own_seed():
+    from stages.cli import seeded
+
+    values = {
+        "out": "work/relearned/ga-s{seed}",
+        "adapter": "work/adapters/ga-s{seed}",
+        "relearned": None,
+        "seed": 0,
+    }
+    assert seeded(values, "2", ("out", "adapter"), sets_seed=True) == {
+        **values, "out": "work/relearned/ga-s2", "adapter": "work/adapters/ga-s2", "seed": 2,
+    }  # fmt: skip
+    evaluation = seeded(values, "2", ("out", "adapter", "relearned"), sets_seed=False)
+    assert (
+        evaluation["seed"] == 0 and evaluation["relearned"] is None and evaluation["adapter"].endswith("s2")
+    )
