@@ -75,10 +75,10 @@ def recovery(before, after, full, min_forgotten: float = MIN_FORGOTTEN):
     back; 1 = the full model's level, 0 = nothing back (Deeb & Roger measure recovered accuracy against the
     pre-unlearning model's). None (NaN in arrays) where unlearning lowered the measure by less than
     `min_forgotten`. Floats or numpy arrays of resampled means, elementwise."""
-    if np.ndim(before) == 0 and np.ndim(after) == 0 and np.ndim(full) == 0:
-        gap = full - before
-        return None if gap < min_forgotten else (after - before) / gap
     before, after, full = (np.asarray(values, dtype=float) for values in (before, after, full))
     gap = full - before
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(gap >= min_forgotten, (after - before) / gap, np.nan)
+        values = np.where(gap >= min_forgotten, (after - before) / gap, np.nan)
+    if values.ndim:
+        return values
+    return None if np.isnan(values) else float(values)
