@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import traceback
+from pathlib import Path
 from typing import Any
 
 import click
@@ -19,6 +20,7 @@ from pipeline.runtime import keep_freed_memory, offline_by_default
 from stages.config import (
     KEY_TOKEN_EPSILON,
     SECTIONS,
+    SHARED_SECTIONS,
     EvaluateConfig,
     PrecomputeConfig,
     PrepareConfig,
@@ -29,8 +31,9 @@ from stages.config import (
 
 offline_by_default()
 
-# params.yaml's keys beside the command sections: the training seeds DVC runs, and the methods.
-OTHER_KEYS = ("seeds", "methods")
+# params.yaml's keys beside the command sections: the training seeds DVC runs, the methods, and the name
+# of the experiment the values came from (pipeline experiment use).
+OTHER_KEYS = ("seeds", "methods", "experiment")
 
 
 def load_sections(params_file: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -38,15 +41,29 @@ def load_sections(params_file: str | None) -> tuple[dict[str, Any], dict[str, An
     path = find_params(params_file)
     params = read_params(path)
     where = str(path)
-    unknown = sorted(str(key) for key in params if key not in SECTIONS and key not in OTHER_KEYS)
+    known = [*SHARED_SECTIONS, *SECTIONS, *OTHER_KEYS]
+    unknown = sorted(str(key) for key in params if key not in known)
     if unknown:
         raise ConfigError(
-            f"{where}: unknown section {', '.join(map(repr, unknown))}; "
-            f"known: {', '.join([*SECTIONS, *OTHER_KEYS])}"
+            f"{where}: unknown section {', '.join(map(repr, unknown))}; known: {', '.join(known)}"
         )
-    default_map = {
-        name: check_section(name, params[name], SECTIONS[name], where) for name in SECTIONS if name in params
+    shared = {
+        name: check_section(name, params[name], options_class, where)
+        for name, options_class in SHARED_SECTIONS.items()
+        if name in params
     }
+    default_map = {}
+    for name, config_class in SECTIONS.items():
+        # A shared section (model, data) gives every command that takes those options its values; the
+        # command's own section overrides them.
+        values = {
+            key: value
+            for shared_name, options_class in SHARED_SECTIONS.items()
+            if issubclass(config_class, options_class)
+            for key, value in shared.get(shared_name, {}).items()
+        }
+        values.update(check_section(name, params[name], config_class, where) if name in params else {})
+        default_map[name] = values
     methods = params.get("methods") or {}
     if not isinstance(methods, dict):
         raise ConfigError(f"{where}: `methods` must map method names to entries")
@@ -186,6 +203,56 @@ def report_command(context: click.Context, **values) -> None:
     from stages.report import run
 
     click.echo(f"wrote {running(context, lambda: run(build(ReportConfig, values)))}")
+
+
+@main.group("experiment")
+def experiment_group() -> None:
+    """List the shipped experiments (experiments/*.yaml) and select one into params.yaml."""
+
+
+def project_root() -> Path:
+    """The folder of the nearest params.yaml (where experiments/ and dvc.yaml are), else the working one."""
+    found = find_params(None)
+    return found.parent if found is not None else Path.cwd()
+
+
+def check_params(path) -> None:
+    """A params file every command accepts: its sections fit the schema and every method its loss."""
+    from pipeline.methods import resolve_method
+
+    _, params = load_sections(str(path))
+    for name in params["methods"]:
+        resolve_method(name, params["methods"], where=params["_where"])
+
+
+@experiment_group.command("list")
+@click.pass_context
+def experiment_list(context: click.Context) -> None:
+    """Name and description of every experiment; * marks the one params.yaml holds."""
+    from pipeline.experiments import experiment_names, experiment_values
+
+    root = project_root()
+    selected = (read_params(root / "params.yaml").get("experiment") or {}).get("name")
+    for name in experiment_names(root):
+        description = (experiment_values(root, name).get("experiment") or {}).get("description", "")
+        click.echo(f"{'*' if name == selected else ' '} {name:28} {description}")
+
+
+@experiment_group.command("use")
+@click.argument("name")
+@click.option("--fetch", is_flag=True, help="Also download the experiment's model and data (its sources).")
+@click.pass_context
+def experiment_use(context: click.Context, name: str, fetch: bool) -> None:
+    """Write params.yaml from experiments/NAME.yaml (checked first); `dvc repro` then runs it."""
+    from pipeline.experiments import fetch as fetch_sources
+    from pipeline.experiments import select
+
+    root = project_root()
+    running(context, select, root, name, root / "params.yaml", check_params)
+    click.echo(f"params.yaml: experiment {name} (dvc params diff shows what changed)")
+    if fetch:
+        values = read_params(root / "params.yaml")
+        running(context, fetch_sources, root, values, click.echo)
 
 
 @main.command("key-tokens")

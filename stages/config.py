@@ -15,6 +15,7 @@ from pipeline.config import param
 from pipeline.mini_world.config import FineTuneConfig, WorldConfig
 
 DTYPES = ("fp32", "bf16", "fp16")
+DATA_FORMATS = ("auto", "mllmu", "clear", "local")  # pipeline.layouts registers each but auto
 KEY_TOKEN_EPSILON = 0.5  # nats; ViKeR Def. 2 leaves epsilon to the user
 
 
@@ -50,6 +51,41 @@ class ModelOptions:
 
 
 @dataclass(kw_only=True)
+class DataOptions:
+    """Where a stage reads its data (every stage that reads a split); pipeline.layouts reads it."""
+
+    data: str = param(help="Data directory: MLLMU-Bench's hub layout, CLEAR's, or local split files.")
+    data_format: str = param(
+        "auto", "Layout of --data (pipeline.layouts); auto: detected from the folder.", choices=DATA_FORMATS
+    )
+
+    train_data: str | None = param(
+        None,
+        "Folder of the unlearning triples in the same layout (MLLMU-Bench's training rows with their "
+        "`metadata` QA, hub MLLMMU/baseline_train_split); none: --data.",
+    )
+    forget_split: str = param("forget_10", "Forget split: its test, retain and real splits go with it.")
+    retain_split: str | None = param(None, "Retain split (none: the forget split's, e.g. retain_90).")
+
+    def layout(self):
+        """The evaluation data's layout (pipeline.layouts.Layout)."""
+        from pipeline.layouts import layout
+
+        return layout(self.data_format, self.data)
+
+    def training_layout(self):
+        """Where precompute, training and membership inference read their triples."""
+        from pipeline.layouts import layout
+
+        return layout(self.data_format, self.train_data or self.data)
+
+    def split_names(self) -> dict[str, str]:
+        """Role -> split name of this experiment (forget, retain, and the layout's evaluation roles)."""
+        names = self.layout().split_names(self.forget_split)
+        return {**names, "retain": self.retain_split or names["retain"]}
+
+
+@dataclass(kw_only=True)
 class PrepareConfig:
     """prepare-mini: the embedded mini world and the tiny full model that has memorized it."""
 
@@ -63,10 +99,9 @@ class PrepareConfig:
 
 
 @dataclass(kw_only=True)
-class PrecomputeConfig(ModelOptions):
+class PrecomputeConfig(ModelOptions, DataOptions):
     """precompute: the frozen model's top-p truncated teacher distributions over the answer tokens."""
 
-    data: str = param(help="Data directory (MLLMU-Bench's hub layout).")
     out: str = param(help="Cache directory (shard-XXXXX-of-NNNNN.parquet/.json).")
     teacher: str = param(
         "viker", "Teacher (pipeline.teachers): viker | vgid | icu | noise | original | base."
@@ -97,7 +132,9 @@ class PrecomputeConfig(ModelOptions):
         low=0,
     )
     max_support: int = param(1024, "At most this many tokens per support.", low=1)
-    split: str | None = param(None, "Split to cache (none: the teacher's, forget_10 or retain_90).")
+    split: str | None = param(
+        None, "Split to cache (none: the teacher's, --forget-split or the retain split)."
+    )
     kinds: tuple[str, ...] = param(("qa",), "Comma list of sample kinds: qa, generation, mc, cloze.")
     shard_index: int | None = param(None, "Compute only this shard (none: every shard).", low=0)
     num_shards: int = param(1, "Shards of the cache.", low=1)
@@ -108,10 +145,9 @@ class PrecomputeConfig(ModelOptions):
 
 
 @dataclass(kw_only=True)
-class TrainConfig(ModelOptions):
+class TrainConfig(ModelOptions, DataOptions):
     """train: LoRA unlearning with a method's loss, streaming the teacher cache."""
 
-    data: str = param(help="Data directory (MLLMU-Bench's hub layout).")
     out: str = param(help="Adapter directory (PEFT) with training_meta.json and the step log.")
     method: str = param(
         "viker", "A method of params.yaml's `methods` (its loss, caches, args) or a loss name."
@@ -127,11 +163,9 @@ class TrainConfig(ModelOptions):
     refusals: str | None = param(
         None, "Refusal sentences for IdkPO, one per line (none: pipeline/refusals.txt)."
     )
-    forget_split: str = param("forget_10", "Forget split.")
     forget_people: tuple[str, ...] = param(
         (), "Comma list of person IDs: train on only their forget samples (none: the whole split)."
     )
-    retain_split: str = param("retain_90", "Retain split.")
     sample_kinds: tuple[str, ...] = param(("qa",), "Comma list of sample kinds: qa, generation, mc, cloze.")
     # Optimisation: ViKeR App. A.4 (LoRA r 8 / alpha 16, AdamW, lr 5e-6, batch 2, 1 epoch).
     lr: float = param(5e-6, "AdamW learning rate.", low=0, low_open=True)
@@ -170,17 +204,15 @@ class TrainConfig(ModelOptions):
 
 
 @dataclass(kw_only=True)
-class RelearnConfig(ModelOptions):
+class RelearnConfig(ModelOptions, DataOptions):
     """relearn: the relearning attack, fine-tuning an unlearned adapter on the QA of part of the forget
     people; evaluate --relearned scores the others (docs/evaluation.md, "Relearning attack")."""
 
-    data: str = param(help="Data directory (MLLMU-Bench's hub layout).")
     adapter: str | None = param(
         None,
         "The unlearned LoRA adapter, trained on further (none: a fresh adapter on --model, the control).",
     )
     out: str = param(help="The relearned adapter's directory (PEFT, training_meta.json names its people).")
-    forget_split: str = param("forget_10", "Forget split whose people are divided.")
     fraction: float = param(
         0.25, "Share of the forget people relearned on (at least one, at least one held out).",
         low=0, high=1, low_open=True,
@@ -197,13 +229,11 @@ class RelearnConfig(ModelOptions):
 
 
 @dataclass(kw_only=True)
-class EvaluateConfig(ModelOptions):
+class EvaluateConfig(ModelOptions, DataOptions):
     """evaluate: MLLMU-Bench's measures for a model (+ a LoRA adapter), per split."""
 
-    data: str = param(help="Data directory (MLLMU-Bench's hub layout).")
     out: str = param(help="metrics.json of the run, e.g. results/runs/<run>/metrics.json")
     adapter: str | None = param(None, "LoRA adapter directory to evaluate on top of --model.")
-    forget_split: str = param("forget_10", "Forget split: its test, retain and real splits go with it.")
     protocol: str = param("fixed", "Prompt protocol (docs/evaluation.md).", choices=("fixed", "official"))
     mc_scoring: str = param(
         "generate",
@@ -227,7 +257,9 @@ class EvaluateConfig(ModelOptions):
         None, "At most this many exemplar questions, 0 = all (none: the protocol's).", low=0
     )
     instruction: str | None = param(None, "In-context unlearning prefix for every question (ICU).")
-    splits: tuple[str, ...] = param(("forget", "test", "retain", "real"), "Comma list of split roles.")
+    splits: tuple[str, ...] = param(
+        (), "Comma list of split roles (none: the layout's, e.g. forget,test,retain,real for MLLMU-Bench)."
+    )
     mia_nonmembers: str | None = param(
         None,
         "Split of never-seen people for membership inference against the forget split's QA "
@@ -256,6 +288,10 @@ class ReportConfig:
     token_plot: bool = param(True, "Draw the per-token probability plot.")
     device: str = param("cpu", "torch device of the token plot's model.")
 
+
+# params.yaml's sections of options that several commands share: `model` (how every stage that runs the
+# full model loads it) and `data` (where every stage that reads a split finds it).
+SHARED_SECTIONS: dict[str, type] = {"model": ModelOptions, "data": DataOptions}
 
 # The params.yaml section of each command.
 SECTIONS: dict[str, type] = {

@@ -47,7 +47,6 @@ from pipeline.data import (
     SPLIT_POOLS,
     forget_ratio,
     load_reference_pool,
-    load_unlearning_samples,
     samples_fingerprint,
 )
 from pipeline.hashing import sha256_hex
@@ -64,8 +63,6 @@ from pipeline.perturbations import PERTURBATIONS
 from pipeline.samples import QASample
 from pipeline.teachers import ICU_PROMPTS, TEACHERS, Teacher, TeacherContext, TeacherInput, original
 from stages.config import PrecomputeConfig
-
-DEFAULT_SPLITS = {"forget": "forget_10", "retain": "retain_90"}  # a teacher's split role -> split
 
 
 class PrecomputeError(ValueError):
@@ -87,7 +84,7 @@ def checked(config: PrecomputeConfig) -> tuple[PrecomputeConfig, Teacher]:
             raise PrecomputeError(f"unknown {option} {value!r}; known: {', '.join(known)}")
     teacher = TEACHERS[config.teacher]
     config = replace(
-        config, split=config.split or DEFAULT_SPLITS[teacher.split_role], kinds=tuple(config.kinds)
+        config, split=config.split or config.split_names()[teacher.split_role], kinds=tuple(config.kinds)
     )
     return config, teacher
 
@@ -155,7 +152,7 @@ def run(config: PrecomputeConfig) -> list[ShardManifest]:
 
 def load_samples(config: PrecomputeConfig) -> list[QASample]:
     """The split's triples, with the checks that need no model: every answer non-empty."""
-    samples = load_unlearning_samples(config.data, config.split, config.kinds)
+    samples = config.training_layout().unlearning_samples(config.split, config.kinds)
     if config.limit is not None:
         samples = samples[: config.limit]
     for sample in samples:

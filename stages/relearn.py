@@ -13,24 +13,23 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from pipeline.data import load_unlearning_samples
 from pipeline.methods import resolve_method
 from pipeline.relearning import relearning_people
 from stages import train
-from stages.config import ModelOptions, RelearnConfig, TrainConfig
+from stages.config import DataOptions, ModelOptions, RelearnConfig, TrainConfig
 
 
 def train_config(config: RelearnConfig) -> TrainConfig:
     """The train stage's config of the attack: fine-tuning on the relearned people's samples only."""
-    samples = load_unlearning_samples(config.data, config.forget_split, config.sample_kinds)
+    samples = config.training_layout().unlearning_samples(config.forget_split, config.sample_kinds)
     people = relearning_people([sample.person_id for sample in samples], config.fraction, config.split_seed)
-    model_options = {option.name: getattr(config, option.name) for option in fields(ModelOptions)}
+    shared = {
+        option.name: getattr(config, option.name) for option in fields(ModelOptions) + fields(DataOptions)
+    }
     return TrainConfig(
-        **model_options,
-        data=config.data,
+        **shared,
         out=config.out,
         method="finetune",
-        forget_split=config.forget_split,
         forget_people=tuple(people),
         sample_kinds=config.sample_kinds,
         lr=config.lr,

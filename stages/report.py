@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.bootstrap import PeopleAndSeeds, person_totals
+from pipeline.layouts import Layout, layout
 from pipeline.relearning import recovery
 from stages.config import KEY_TOKEN_EPSILON, ReportConfig
 
@@ -591,24 +592,24 @@ def answer_probabilities(loaded, model, prompt: str, image, answer: str) -> list
 def token_probabilities(
     model_path: str,
     adapters: dict[str, str],
-    data_dir: str,
+    data: Layout,
     forget_split: str,
     reference_images: Sequence,
     sample_index: int = 0,
     device: str = "cpu",
 ) -> TokenProbabilities:
     """One forget sample's per-token probabilities under the full model and each adapter."""
-    from pipeline.data import DataError, load_unlearning_samples
+    from pipeline.data import DataError
     from pipeline.models import answer_token_ids, load_model
     from pipeline.models.adapters import switch_adapter
 
     try:
-        samples = load_unlearning_samples(data_dir, forget_split, kinds=("qa",))
+        samples = data.unlearning_samples(forget_split, ("qa",))
     except DataError:  # the benchmark's evaluation folders carry no training QA: use generation items
-        samples = load_unlearning_samples(data_dir, forget_split, kinds=("generation",))
+        samples = data.unlearning_samples(forget_split, ("generation",))
     samples = [sample for sample in samples if sample.image is not None]
     if not samples:
-        raise ValueError(f"split {forget_split} under {data_dir} has no image question to plot")
+        raise ValueError(f"split {forget_split} under {data.root} has no image question to plot")
     sample = samples[sample_index % len(samples)]
     loaded = load_model(model_path, device=device)
     prompt = loaded.family.build_prompt(sample.question, True)
@@ -752,7 +753,8 @@ def _token_plot_from_runs(
     ordered = {label: adapters[label] for label in [METHOD_NAMES.get(m, m) for m in method_order(
         [run.method for run in runs])] if label in adapters}  # fmt: skip
     references = _reference_images(reference_dir, data_dir, num_references)
-    table = token_probabilities(model_path, ordered, data_dir, forget_split, references, sample_index, device)
+    data = layout(configs[0].get("data_format", "auto"), configs[0].get("train_data") or data_dir)
+    table = token_probabilities(model_path, ordered, data, forget_split, references, sample_index, device)
     (out_path.parent / "token_probs.json").write_text(
         json.dumps(table.__dict__, indent=1, ensure_ascii=False) + "\n"
     )

@@ -36,7 +36,6 @@ from typing import Any
 import torch
 
 from cache import CachedSample, concat_samples
-from pipeline.data import load_unlearning_samples
 from pipeline.losses import (
     AnswerPredictions,
     LossTerms,
@@ -170,11 +169,10 @@ def chosen_people(samples: list[QASample], config: TrainConfig) -> list[QASample
 def load_setup(config: TrainConfig, method: Method, device: torch.device, processes: Processes) -> Setup:
     needs = set(loss_inputs(method.loss))
     loaded = load_model(config.model, **{**config.loading(), "device": str(device)})
-    forget_samples = chosen_people(
-        load_unlearning_samples(config.data, config.forget_split, config.sample_kinds), config
-    )
+    data = config.training_layout()
+    forget_samples = chosen_people(data.unlearning_samples(config.forget_split, config.sample_kinds), config)
     retain_samples = (
-        load_unlearning_samples(config.data, config.retain_split, config.sample_kinds)
+        data.unlearning_samples(config.split_names()["retain"], config.sample_kinds)
         if "retain" in needs
         else []
     )

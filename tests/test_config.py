@@ -76,6 +76,31 @@ def test_an_unknown_key_names_the_key_and_the_section(tmp_path):
     assert result.exit_code != 0 and "unknown section 'trian'" in result.output
 
 
+def test_shared_sections_give_every_command_its_options_and_a_commands_own_section_wins(tmp_path):
+    from stages.cli import load_sections
+
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"model": "m", "dtype": "bf16"},
+                "data": {"data": "d", "forget_split": "forget_5"},
+                "evaluate": {"forget_split": "forget_15"},
+            }
+        )
+    )
+    default_map, _ = load_sections(str(params))
+    for command in ("precompute", "train", "relearn", "evaluate"):
+        assert default_map[command]["model"] == "m" and default_map[command]["dtype"] == "bf16"
+        assert default_map[command]["data"] == "d"
+    assert default_map["train"]["forget_split"] == "forget_5"
+    assert default_map["evaluate"]["forget_split"] == "forget_15"
+    assert "model" not in default_map["report"] and "data" not in default_map["prepare-mini"]
+    params.write_text(yaml.safe_dump({"data": {"data": "d", "lr": 0.1}}))
+    result = CliRunner().invoke(main, ["--params", str(params), "train", "--help"])
+    assert result.exit_code != 0 and "unknown key 'lr' in section 'data'" in result.output
+
+
 def test_out_of_range_values_are_refused_at_parse_time(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("{}\n")

@@ -14,7 +14,7 @@ import pytest
 from builders import build_random_tiny_llava
 from PIL import Image
 
-from pipeline.data import DataError, load_eval_items, load_unlearning_samples
+from pipeline.data import DataError, load_eval_items, load_unlearning_samples, split_names
 from pipeline.mini_world.config import TinyLlavaConfig
 from pipeline.models import LlavaFamily
 from pipeline.models.adapters import AdapterMismatchError, load_adapter
@@ -29,7 +29,6 @@ from stages.evaluate import (
     build_questions,
     run,
     score_question,
-    split_names,
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mllmu_bench"

@@ -449,7 +449,12 @@ def test_text_only_samples_keep_the_unmodified_input_for_visual_teachers(tiny_mo
 def test_cli_precompute_and_measure(world, tiny_model_dir, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli"
+    (tmp_path / "params.yaml").write_text(
+        "precompute: {batch_size: 2}\n"
+    )  # not the project's mini-world paths
     args = [
+        "--params",
+        str(tmp_path / "params.yaml"),
         "precompute",
         "--model",
         str(tiny_model_dir),
@@ -475,7 +480,7 @@ def test_cli_precompute_and_measure(world, tiny_model_dir, tmp_path):
     summary = json.loads(result.output[result.output.index("{") :])
     assert summary["measured_tokens"] == summary["tokens"] > 0
     assert 0 <= summary["kl_error"] < 0.1
-    result = runner.invoke(main, [*args[:7], "--teacher", "viker", "--k", "50", "--no-progress"])
+    result = runner.invoke(main, [*args[:9], "--teacher", "viker", "--k", "50", "--no-progress"])
     assert result.exit_code != 0 and "fewer than --k 50" in result.output
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.layouts import layout
 from stages.cli import main
 from stages.config import ReportConfig
 from stages.report import (
@@ -205,7 +206,7 @@ def test_token_probabilities_before_and_after_an_adapter(tiny_model_dir, tmp_pat
     adapter = save_adapter(tiny_model_dir, tmp_path / "adapter", scale=0.5)
     references = [Image.new("RGB", (32, 32), (40 * i, 100, 200 - 40 * i)) for i in range(3)]
     table = token_probabilities(
-        str(tiny_model_dir), {"GA": str(adapter)}, str(FIXTURE), "forget_5", references
+        str(tiny_model_dir), {"GA": str(adapter)}, layout("mllmu", FIXTURE), "forget_5", references
     )
     assert set(table.probabilities) == {"Full", "GA"}
     assert len(table.tokens) == len(table.entropy) == len(table.probabilities["Full"])

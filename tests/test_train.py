@@ -498,15 +498,15 @@ def test_a_corrupt_shard_is_refused_before_the_first_step(tiny_model, tiny_model
 
 
 def test_an_answer_beyond_the_model_context_names_the_sample(tiny_model_dir, caches, tmp_path, monkeypatch):
-    import stages.train as train_stage
+    from pipeline.layouts import MllmuLayout
 
-    original = train_stage.load_unlearning_samples
+    original = MllmuLayout.unlearning_samples
 
-    def with_a_long_answer(*args, **kwargs):
-        samples = original(*args, **kwargs)
+    def with_a_long_answer(self, *args, **kwargs):
+        samples = original(self, *args, **kwargs)
         return [replace(samples[0], answer=" ".join(["This person was born in Lisbon."] * 400)), *samples[1:]]
 
-    monkeypatch.setattr(train_stage, "load_unlearning_samples", with_a_long_answer)
+    monkeypatch.setattr(MllmuLayout, "unlearning_samples", with_a_long_answer)
     with pytest.raises(ValueError, match=r"sample forget_5/\S+: .* more than the model's limit of 1024"):
         run(config(tiny_model_dir, tmp_path / "ga", "ga", caches))
 

@@ -1,0 +1,139 @@
+"""Experiments: named sets of parameter values under experiments/, one of which params.yaml holds.
+
+experiments/mini.yaml is the embedded default, a whole params file. Every other experiment is an overlay:
+`extends: NAME` (default mini) and the values that differ, merged section by section over what it extends,
+except `methods` and `experiment.sources`, which an overlay replaces whole (it names what it runs). Its
+`experiment` section names it, says what it is and where its model and data come from (`sources`: local
+path -> hub repository, which `fetch` downloads).
+
+`select` writes params.yaml from one experiment; DVC then sees the changed values (`dvc params diff`)
+and reruns exactly the stages that read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BASE = "mini"
+FOLDER = "experiments"
+REPLACED_WHOLE = ("methods", "sources")  # mappings an overlay replaces instead of merging into
+
+
+class ExperimentError(ValueError):
+    """An experiment file that is missing, malformed or extends itself."""
+
+
+def experiment_names(root: Path) -> list[str]:
+    return sorted(path.stem for path in (root / FOLDER).glob("*.yaml"))
+
+
+def _read(root: Path, name: str) -> dict[str, Any]:
+    path = root / FOLDER / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(experiment_names(root))
+        raise ExperimentError(f"no experiment {name!r} ({path} does not exist); known: {known}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ExperimentError(f"{path}: an experiment is a mapping of params.yaml sections")
+    return values
+
+
+def merged(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """overlay over base: mappings merge key by key (recursively), anything else is replaced."""
+    result = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict) and key not in REPLACED_WHOLE:
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def experiment_values(root: Path, name: str) -> dict[str, Any]:
+    """The whole params of an experiment: its overlay over the chain of experiments it extends."""
+    chain: list[str] = []
+    while True:
+        if name in chain:
+            raise ExperimentError(
+                f"experiment {chain[0]!r} extends itself through {' -> '.join([*chain, name])}"
+            )
+        chain.append(name)
+        values = _read(root, name)
+        if name == BASE:
+            break
+        name = values.pop("extends", BASE)
+    result: dict[str, Any] = {}
+    for link in reversed(chain):
+        overlay = _read(root, link)
+        overlay.pop("extends", None)
+        result = merged(result, overlay)
+    return result
+
+
+def header(name: str) -> str:
+    return (
+        f"# Experiment `{name}`, written by `pipeline experiment use {name}` from {FOLDER}/{name}.yaml"
+        + ("" if name == BASE else f" (over the files it extends, down to {FOLDER}/{BASE}.yaml)")
+        + ".\n# Edit the experiment file and select it again; a one-off change here shows in `dvc params diff`.\n"
+    )
+
+
+def params_text(root: Path, name: str) -> str:
+    """What params.yaml holds when `name` is selected (the base keeps its comments, verbatim)."""
+    if name == BASE:
+        return header(name) + (root / FOLDER / f"{BASE}.yaml").read_text()
+    return header(name) + yaml.safe_dump(experiment_values(root, name), sort_keys=False, width=110)
+
+
+def select(root: Path, name: str, params_path: Path, check: Callable[[Path], None]) -> str:
+    """Write params.yaml for an experiment, after `check` accepted the same text in a file aside."""
+    text = params_text(root, name)
+    aside = params_path.with_name(f".{params_path.name}.partial")
+    aside.write_text(text)
+    try:
+        check(aside)
+    except Exception:
+        aside.unlink()
+        raise
+    aside.replace(params_path)
+    return text
+
+
+def sources(values: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Local path -> {repo, type} of the experiment's hub downloads (its `experiment.sources`)."""
+    found = (values.get("experiment") or {}).get("sources") or {}
+    result = {}
+    for path, source in found.items():
+        if isinstance(source, str):
+            source = {"repo": source}
+        if not isinstance(source, dict) or "repo" not in source:
+            raise ExperimentError(f"experiment.sources[{path!r}] must be a hub id or {{repo, type}}")
+        result[str(path)] = {"repo": str(source["repo"]), "type": str(source.get("type", "model"))}
+    return result
+
+
+def fetch(root: Path, values: dict[str, Any], echo: Callable[[str], None]) -> list[Path]:
+    """Download every source not yet present (huggingface_hub.snapshot_download into its local path)."""
+    from huggingface_hub import snapshot_download
+
+    fetched = []
+    for path, source in sources(values).items():
+        target = root / path
+        if target.is_dir() and any(target.iterdir()):
+            echo(f"{path}: present, not downloaded again")
+            continue
+        echo(f"{path}: downloading {source['type']} {source['repo']}")
+        try:
+            snapshot_download(source["repo"], repo_type=source["type"], local_dir=str(target))
+        except Exception as error:  # offline, gated or unknown repository
+            raise ExperimentError(
+                f"could not download {source['type']} {source['repo']} into {path}: {error}. On a machine "
+                f"with access: huggingface-cli download {source['repo']} --repo-type {source['type']} "
+                f"--local-dir {path}"
+            ) from error
+        fetched.append(target)
+    return fetched
