@@ -16,14 +16,7 @@ from typing import Any
 class Journal:
     def __init__(self, path: Path, key: str) -> None:
         self.path, self.key = Path(path), key
-        self.done: dict[str, Any] = {}
-        if self.path.is_file():
-            lines = self.path.read_text().splitlines()
-            if lines and _parsed(lines[0]) == {"key": key}:
-                for line in lines[1:]:
-                    entry = _parsed(line)
-                    if isinstance(entry, dict) and "unit" in entry:
-                        self.done[str(entry["unit"])] = entry["value"]
+        self.done: dict[str, Any] = _units(self.path, key)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Rewrite it with the entries that count: a stale key or a cut line goes now.
         with self.path.open("w") as handle:
@@ -38,8 +31,26 @@ class Journal:
             handle.write(json.dumps({"unit": unit, "value": value}, ensure_ascii=False) + "\n")
             _sync(handle)
 
+    def absorb(self, other: Path) -> int:
+        """Record the units another journal of the same key holds (a shard's); returns how many were new."""
+        new = {unit: value for unit, value in _units(Path(other), self.key).items() if unit not in self.done}
+        for unit, value in new.items():
+            self.record(unit, value)
+        return len(new)
+
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def _units(path: Path, key: str) -> dict[str, Any]:
+    """unit -> value of the journal at `path`, if it exists and was written under `key`."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    if not lines or _parsed(lines[0]) != {"key": key}:
+        return {}
+    entries = [_parsed(line) for line in lines[1:]]
+    return {str(e["unit"]): e["value"] for e in entries if isinstance(e, dict) and "unit" in e}
 
 
 def _parsed(line: str) -> Any:

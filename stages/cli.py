@@ -187,12 +187,13 @@ def relearn_command(context: click.Context, seeds: str | None, **values) -> None
 @click.pass_context
 def evaluate_command(context: click.Context, seeds: str | None, **values) -> None:
     """Score forgetting, retention and coherence (MLLMU-Bench's measures) into metrics.json."""
-    from stages.evaluate import run
+    from stages.evaluate import SharedBase, run
 
+    base = SharedBase()  # the seeds' runs share one loaded model
     for seed in seed_list(seeds):
         run_values = seeded(values, seed, ("out", "adapter", "relearned"), sets_seed=False)
         config = running(context, build, EvaluateConfig, run_values)
-        click.echo(json.dumps(running(context, run, config), indent=2))
+        click.echo(json.dumps(running(context, run, config, base), indent=2))
 
 
 @main.command("report")

@@ -271,6 +271,12 @@ class EvaluateConfig(ModelOptions, DataOptions):
         "Adapter after the relearning attack on this model (pipeline relearn): the forget people it did not "
         "relearn on are scored as forget_heldout (this model) and forget_relearned (that adapter).",
     )
+    shard_index: int | None = param(
+        None, "Generate only this shard's batches into a journal beside --out, for the merging run.", low=0
+    )
+    num_shards: int = param(
+        1, "Shards the generation is split into; without --shard-index: merge the shards' and score.", low=1
+    )
     progress: bool = param(True, "Show a progress bar.")
 
 

@@ -53,7 +53,7 @@ from pipeline.metrics import (
     rouge_l_f1,
 )
 from pipeline.models import PromptedSample, answer_token_log_probs, generate, load_model, prompted
-from pipeline.models.adapters import load_adapter, switch_adapter
+from pipeline.models.adapters import replace_adapter, switch_adapter
 from pipeline.registry import Registry
 from pipeline.relearning import heldout_people
 from pipeline.samples import QASample, decode_image
@@ -65,6 +65,7 @@ REVERSE_PROMPT = (
     "Answer the question directly based on the image and text."
 )
 FEW_SHOT_ROLES = ("forget", "test", "retain")  # eval.py: the celebrity split gets no exemplars
+UNKEYED_OPTIONS = ("progress", "shard_index", "num_shards")  # the replies do not depend on them
 
 
 # ------------------------------------------------------------------------------------------ protocols
@@ -371,9 +372,15 @@ def few_shot_plan(
 
 
 def generation_journal(
-    config: EvaluateConfig, loaded, names: dict[str, str], questions: list[Question], name: str = "generation"
+    config: EvaluateConfig,
+    loaded,
+    names: dict[str, str],
+    questions: list[Question],
+    name: str = "generation",
+    shard: int | None = None,
 ) -> Journal:
-    """The journal of generated batches beside --out, keyed by everything the replies depend on."""
+    """The journal of generated batches beside --out, keyed by everything the replies depend on; shard i's
+    of N is its own file with the same key, which the merging run absorbs."""
 
     def adapter_files(adapter: str | None) -> list[Path]:
         return sorted(Path(adapter).glob("adapter_model.*")) if adapter else []
@@ -383,14 +390,31 @@ def generation_journal(
     data = config.layout()
     files = sorted({file for split in read for file in data.split_files(split)})
     key = {
-        "config": {name: value for name, value in asdict(config).items() if name != "progress"},
+        "config": {key: value for key, value in asdict(config).items() if key not in UNKEYED_OPTIONS},
         "model": loaded.model_fingerprint,
         "adapter": files_sha256(adapter_files(config.adapter)),
         "relearned": files_sha256(adapter_files(config.relearned)),
         "data": files_sha256(files),
         "prompts": sha256_hex("\n".join(question.prompt for question in questions).encode()),
     }
-    return Journal(Path(config.out).parent / f".{name}-journal.jsonl", sha256_hex(json.dumps(key).encode()))
+    return Journal(journal_path(config, name, shard), sha256_hex(json.dumps(key).encode()))
+
+
+def journal_path(config: EvaluateConfig, name: str, shard: int | None) -> Path:
+    suffix = "" if shard is None else f".shard-{shard:05d}-of-{config.num_shards:05d}"
+    return Path(config.out).parent / f".{name}-journal{suffix}.jsonl"
+
+
+def absorb_shards(config: EvaluateConfig, journal: Journal, name: str) -> int:
+    """The shards' generated batches into the merging run's journal; returns how many batches came in."""
+    if config.num_shards == 1:
+        return 0
+    return sum(journal.absorb(journal_path(config, name, shard)) for shard in range(config.num_shards))
+
+
+def remove_shard_journals(config: EvaluateConfig, name: str) -> None:
+    for shard in range(config.num_shards if config.num_shards > 1 else 0):
+        journal_path(config, name, shard).unlink(missing_ok=True)
 
 
 def heldout_items(config: EvaluateConfig, items: dict[str, EvalItems]) -> EvalItems | None:
@@ -435,14 +459,24 @@ def choose_options(loaded, model, questions: list[Question], batch_size: int) ->
 
 
 def answer_questions(
-    config: EvaluateConfig, loaded, model, protocol: EvalProtocol, questions: list[Question], journal: Journal
+    config: EvaluateConfig,
+    loaded,
+    model,
+    protocol: EvalProtocol,
+    questions: list[Question],
+    journal: Journal,
+    shard: tuple[int, int] | None = None,
 ) -> None:
     """Generate every reply (in order of prompt length, so batches carry little padding) and score it;
-    with --mc-scoring likelihood, multiple choice is scored by the options' likelihood instead."""
+    with --mc-scoring likelihood, multiple choice is scored by the options' likelihood instead. A shard
+    only generates its batches into its journal (the merging run scores)."""
     by_likelihood = [
         q for q in questions if config.mc_scoring == "likelihood" and q.item.task == "classification"
     ]
-    if by_likelihood:
+    if by_likelihood and shard is not None:
+        chosen = {id(question) for question in by_likelihood}
+        questions = [question for question in questions if id(question) not in chosen]
+    elif by_likelihood:
         choose_options(loaded, model, by_likelihood, config.batch_size)
         chosen = {id(question) for question in by_likelihood}
         for question in by_likelihood:
@@ -462,7 +496,10 @@ def answer_questions(
         description="evaluate",
         model=model,
         journal=journal,
+        shard=shard,
     )
+    if shard is not None:
+        return
     for index, text in zip(order, generated, strict=True):
         questions[index].generated = text
         questions[index].reply = protocol.reply(questions[index].prompt, text)
@@ -532,7 +569,38 @@ def run_meta(
     }
 
 
-def run(config: EvaluateConfig) -> dict[str, Any]:
+@dataclass
+class SharedBase:
+    """One loaded full model for several evaluations (the seeds of a method): each run's adapter replaces
+    the previous run's on the same base weights; another model or loading option loads anew."""
+
+    loaded: Any = None
+    model: Any = None
+    key: str = ""
+    runs: int = 0
+
+    def model_for(self, config: EvaluateConfig) -> tuple[Any, Any]:
+        key = json.dumps([config.model, config.loading()], sort_keys=True)
+        if (
+            self.loaded is None
+            or key != self.key
+            or (config.adapter is None and self.model is not self.loaded.model)
+        ):
+            self.loaded = load_model(config.model, **config.loading())
+            self.model, self.key = self.loaded.model, key
+        if config.adapter:
+            self.runs += 1
+            self.model = replace_adapter(self.loaded, self.model, config.adapter, f"evaluated-{self.runs}")
+        return self.loaded, self.model
+
+    def relearned(self, adapter: str) -> Any:
+        """The run's model with the relearning attack's adapter made the active one (the next run's adapter
+        replaces both)."""
+        self.model = switch_adapter(self.loaded, self.model, adapter, "relearned")
+        return self.model
+
+
+def run(config: EvaluateConfig, base: SharedBase | None = None) -> dict[str, Any]:
     """Evaluate and write metrics.json, meta.json and responses.jsonl; returns the metrics.
 
     With --relearned, the forget people it did not relearn on are asked twice more: `forget_heldout` is
@@ -558,8 +626,8 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     heldout = heldout_items(config, items)
 
     torch.manual_seed(config.seed)
-    loaded = load_model(config.model, **config.loading())
-    model = load_adapter(loaded, config.adapter) if config.adapter else loaded.model
+    shared = base or SharedBase()
+    loaded, model = shared.model_for(config)
     few_shot_count, few_shot_questions, exemplar_items, few_shot = few_shot_plan(
         config, protocol, loaded.family.name, items, names
     )
@@ -581,11 +649,14 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     if heldout is not None:
         questions += questions_of("forget_heldout", heldout, "forget")
         relearned_questions = questions_of("forget_relearned", heldout, "forget")
+    if config.shard_index is not None:
+        return answer_shard(config, shared, protocol, names, questions, relearned_questions)
     journal = generation_journal(config, loaded, names, questions)
     finished = finished_metrics(Path(config.out), journal.key)
     if finished is not None:  # a run that completed with exactly these inputs (the same resume key)
         journal.remove()
         return finished
+    absorb_shards(config, journal, "generation")
     answer_questions(config, loaded, model, protocol, questions, journal)
     metrics: dict[str, Any] = {}
     if membership_sides is not None:  # before --relearned's adapter joins the model
@@ -594,7 +665,8 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         )
     if relearned_questions:
         relearned_journal = generation_journal(config, loaded, names, relearned_questions, "relearned")
-        relearned_model = switch_adapter(loaded, model, config.relearned, "relearned")
+        absorb_shards(config, relearned_journal, "relearned")
+        relearned_model = shared.relearned(config.relearned)
         answer_questions(config, loaded, relearned_model, protocol, relearned_questions, relearned_journal)
         questions += relearned_questions
         relearned_journal.remove()
@@ -629,4 +701,35 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     }
     write_outputs(Path(config.out), metrics, meta, questions)
     journal.remove()
+    for name in ("generation", "relearned"):
+        remove_shard_journals(config, name)
     return metrics
+
+
+def answer_shard(
+    config: EvaluateConfig,
+    shared: SharedBase,
+    protocol: EvalProtocol,
+    names: dict[str, str],
+    questions: list[Question],
+    relearned_questions: list[Question],
+) -> dict[str, Any]:
+    """Shard i of N: its share of the generated batches, journaled beside --out for the merging run
+    (`--num-shards N` without --shard-index), which scores every question as one process would."""
+    if not 0 <= config.shard_index < config.num_shards:
+        raise ValueError(f"--shard-index {config.shard_index} is outside 0..{config.num_shards - 1}")
+    shard = (config.shard_index, config.num_shards)
+    loaded = shared.loaded
+    journal = generation_journal(config, loaded, names, questions, shard=config.shard_index)
+    answer_questions(config, loaded, shared.model, protocol, questions, journal, shard)
+    batches = len(journal.done)
+    if relearned_questions:
+        relearned_journal = generation_journal(
+            config, loaded, names, relearned_questions, "relearned", shard=config.shard_index
+        )
+        relearned_model = shared.relearned(config.relearned)
+        answer_questions(
+            config, loaded, relearned_model, protocol, relearned_questions, relearned_journal, shard
+        )
+        batches += len(relearned_journal.done)
+    return {"shard_index": config.shard_index, "num_shards": config.num_shards, "batches": batches}

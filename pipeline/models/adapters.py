@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -58,9 +59,16 @@ def load_adapter(loaded, adapter_dir: str | Path, trainable: bool = False):
     from peft import PeftModel
 
     base_name = check_adapter(loaded, adapter_dir)
-    try:
+    with fitting(loaded, adapter_dir, base_name):
         model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), is_trainable=trainable)
-        return model if trainable else model.eval()
+    return model if trainable else model.eval()
+
+
+@contextmanager
+def fitting(loaded, adapter_dir: str | Path, base_name: str):
+    """PEFT's error for weights of the wrong shape, as one naming the adapter and the model."""
+    try:
+        yield
     except (RuntimeError, ValueError, KeyError) as error:
         raise AdapterMismatchError(
             f"adapter {adapter_dir} (trained on {base_name}) does not fit --model {loaded.path}: {error}"
@@ -72,9 +80,19 @@ def switch_adapter(loaded, model, adapter_dir: str | Path, name: str):
     active one, in eval mode: models that differ only in their adapter share one copy of the base weights."""
     from peft import PeftModel
 
-    check_adapter(loaded, adapter_dir)
-    if not isinstance(model, PeftModel):
-        return PeftModel.from_pretrained(loaded.model, str(adapter_dir), adapter_name=name).eval()
-    model.load_adapter(str(adapter_dir), adapter_name=name)
+    base_name = check_adapter(loaded, adapter_dir)
+    with fitting(loaded, adapter_dir, base_name):
+        if not isinstance(model, PeftModel):
+            return PeftModel.from_pretrained(loaded.model, str(adapter_dir), adapter_name=name).eval()
+        model.load_adapter(str(adapter_dir), adapter_name=name)
     model.set_adapter(name)
     return model.eval()
+
+
+def replace_adapter(loaded, model, adapter_dir: str | Path, name: str):
+    """switch_adapter, then every other adapter deleted: the next run's model is this one alone on the
+    same base weights (evaluating several runs loads the base model once)."""
+    model = switch_adapter(loaded, model, adapter_dir, name)
+    for other in [other for other in model.peft_config if other != name]:
+        model.delete_adapter(other)
+    return model

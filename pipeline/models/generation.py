@@ -20,20 +20,26 @@ def generate(
     description: str = "generate",
     model: torch.nn.Module | None = None,
     journal: Journal | None = None,
-) -> list[str]:
+    shard: tuple[int, int] | None = None,
+) -> list[str | None]:
     """Greedy decoding; returns only the newly generated text of each sample.
 
     With a journal, each batch's replies are recorded as it finishes and batches already recorded are not
-    generated again: a resumed run forms the same batches, so it gives the same replies.
+    generated again: a resumed run forms the same batches, so it gives the same replies. With shard =
+    (i, n), only every n-th batch from the i-th is generated (the others' replies are None): n processes
+    share the work, batches of every prompt length going to each.
     """
     from tqdm.auto import tqdm
 
     model = model if model is not None else loaded.model
     device = next(model.parameters()).device
-    replies: list[str] = []
+    replies: list[str | None] = []
     starts = range(0, len(samples), batch_size)
     for start in tqdm(starts, desc=description, disable=not progress, unit="batch"):
         unit = f"{start}:{batch_size}"
+        if shard is not None and (start // batch_size) % shard[1] != shard[0]:
+            replies.extend([None] * len(samples[start : start + batch_size]))
+            continue
         if journal is not None and unit in journal.done:
             replies.extend(journal.done[unit])
             continue
