@@ -15,4 +15,4 @@ repro: install
 	$(PYTHON) -m dvc repro
 
 test: install
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n 2 --dist loadfile

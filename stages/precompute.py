@@ -109,7 +109,7 @@ def run(config: PrecomputeConfig) -> list[ShardManifest]:
     check_joint_tokenization(loaded, first.sample_id, context.prompt(first), first.answer)
     header = cache_header(config, teacher, loaded, samples, context)
     expected_header = shard_header(header, config.num_shards)
-    check_existing_shards(Path(config.out), expected_header)
+    check_existing_shards(Path(config.out), expected_header, one_shard=config.shard_index is not None)
 
     extractor = TeacherExtractor(loaded, config.top_p, config.max_support, config.tail_cost)
     # The student-aware part of the rule compares R with the frozen model on the unmodified input,
@@ -216,11 +216,14 @@ def cache_header(
     return header
 
 
-def check_existing_shards(directory: Path, expected_header: dict[str, Any]) -> None:
-    """Refuse a directory written with another tokenizer; name shards left by a run with other settings.
+def check_existing_shards(directory: Path, expected_header: dict[str, Any], one_shard: bool = False) -> None:
+    """Refuse a directory written with another tokenizer (a cache of another model: give another --out);
+    name shards left by a run with other settings.
 
     Such stale shards (e.g. after `dvc repro` with a changed parameter) are recomputed when their turn
-    comes; until then `pipeline cache verify` and every reader refuse the mixed directory.
+    comes; until then `pipeline cache verify` and every reader refuse the mixed directory. A run of one
+    shard (--shard-index, as each DVC stage is) treats another tokenizer's shards so too: they are the
+    other stages' outputs of the previous experiment, which those stages replace.
     """
     if not directory.is_dir():
         return
@@ -229,7 +232,7 @@ def check_existing_shards(directory: Path, expected_header: dict[str, Any]) -> N
             header = ShardManifest.load(manifest_path).header
         except CacheError:
             continue  # an unreadable manifest only means that shard gets recomputed
-        if header.get("tokenizer_fingerprint") != expected_header["tokenizer_fingerprint"]:
+        if header.get("tokenizer_fingerprint") != expected_header["tokenizer_fingerprint"] and not one_shard:
             raise IncompatibleCacheError(
                 f"{manifest_path} was written with tokenizer {header.get('tokenizer_fingerprint')}, but "
                 f"--model has tokenizer {expected_header['tokenizer_fingerprint']}: use another --out"

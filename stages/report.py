@@ -40,6 +40,14 @@ METHOD_NAMES = {
 SPLIT_GROUPS = (("forget", "Forget"), ("test", "Generalization"), ("retain", "Retain"), ("real", "Real"))
 COLUMNS = (("mc_acc", "ACC"), ("cloze_acc", "Cloze"), ("rougeL", "ROUGE-L"), ("bleu", "BLEU"),
            ("coherence", "GIB"), ("rec", "REC"))  # fmt: skip
+CLEAR_CELLS = (("forget", "rec", "Forget Rec"), ("forget", "coherence", "Forget Gib"),
+               ("retain", "rec", "Retain Rec"), ("retain", "coherence", "Retain Gib"),
+               ("real_faces", "mc_acc", "Real QA Acc (Aut)"), ("real_world", "mc_acc", "Real QA Acc (Wor)"))  # fmt: skip
+CLEAR_LEGEND = (
+    'Rec: the person\'s name appears in the answer to "What is the name of the person in the image?" '
+    "(lower on Forget means more forgetting, higher on Retain more retention). Gib: coherence of those "
+    "answers. Acc: multiple choice on real authors' faces (Aut) and real-world images (Wor)."
+)
 MIA_COLUMNS = (("loss_auc", "LOSS AUC"), ("min_k_auc", "Min-K% AUC"), ("zlib_auc", "zlib AUC"))
 RELEARN_COLUMNS = (("cloze_acc", "Cloze"), ("mc_acc", "ACC"), ("rougeL", "ROUGE-L"))  # the first: the finding
 SEED_SUFFIX = re.compile(r"^(?P<method>.+?)-s(?P<seed>\d+)$")
@@ -142,19 +150,22 @@ def markdown_table(
     resamples: PeopleAndSeeds | None = None,
 ) -> str:
     """One row per method; column groups of the papers' tables (values in %)."""
-    present = [
-        (split, title, metric, header)
-        for split, title in groups
-        for metric, header in columns
-        if any(f"{prefix}{metric}" in summary.get(m, {}).get(split, {}) for m in methods)
+    cells = [
+        (split, f"{prefix}{metric}", f"{title} {name}") for split, title in groups for metric, name in columns
     ]
-    header = "| Method | " + " | ".join(f"{title} {name}" for _, title, _, name in present) + " |"
+    return cells_table(summary, methods, cells, resamples)
+
+
+def cells_table(
+    summary, methods: Sequence[str], cells: Sequence[tuple[str, str, str]], resamples: PeopleAndSeeds | None
+) -> str:
+    """One row per method, one column per (split, metric, header) that some method has (values in %)."""
+    present = [cell for cell in cells if any(cell[1] in summary.get(m, {}).get(cell[0], {}) for m in methods)]
+    header = "| Method | " + " | ".join(name for _, _, name in present) + " |"
     rule = "|---|" + "---|" * len(present)
     rows = [
         f"| {METHOD_NAMES.get(method, method)} | "
-        + " | ".join(
-            _cell(summary, method, split, f"{prefix}{metric}", resamples) for split, _, metric, _ in present
-        )
+        + " | ".join(_cell(summary, method, split, metric, resamples) for split, metric, _ in present)
         + " |"
         for method in methods
     ]
@@ -166,6 +177,11 @@ def report_markdown(runs: Sequence[Run], figures: Sequence[str] = (), draws: int
     methods = method_order([run.method for run in runs])
     resamples = resample_runs(runs, draws)
     lines = _header(runs, methods, resamples)
+    if any("real_faces" in run.metrics for run in runs):  # CLEAR (pipeline.layouts.ClearLayout)
+        lines += ["", "## CLEAR (ViKeR Table 2's layout)", "", CLEAR_LEGEND, "",
+                  cells_table(summary, methods, CLEAR_CELLS, resamples)]  # fmt: skip
+        lines += _knowledge_section(summary, methods, resamples)
+        return "\n".join(lines + [f"\n![{Path(f).stem}]({Path(f).name})" for f in figures]) + "\n"
     lines += [
         "",
         "## Image + text questions (the papers' layout)",
