@@ -600,16 +600,11 @@ class SharedBase:
         return self.model
 
 
-def run(config: EvaluateConfig, base: SharedBase | None = None) -> dict[str, Any]:
-    """Evaluate and write metrics.json, meta.json and responses.jsonl; returns the metrics.
-
-    With --relearned, the forget people it did not relearn on are asked twice more: `forget_heldout` is
-    this model on them, `forget_relearned` the adapter after the relearning attack.
-    """
-    import torch
-
-    started = time.time()
-    protocol = PROTOCOLS[config.protocol]()
+def evaluation_items(
+    config: EvaluateConfig,
+) -> tuple[EvaluateConfig, Layout, dict[str, str], dict[str, EvalItems]]:
+    """The config with its split roles resolved (none given: the layout's), the data's layout, role ->
+    split name, and role -> its items, every role checked to have questions."""
     data = config.layout()
     config = replace(config, splits=tuple(config.splits) or data.roles)
     unknown = set(config.splits) - set(data.roles)
@@ -622,6 +617,20 @@ def run(config: EvaluateConfig, base: SharedBase | None = None) -> dict[str, Any
     for role, role_items in items.items():
         if not len(role_items):
             raise DataError(f"split {names[role]} under {config.data} has no evaluation questions")
+    return config, data, names, items
+
+
+def run(config: EvaluateConfig, base: SharedBase | None = None) -> dict[str, Any]:
+    """Evaluate and write metrics.json, meta.json and responses.jsonl; returns the metrics.
+
+    With --relearned, the forget people it did not relearn on are asked twice more: `forget_heldout` is
+    this model on them, `forget_relearned` the adapter after the relearning attack.
+    """
+    import torch
+
+    started = time.time()
+    protocol = PROTOCOLS[config.protocol]()
+    config, data, names, items = evaluation_items(config)
     membership_sides = membership_samples(config)  # before the model loads: a missing split fails fast
     heldout = heldout_items(config, items)
 
