@@ -123,3 +123,46 @@ def test_evaluate_scores_clear_as_viker_reports_it(tiny_model_dir, tmp_path):
     meta = json.loads((out.parent / "meta.json").read_text())
     assert meta["split_names"]["retain"] == "retain95"
     assert meta["few_shot_profiles"] == {"classification": 0, "cloze": 0}  # CLEAR has no exemplar profiles
+
+
+def test_local_split_files_go_through_precompute_train_and_evaluate(tiny_model_dir, tmp_path):
+    """A user's own JSONL files through every stage, selected by --data-format local."""
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    records = (FIXTURES / "local" / "samples.jsonl").read_text().splitlines()
+    cities = ("Tallinn", "Basel", "Turku", "Rome")
+    for split, person in (("forget", "Mara Holt"), ("retain", "Ivo Brenner")):
+        more = [json.dumps({"question": f"Where did {person} live in {year}?", "answer": f"In {city}.",
+                            "person_id": person}) for year, city in zip((1990, 2000, 2010, 2020), cities, strict=True)]  # fmt: skip
+        (data / f"{split}.jsonl").write_text(
+            "\n".join([*records, *more]) + "\n"
+        )  # 4+ answers: the scorer fits
+    shutil.copytree(FIXTURES / "local" / "images", data / "images")
+    (tmp_path / "params.yaml").write_text("{}\n")
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--data-format",
+        "local",
+        "--forget-split",
+        "forget",
+    ]
+    runner = CliRunner()
+    steps = [
+        ["precompute", "--teacher", "original", "--out", str(tmp_path / "cache"), "--no-progress"],
+        ["train", "--method", "ga", "--out", str(tmp_path / "ga"), "--max-steps", "1", "--batch-size", "1"],
+        ["evaluate", "--adapter", str(tmp_path / "ga"), "--out", str(tmp_path / "run/metrics.json"),
+         "--max-new-tokens", "4", "--no-progress"],
+    ]  # fmt: skip
+    for step in steps:
+        result = runner.invoke(main, ["--params", str(tmp_path / "params.yaml"), *step, *common])
+        assert result.exit_code == 0, (step[0], result.output)
+    assert (tmp_path / "cache" / "shard-00000-of-00001.parquet").is_file()
+    metrics = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert set(metrics) == {"forget", "retain", "meta"} and 0 <= metrics["forget"]["rougeL"] <= 1
