@@ -161,22 +161,10 @@ class ClearLayout(Layout):
         split = self._checked(split)
         if split in self.REAL:
             return EvalItems(split, classification=self._choice_items(split))
-        items = EvalItems(split)
-        for sample in load_clear_samples(self.root, split, "recognition"):
-            items.generation.append(
-                EvalItem(
-                    item_id=sample.sample_id,
-                    person_id=sample.person_id,
-                    person_name=sample.answer,
-                    task="generation",
-                    modality="image_textual" if sample.image is not None else "pure_text",
-                    question=sample.question,
-                    ground_truth=sample.answer,
-                    image=sample.image,
-                    image_source=sample.image_source,
-                )
-            )
-        return items
+        samples = load_clear_samples(self.root, split, "recognition")
+        return EvalItems(
+            split, generation=[open_ended(sample, person_name=sample.answer) for sample in samples]
+        )
 
     def split_files(self, split: str) -> list[Path]:
         return split_files(self.root, self._checked(split))
@@ -249,22 +237,8 @@ class LocalLayout(Layout):
         return load_local_samples(self.split_files(split)[0])
 
     def eval_items(self, split: str) -> EvalItems:
-        items = EvalItems(split)
-        for sample in self.unlearning_samples(split, ("qa",)):
-            items.generation.append(
-                EvalItem(
-                    item_id=sample.sample_id,
-                    person_id=sample.person_id,
-                    person_name="",
-                    task="generation",
-                    modality="image_textual" if sample.image is not None else "pure_text",
-                    question=sample.question,
-                    ground_truth=sample.answer,
-                    image=sample.image,
-                    image_source=sample.image_source,
-                )
-            )
-        return items
+        samples = self.unlearning_samples(split, ("qa",))
+        return EvalItems(split, generation=[open_ended(sample) for sample in samples])
 
     def split_files(self, split: str) -> list[Path]:
         found = [self.root / f"{split}{suffix}" for suffix in (".jsonl", ".parquet")]
@@ -272,6 +246,21 @@ class LocalLayout(Layout):
         if not found:
             raise DataError(f"local split {split!r}: neither {self.root / split}.jsonl nor .parquet exists")
         return found[:1]
+
+
+def open_ended(sample: QASample, person_name: str = "") -> EvalItem:
+    """A triple asked as a generation question, scored against its answer."""
+    return EvalItem(
+        item_id=sample.sample_id,
+        person_id=sample.person_id,
+        person_name=person_name,
+        task="generation",
+        modality="image_textual" if sample.image is not None else "pure_text",
+        question=sample.question,
+        ground_truth=sample.answer,
+        image=sample.image,
+        image_source=sample.image_source,
+    )
 
 
 def layout(data_format: str, root: str | Path) -> Layout:
