@@ -56,19 +56,19 @@ def merged(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
 def experiment_values(root: Path, name: str) -> dict[str, Any]:
     """The whole params of an experiment: its overlay over the chain of experiments it extends."""
     chain: list[str] = []
+    overlays: list[dict[str, Any]] = []  # the files of the chain, each read once
     while True:
         if name in chain:
             raise ExperimentError(
                 f"experiment {chain[0]!r} extends itself through {' -> '.join([*chain, name])}"
             )
         chain.append(name)
-        values = _read(root, name)
+        overlays.append(_read(root, name))
         if name == BASE:
             break
-        name = values.pop("extends", BASE)
+        name = overlays[-1].pop("extends", BASE)
     result: dict[str, Any] = {}
-    for link in reversed(chain):
-        overlay = _read(root, link)
+    for overlay in reversed(overlays):
         overlay.pop("extends", None)
         result = merged(result, overlay)
     return result
