@@ -176,13 +176,30 @@ def report_markdown(runs: Sequence[Run], figures: Sequence[str] = (), draws: int
     summary = summarize(runs)
     methods = method_order([run.method for run in runs])
     resamples = resample_runs(runs, draws)
+    clear = any("real_faces" in run.metrics for run in runs)  # CLEAR (pipeline.layouts.ClearLayout)
     lines = _header(runs, methods, resamples)
-    if any("real_faces" in run.metrics for run in runs):  # CLEAR (pipeline.layouts.ClearLayout)
-        lines += ["", "## CLEAR (ViKeR Table 2's layout)", "", CLEAR_LEGEND, "",
-                  cells_table(summary, methods, CLEAR_CELLS, resamples)]  # fmt: skip
-        lines += _knowledge_section(summary, methods, resamples)
-        return "\n".join(lines + [f"\n![{Path(f).stem}]({Path(f).name})" for f in figures]) + "\n"
-    lines += [
+    lines += (
+        _clear_tables(summary, methods, resamples) if clear else _mllmu_tables(summary, methods, resamples)
+    )
+    lines += _knowledge_section(summary, methods, resamples)
+    checked = [] if clear else findings(summary, resamples)  # the papers' findings are MLLMU-Bench's
+    if checked:
+        judged = "means over seeds" + (f", and in ≥ {HOLDS_SHARE:.0%} of the resamples" if resamples else "")
+        lines += ["", f"## The papers' findings on these runs (judged on the {judged})", ""]
+        lines += [f"- {'reproduced' if holds else '**not reproduced**'}: {claim} ({measured})"
+                  for claim, holds, measured in checked]  # fmt: skip
+    for figure in figures:
+        lines += ["", f"![{Path(figure).stem}]({Path(figure).name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _clear_tables(summary, methods: Sequence[str], resamples: PeopleAndSeeds | None) -> list[str]:
+    return ["", "## CLEAR (ViKeR Table 2's layout)", "", CLEAR_LEGEND, "",
+            cells_table(summary, methods, CLEAR_CELLS, resamples)]  # fmt: skip
+
+
+def _mllmu_tables(summary, methods: Sequence[str], resamples: PeopleAndSeeds | None) -> list[str]:
+    lines = [
         "",
         "## Image + text questions (the papers' layout)",
         "",
@@ -201,16 +218,7 @@ def report_markdown(runs: Sequence[Run], figures: Sequence[str] = (), draws: int
             "",
             markdown_table(summary, methods, reverse_groups, COLUMNS[:3], resamples=resamples),
         ]
-    lines += _knowledge_section(summary, methods, resamples)
-    checked = findings(summary, resamples)
-    if checked:
-        judged = "means over seeds" + (f", and in ≥ {HOLDS_SHARE:.0%} of the resamples" if resamples else "")
-        lines += ["", f"## The papers' findings on these runs (judged on the {judged})", ""]
-        lines += [f"- {'reproduced' if holds else '**not reproduced**'}: {claim} ({measured})"
-                  for claim, holds, measured in checked]  # fmt: skip
-    for figure in figures:
-        lines += ["", f"![{Path(figure).stem}]({Path(figure).name})"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _header(runs: Sequence[Run], methods: Sequence[str], resamples: PeopleAndSeeds | None) -> list[str]:
