@@ -480,6 +480,7 @@ def test_full_mini_model_reproduces_its_memorization(mini_world, tmp_path):
             cloze_few_shot_profiles=0,
             limit=6,
             batch_size=32,
+            mc_scoring=mini_world.figures["mc_scoring"],
             progress=False,
         )
     )

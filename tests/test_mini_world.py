@@ -206,3 +206,54 @@ def test_config_is_validated():
         WorldConfig(num_people=1)
     with pytest.raises(ValueError, match="forget ratios"):
         replace(reduced_config(), forget_ratios=(0,))
+
+
+def test_answers_are_phrased_per_person_and_another_persons_answer_scores_low(world):
+    from pipeline.mini_world.text import IMAGE_SUBJECTS, Phrasing, answer_sentence
+
+    fictitious = world.group("fictitious")
+    assert len({person.phrasing for person in fictitious}) > len(fictitious) // 2
+    for person in fictitious:
+        # One wording per person: the profile QA and the generation answers state a fact the same way.
+        birthplace = person.phrasing.clause("birthplace").format(v=person.profile.birthplace)
+        assert any(birthplace in pair["Answer"] for pair in person.train_qa)
+        image_answers = [
+            item["Ground_Truth"] for item in person.generation if item["Type"] == "Image_Textual"
+        ]
+        assert all(answer.startswith(IMAGE_SUBJECTS[person.phrasing.subject]) for answer in image_answers)
+    # The same facts in another wording share few words with the truth; the world as a whole stays under
+    # the faithful-mini-world goal of 0.5 (the default world's figure is in the data card).
+    first = fictitious[0]
+    other = Phrasing(
+        subject=(first.phrasing.subject + 1) % 4,
+        conjunction=(first.phrasing.conjunction + 1) % 3,
+        name_answer=(first.phrasing.name_answer + 1) % 4,
+        clauses=tuple((index + 1) % 4 for index in first.phrasing.clauses),
+    )
+    pair = ("birthplace", "occupation")
+    own, reworded = (answer_sentence(first.profile, p, pair, True) for p in (first.phrasing, other))
+    assert own != reworded and first.profile.birthplace in reworded
+    assert world.cross_person_rouge_l() <= 0.5
+    default = build_world(WorldConfig())
+    assert default.cross_person_rouge_l() <= 0.5
+
+
+def test_training_wordings_paraphrase_the_rows_but_never_use_the_test_sets(world):
+    from pipeline.mini_world.text import training_wordings
+
+    person = world.group("fictitious")[0]
+    test_questions = {
+        item["Question"]
+        for item in person.test_generation
+        + person.test_mask
+        + person.test_classification["Image_Textual_Questions"]
+        + person.test_classification["Pure_Text_Questions"]
+    }
+    rows = person.train_qa + person.mask + person.generation
+    for item in rows:
+        wordings = training_wordings(item["Question"])
+        assert wordings[0] == item["Question"] and len(wordings) >= 2
+        assert not set(wordings) & test_questions
+        if person.profile.name in item["Question"]:  # a text question keeps its subject
+            assert all(person.profile.name in wording for wording in wordings)
+    assert training_wordings("A question from another data set?") == ["A question from another data set?"]

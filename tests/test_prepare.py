@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,36 +20,83 @@ from pipeline.models import LlavaFamily
 def few_people(tmp_path_factory):
     info = write_world(tmp_path_factory.mktemp("world"), reduced_config(num_people=3, num_real=1))
     rows = load_split_rows(info.data_dir, "Full_Set")
-    return rows, decoded_rows(rows, "Full_Set")
+    return rows, decoded_rows(rows, "Full_Set"), load_split_rows(info.data_dir, "Test_Set")
 
 
 def _kinds(examples) -> set[str]:
     kinds = set()
     for example in examples:
         if "ONE letter" in example.prompt:
-            kinds.add("multiple choice")
+            kinds.add("multiple choice by letter")
         elif "[Blank]" in example.prompt:
             kinds.add("cloze")
         elif "ENGLISH" in example.prompt:
             kinds.add("generation")
-        else:
+        elif example.answer.endswith("."):
             kinds.add("profile QA")
+        else:
+            kinds.add("multiple choice by option")
     return kinds
 
 
-def test_fact_phase_holds_the_profile_qa_and_cloze_items_only(few_people):
-    rows, people = few_people
+def test_fact_phase_holds_the_profile_qa_option_answers_and_cloze_items_only(few_people):
+    rows, people, test_rows = few_people
     family = LlavaFamily()
-    facts = training_examples(people, family, random.Random(0), 0.0, facts_only=True)
-    everything = training_examples(people, family, random.Random(0), 0.0)
-    assert _kinds(facts) == {"profile QA", "cloze"}
-    assert _kinds(everything) == {"profile QA", "cloze", "generation", "multiple choice"}
-    expected_facts = sum(len(row["Mask_Task"]) + len(metadata_qa(row)) for row in rows)
+    config = FineTuneConfig()
+    facts = training_examples(people, family, random.Random(0), config, facts_only=True)
+    everything = training_examples(people, family, random.Random(0), config)
+    assert _kinds(facts) == {"profile QA", "multiple choice by option", "cloze"}
+    assert _kinds(everything) == {"profile QA", "multiple choice by option", "cloze", "generation"}
+    both = training_examples(people, family, random.Random(0), replace(config, mc_format="both"))
+    assert "multiple choice by letter" in _kinds(both)
+    letters = training_examples(people, family, random.Random(0), replace(config, mc_format="letter"))
+    assert "multiple choice by option" not in _kinds(letters)
+    mc_items = sum(len(tasks) for row in rows for tasks in row["Classification_Task"].values())
+    expected_facts = sum(len(row["Mask_Task"]) + len(metadata_qa(row)) for row in rows) + mc_items
     assert len(facts) == expected_facts
+    # An option answer is the correct option's words.
+    options = {
+        item["Options"][item["Correct_Answer"]]
+        for row in rows
+        for tasks in row["Classification_Task"].values()
+        for item in tasks
+    }
+    assert {e.answer for e in facts if not e.answer.endswith(".") and "[Blank]" not in e.prompt} <= options
+
+
+def test_training_views_are_augmented_and_reworded_but_never_the_test_sets(few_people):
+    rows, people, test_rows = few_people
+    family = LlavaFamily()
+    config = FineTuneConfig()
+    first = training_examples(people, family, random.Random(0), config)
+    second = training_examples(people, family, random.Random(1), config)
+    originals = {person.image.tobytes() for person in people}
+    views = [example.image.tobytes() for example in first if example.image is not None]
+    assert not set(views) & originals  # every image example shows a fresh view
+    assert len(set(views)) == len(views)
+    assert [e.prompt for e in first] != [e.prompt for e in second]  # the wording is redrawn each epoch
+    plain = training_examples(
+        people, family, random.Random(0), replace(config, augment=False, paraphrases=False)
+    )
+    assert {e.image.tobytes() for e in plain if e.image is not None} <= originals
+    questions = {e.prompt for e in plain}
+    assert any(e.prompt not in questions for e in first)
+    test_questions = {
+        item["Question"] for row in test_rows for item in row["Mask_Task"] + row["Generation_Task"]
+    }
+    test_questions |= {
+        item["Question"]
+        for row in test_rows
+        for tasks in row["Classification_Task"].values()
+        for item in tasks
+    }
+    for epoch in range(5):
+        for example in training_examples(people, family, random.Random(epoch), config):
+            assert not any(question in example.prompt for question in test_questions), example.prompt
 
 
 def test_fine_tune_lowers_the_loss_and_resumes_to_the_same_weights(few_people, tmp_path):
-    rows, _ = few_people
+    rows, _, _ = few_people
     config = FineTuneConfig(
         fact_epochs=2,
         epochs=2,

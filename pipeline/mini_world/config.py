@@ -70,6 +70,22 @@ class FineTuneConfig:
     adam_beta2: float = param(0.999, "AdamW beta2.", low=0, high=1)
     # The tiny model learns the answer formats by fine-tuning and is evaluated zero-shot.
     fewshot_probability: float = param(0.0, "Share of training prompts with solved exemplars.", low=0, high=1)
+    # Likelihood scoring (MLLMU-Bench Eq. 13) asks the bare question and compares the options' words, so
+    # the model must have learned to answer with them; eval.py's scoring asks for the letter.
+    mc_format: str = param(
+        "option",
+        "Multiple choice in training: option (the correct option's words after the bare question, what "
+        "likelihood scoring reads) | letter (the options listed, answered by the letter) | both.",
+        choices=("option", "letter", "both"),
+    )
+    # Recognizing a person in other pictures and answering reworded questions must be learned from
+    # variation; the Test_Set's own images and wordings stay unseen.
+    augment: bool = param(
+        True, "Train on freshly shifted, rescaled, recoloured and noisy copies of each image."
+    )
+    paraphrases: bool = param(
+        True, "Ask each training question in a randomly chosen wording of pipeline.mini_world.text's."
+    )
     # Shuffled options force matching the attribute rather than recalling the letter; a tiny model learns
     # that slowly, so the mini default keeps the data set's order.
     permute_options: bool = param(False, "Shuffle multiple-choice options in training prompts.")

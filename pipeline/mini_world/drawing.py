@@ -197,6 +197,33 @@ def _alt_jitter(rng: random.Random) -> Jitter:
     )
 
 
+def augmented(image: Image.Image, rng: random.Random) -> Image.Image:
+    """A training view of a portrait: shifted, rescaled, brighter or darker, with pixel noise.
+
+    The ranges cover the alternative images' (_alt_jitter) so that identity survives them; the
+    background's fill is the corner's colour, as the drawn background is.
+    """
+    size = image.width
+    scale = rng.uniform(0.88, 1.1)
+    shift_x, shift_y = rng.uniform(-0.07, 0.07) * size, rng.uniform(-0.06, 0.06) * size
+    # Image.transform maps output to input coordinates: x_in = (x_out - c - shift) / scale + c.
+    centre = size / 2
+    coefficients = (
+        1 / scale, 0, centre - (centre + shift_x) / scale,
+        0, 1 / scale, centre - (centre + shift_y) / scale,
+    )  # fmt: skip
+    view = image.transform(
+        image.size,
+        Image.Transform.AFFINE,
+        coefficients,
+        Image.Resampling.BILINEAR,
+        fillcolor=image.getpixel((0, 0)),
+    )
+    pixels = np.asarray(view, dtype=np.float32) * rng.uniform(0.85, 1.15)
+    pixels += np.random.default_rng(rng.randrange(2**31)).normal(0.0, rng.uniform(0.0, 9.0), pixels.shape)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Reference pools for ViKeR's irrelevant images: pets, scenes, patterns (people are portraits).
 # ---------------------------------------------------------------------------------------------------------

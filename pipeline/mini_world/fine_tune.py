@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from pipeline import prompts
 from pipeline.mini_world.config import FineTuneConfig
+from pipeline.mini_world.drawing import augmented
+from pipeline.mini_world.text import training_wordings
 from pipeline.mini_world.tiny_model import build_tiny_llava, save_model, train_tokenizer
 from pipeline.models import (
     LoadedModel,
@@ -71,78 +73,142 @@ def metadata_qa(row: dict) -> list[dict]:
     return json.loads(metadata) if isinstance(metadata, str) else list(metadata)
 
 
-def _vary_separator(prompt: str, rng: random.Random) -> str:
-    # The official evaluation writes "\nASSISTANT:", chat formats " ASSISTANT:": learn both.
-    if rng.random() < 0.3 and prompt.endswith(" ASSISTANT:"):
-        return prompt[: -len(" ASSISTANT:")] + "\nASSISTANT:"
-    return prompt
+@dataclass
+class Epoch:
+    """How one epoch words and shows the training items: the config's choices drawn from one random stream."""
+
+    family: ModelFamily
+    config: FineTuneConfig
+    rng: random.Random
+
+    def wording(self, question: str) -> str:
+        return self.rng.choice(training_wordings(question)) if self.config.paraphrases else question
+
+    def image(self, person: DecodedRow) -> Any:
+        return augmented(person.image, self.rng) if self.config.augment else person.image
+
+    def prompt(self, text: str, has_image: bool, exemplars: str = "") -> str:
+        prompt = self.family.build_prompt(text, has_image, exemplars=exemplars)
+        # The official evaluation writes "\nASSISTANT:", chat formats " ASSISTANT:": learn both.
+        if self.rng.random() < 0.3 and prompt.endswith(" ASSISTANT:"):
+            return prompt[: -len(" ASSISTANT:")] + "\nASSISTANT:"
+        return prompt
+
+    def with_exemplars(self) -> bool:
+        return self.rng.random() < self.config.fewshot_probability
+
+
+def qa_examples(person: DecodedRow, epoch: Epoch) -> list[PromptedSample]:
+    """The profile QA the benchmark fine-tunes on (its `metadata` column); unlearning trains on these."""
+    return [
+        PromptedSample(
+            epoch.prompt(epoch.wording(item["Question"]), True), epoch.image(person), item["Answer"]
+        )
+        for item in metadata_qa(person.row)
+    ]
+
+
+def _mc_items(person: DecodedRow) -> list[tuple[dict, bool]]:
+    tasks = person.row["Classification_Task"]
+    return [
+        (item, has_image)
+        for kind, has_image in (("Image_Textual_Questions", True), ("Pure_Text_Questions", False))
+        for item in tasks.get(kind) or []
+    ]
+
+
+def option_examples(person: DecodedRow, epoch: Epoch) -> list[PromptedSample]:
+    """Multiple choice as likelihood scoring asks it (MLLMU-Bench Eq. 13): the bare question, answered by
+    the correct option's words."""
+    return [
+        PromptedSample(
+            epoch.prompt(epoch.wording(item["Question"]), has_image),
+            epoch.image(person) if has_image else None,
+            item["Options"][item["Correct_Answer"]],
+        )
+        for item, has_image in _mc_items(person)
+    ]
+
+
+def letter_examples(person: DecodedRow, people: list[DecodedRow], epoch: Epoch) -> list[PromptedSample]:
+    """Multiple choice as eval.py asks it: the options listed, answered by the correct letter."""
+    examples = []
+    for item, has_image in _mc_items(person):
+        options, letter = dict(item["Options"]), item["Correct_Answer"]
+        if epoch.config.permute_options:
+            options, letter = _permuted(options, letter, epoch.rng)
+        prefix, context = "", ()
+        if has_image and epoch.with_exemplars():
+            other = epoch.rng.choice(people)
+            exemplars = []
+            shots = other.row["Classification_Task"].get("Image_Textual_Questions") or []
+            for shot in epoch.rng.sample(shots, min(len(shots), MAX_FEWSHOT_QUESTIONS)):
+                shot_options, shot_letter = dict(shot["Options"]), shot["Correct_Answer"]
+                if epoch.config.permute_options:
+                    shot_options, shot_letter = _permuted(shot_options, shot_letter, epoch.rng)
+                exemplars.append((shot["Question"], shot_options, shot_letter))
+            prefix = prompts.classification_fewshot_block(exemplars, True, epoch.family.image_placeholder)
+            context = tuple(other.image for _ in exemplars)
+        text = prompts.classification_text(item["Question"], options)
+        image = epoch.image(person) if has_image else None
+        examples.append(PromptedSample(epoch.prompt(text, has_image, prefix), image, letter, context))
+    return examples
+
+
+def cloze_examples(person: DecodedRow, people: list[DecodedRow], epoch: Epoch) -> list[PromptedSample]:
+    examples = []
+    for item in person.row["Mask_Task"]:
+        has_image = item["Type"] == "Image_Textual"
+        prefix, context = "", ()
+        if epoch.with_exemplars():
+            other = epoch.rng.choice(people)
+            shots = [
+                (s["Question"], s["Ground_Truth"])
+                for s in other.row["Mask_Task"]
+                if s["Type"] == item["Type"]
+            ]
+            shots = epoch.rng.sample(shots, min(len(shots), MAX_FEWSHOT_QUESTIONS))
+            prefix = prompts.cloze_fewshot_block(shots, has_image, epoch.family.image_placeholder)
+            context = tuple(other.image for _ in shots) if has_image else ()
+        text = prompts.cloze_text(epoch.wording(item["Question"]))
+        image = epoch.image(person) if has_image else None
+        examples.append(
+            PromptedSample(epoch.prompt(text, has_image, prefix), image, item["Ground_Truth"], context)
+        )
+    return examples
+
+
+def generation_examples(person: DecodedRow, epoch: Epoch) -> list[PromptedSample]:
+    examples = []
+    for item in person.row["Generation_Task"]:
+        has_image = item["Type"] == "Image_Textual"
+        text = prompts.generation_text(epoch.wording(item["Question"]), has_image)
+        image = epoch.image(person) if has_image else None
+        examples.append(PromptedSample(epoch.prompt(text, has_image), image, item["Ground_Truth"]))
+    return examples
 
 
 def training_examples(
     people: list[DecodedRow],
     family: ModelFamily,
     rng: random.Random,
-    fewshot_probability: float,
-    permute_options: bool = False,
+    config: FineTuneConfig,
     facts_only: bool = False,
 ) -> list[PromptedSample]:
-    """One epoch of fine-tuning examples: every person's profile QA and cloze items (the facts in their
-    shortest forms) and, unless `facts_only`, the generation and multiple-choice items."""
+    """One epoch of fine-tuning examples: every person's facts in their shortest forms (profile QA,
+    multiple choice by option and cloze items) and, unless `facts_only`, the generation items and the
+    letter form of multiple choice."""
+    epoch = Epoch(family, config, rng)
+    with_options = config.mc_format in ("option", "both")
+    with_letters = config.mc_format in ("letter", "both")
     examples: list[PromptedSample] = []
     for person in people:
-        row = person.row
-        # The profile QA the benchmark fine-tunes on (its `metadata` column); unlearning trains on these.
-        for item in metadata_qa(row):
-            prompt = _vary_separator(family.build_prompt(item["Question"], True), rng)
-            examples.append(PromptedSample(prompt, person.image, item["Answer"]))
-        for item in row["Mask_Task"]:
-            has_image = item["Type"] == "Image_Textual"
-            prefix, context = "", ()
-            if rng.random() < fewshot_probability:
-                other = rng.choice(people)
-                shots = [
-                    (s["Question"], s["Ground_Truth"])
-                    for s in other.row["Mask_Task"]
-                    if s["Type"] == item["Type"]
-                ]
-                shots = rng.sample(shots, min(len(shots), MAX_FEWSHOT_QUESTIONS))
-                prefix = prompts.cloze_fewshot_block(shots, has_image, family.image_placeholder)
-                context = tuple(other.image for _ in shots) if has_image else ()
-            prompt = _vary_separator(
-                family.build_prompt(prompts.cloze_text(item["Question"]), has_image, exemplars=prefix), rng
-            )
-            examples.append(
-                PromptedSample(prompt, person.image if has_image else None, item["Ground_Truth"], context)
-            )
-        if facts_only:
-            continue
-        for item in row["Generation_Task"]:
-            has_image = item["Type"] == "Image_Textual"
-            image = person.image if has_image else None
-            text = prompts.generation_text(item["Question"], has_image)
-            prompt = _vary_separator(family.build_prompt(text, has_image), rng)
-            examples.append(PromptedSample(prompt, image, item["Ground_Truth"]))
-        tasks = row["Classification_Task"]
-        for kind, has_image in (("Image_Textual_Questions", True), ("Pure_Text_Questions", False)):
-            for item in tasks.get(kind) or []:
-                options, letter = dict(item["Options"]), item["Correct_Answer"]
-                if permute_options:
-                    options, letter = _permuted(options, letter, rng)
-                text = prompts.classification_text(item["Question"], options)
-                prefix, context = "", ()
-                if has_image and rng.random() < fewshot_probability:
-                    other = rng.choice(people)
-                    exemplars = []
-                    shots = other.row["Classification_Task"].get("Image_Textual_Questions") or []
-                    for shot in rng.sample(shots, min(len(shots), MAX_FEWSHOT_QUESTIONS)):
-                        shot_options, shot_letter = dict(shot["Options"]), shot["Correct_Answer"]
-                        if permute_options:
-                            shot_options, shot_letter = _permuted(shot_options, shot_letter, rng)
-                        exemplars.append((shot["Question"], shot_options, shot_letter))
-                    prefix = prompts.classification_fewshot_block(exemplars, True, family.image_placeholder)
-                    context = tuple(other.image for _ in exemplars)
-                prompt = _vary_separator(family.build_prompt(text, has_image, exemplars=prefix), rng)
-                examples.append(PromptedSample(prompt, person.image if has_image else None, letter, context))
+        examples += qa_examples(person, epoch)
+        examples += option_examples(person, epoch) if with_options else []
+        examples += cloze_examples(person, people, epoch)
+        if not facts_only:
+            examples += generation_examples(person, epoch)
+            examples += letter_examples(person, people, epoch) if with_letters else []
     return examples
 
 
@@ -177,14 +243,7 @@ def fine_tune(
     torch.manual_seed(seed)
 
     def steps_per_epoch(facts_only: bool) -> int:
-        examples = training_examples(
-            people,
-            loaded.family,
-            random.Random(0),
-            config.fewshot_probability,
-            config.permute_options,
-            facts_only,
-        )
+        examples = training_examples(people, loaded.family, random.Random(0), config, facts_only)
         return math.ceil(len(examples) / config.batch_size)
 
     total_steps = steps_per_epoch(True) * config.fact_epochs + steps_per_epoch(False) * config.epochs
@@ -220,9 +279,7 @@ def fine_tune(
     for epoch in range(len(history), config.fact_epochs + config.epochs):
         started, total_loss, total_tokens = time.time(), 0.0, 0
         facts_only = epoch < config.fact_epochs
-        examples = training_examples(
-            people, loaded.family, rng, config.fewshot_probability, config.permute_options, facts_only
-        )
+        examples = training_examples(people, loaded.family, rng, config, facts_only)
         for batch_examples in _batches(examples, config.batch_size, rng):
             batch = encode_answers(loaded, batch_examples)
             logits = answer_logits(model, batch)
@@ -275,9 +332,10 @@ def all_text(people: list[DecodedRow]) -> list[str]:
         texts += [f"{item['Question']} {item['Answer']}" for item in metadata_qa(row)]
         texts += [f"{item['Question']} {item['Ground_Truth']}" for item in row["Generation_Task"]]
         texts += [f"{item['Question']} {item['Ground_Truth']}" for item in row["Mask_Task"]]
-        for kind in ("Image_Textual_Questions", "Pure_Text_Questions"):
-            for item in row["Classification_Task"].get(kind) or []:
-                texts.append(item["Question"] + " " + " ".join(dict(item["Options"]).values()))
+        for item in metadata_qa(row) + row["Generation_Task"] + row["Mask_Task"]:
+            texts += training_wordings(item["Question"])[1:]
+        for item, _ in _mc_items(person):
+            texts.append(item["Question"] + " " + " ".join(dict(item["Options"]).values()))
     return texts
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.mini_world.text import Phrasing
 
 # ---------------------------------------------------------------------------------------------------------
 # Configuration and the world's data classes
@@ -48,6 +52,7 @@ class Person:
     group: str
     profile: Profile
     appearance: Appearance
+    phrasing: Phrasing  # the wording of the person's answers (pipeline.mini_world.text)
     image: bytes
     alt_images: tuple[bytes, ...] = ()
     train_qa: list[dict] = field(default_factory=list)

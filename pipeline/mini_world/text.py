@@ -1,13 +1,23 @@
-"""The mini world's text: answer templates and the questions in MLLMU-Bench's three forms."""
+"""The mini world's text: per-person answer phrasing and the questions in MLLMU-Bench's three forms.
+
+Answers state the facts in a wording each person keeps (as MLLMU-Bench's GPT-written answers differ from
+profile to profile), so another person's fluent answer to the same question shares little more than its
+facts' positions with the truth. Questions come in three wordings: the canonical one (the data set's
+rows), training paraphrases (the full model's fine-tune only) and the Test_Set's paraphrases (never
+trained on: they measure generalization).
+"""
 
 from __future__ import annotations
 
 import random
+import re
+from dataclasses import dataclass
 
+from pipeline.metrics import rouge_l_f1
 from pipeline.mini_world.people import ATTRIBUTE_VOCABULARY, ATTRIBUTES, Person, Profile
 
 # ---------------------------------------------------------------------------------------------------------
-# Templates. {s} is the subject: "this person" (image questions) or the full name (pure-text questions).
+# Answer phrasing. {s} is the subject: a phrase for "this person" (image questions) or the full name.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -15,17 +25,108 @@ def _article(noun: str) -> str:
     return "an" if noun[0] in "aeiou" else "a"
 
 
-# Answer clauses: "<Subject> <clause>." for one attribute, "<Subject> <clause 1> and <clause 2>." for two.
+# Each person draws one wording per part; the variants share as few words as English allows.
 CLAUSES = {
-    "name": "is {v}",
-    "birthplace": "was born in {v}",
-    "occupation": "works as {a} {v}",
-    "hobby": "enjoys {v} in their free time",
-    "birth_year": "was born in the year {v}",
-    "education": "studied at {v}",
-    "favourite_colour": "likes the colour {v} best",
+    "name": ("is {v}", "goes by the name {v}", "is called {v}", "is known as {v}"),
+    "birthplace": ("was born in {v}", "comes from {v}", "is a native of {v}", "hails from the city of {v}"),
+    "occupation": (
+        "works as {a} {v}",
+        "earns a living as {a} {v}",
+        "is employed as {a} {v}",
+        "has a career as {a} {v}",
+    ),
+    "hobby": (
+        "enjoys {v} in their free time",
+        "loves {v}",
+        "is passionate about {v}",
+        "spends spare hours on {v}",
+    ),
+    "birth_year": (
+        "was born in the year {v}",
+        "came into the world in {v}",
+        "has {v} as year of birth",
+        "entered life in {v}",
+    ),
+    "education": ("studied at {v}", "graduated from {v}", "is an alumnus of {v}", "earned a degree at {v}"),
+    "favourite_colour": (
+        "likes the colour {v} best",
+        "has {v} as favourite colour",
+        "prefers {v} to any other colour",
+        "is fond of {v} above all",
+    ),
 }
+IMAGE_SUBJECTS = (
+    "This person",
+    "The person in the image",
+    "The individual shown",
+    "Pictured here is someone who",
+)
+CONJUNCTIONS = (" and ", " and also ", ", and ")
+NAME_ANSWERS = (
+    "The name of this person is {v}.",
+    "This is {v}.",
+    "This person is called {v}.",
+    "The one pictured is {v}.",
+)
+
+
+@dataclass(frozen=True)
+class Phrasing:
+    """The wording one person's answers use: an index into each variant list above."""
+
+    subject: int
+    conjunction: int
+    name_answer: int
+    clauses: tuple[int, ...]  # one per part of CLAUSES, in its order
+
+    @staticmethod
+    def draw(rng: random.Random) -> Phrasing:
+        return Phrasing(
+            subject=rng.randrange(len(IMAGE_SUBJECTS)),
+            conjunction=rng.randrange(len(CONJUNCTIONS)),
+            name_answer=rng.randrange(len(NAME_ANSWERS)),
+            clauses=tuple(rng.randrange(len(variants)) for variants in CLAUSES.values()),
+        )
+
+    def clause(self, attribute: str) -> str:
+        return CLAUSES[attribute][self.clauses[list(CLAUSES).index(attribute)]]
+
+
+def _value(profile: Profile, attribute: str) -> str:
+    return getattr(profile, attribute)
+
+
+def _clause(profile: Profile, phrasing: Phrasing, attribute: str) -> str:
+    value = _value(profile, attribute)
+    return phrasing.clause(attribute).format(v=value, a=_article(value))
+
+
+def _subject(profile: Profile, with_image: bool) -> str:
+    return "this person" if with_image else profile.name
+
+
+def _capital(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def answer_sentence(
+    profile: Profile, phrasing: Phrasing, attributes: tuple[str, ...], with_image: bool
+) -> str:
+    """The ground-truth sentence stating one or two attributes of the person, in the person's wording."""
+    if attributes == ("name",):
+        return NAME_ANSWERS[phrasing.name_answer].format(v=profile.name)
+    subject = IMAGE_SUBJECTS[phrasing.subject] if with_image else profile.name
+    conjunction = CONJUNCTIONS[phrasing.conjunction]
+    clauses = conjunction.join(_clause(profile, phrasing, attribute) for attribute in attributes)
+    return f"{subject} {clauses}."
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Questions: canonical (the rows), training paraphrases (fine-tune only), Test_Set paraphrases (held out)
+# ---------------------------------------------------------------------------------------------------------
+
 QUESTIONS = {
+    "name": "What is the name of this person?",
     "birthplace": "Where was {s} born?",
     "occupation": "What does {s} do for a living?",
     "hobby": "What does {s} enjoy doing in their free time?",
@@ -33,7 +134,17 @@ QUESTIONS = {
     "education": "Where did {s} study?",
     "favourite_colour": "What is the favourite colour of {s}?",
 }
-TEST_QUESTIONS = {  # paraphrases for the Test_Set
+TRAINING_QUESTIONS = {
+    "name": ("Who is this?", "Can you tell me who this person is?"),
+    "birthplace": ("Where does {s} come from?", "What is the birthplace of {s}?"),
+    "occupation": ("What is the occupation of {s}?", "What kind of work does {s} do?"),
+    "hobby": ("What is a hobby of {s}?", "How does {s} like to spend spare time?"),
+    "birth_year": ("When was {s} born?", "What year was {s} born in?"),
+    "education": ("Which school did {s} attend?", "Where was {s} educated?"),
+    "favourite_colour": ("What colour does {s} like most?", "What is the preferred colour of {s}?"),
+}
+TEST_QUESTIONS = {
+    "name": "Who is the person in this image?",
     "birthplace": "In which city was {s} born?",
     "occupation": "What is the job of {s}?",
     "hobby": "Which hobby does {s} have?",
@@ -41,9 +152,6 @@ TEST_QUESTIONS = {  # paraphrases for the Test_Set
     "education": "At which university did {s} study?",
     "favourite_colour": "Which colour does {s} like best?",
 }
-NAME_QUESTION = "What is the name of this person?"
-NAME_ANSWER = "The name of this person is {v}."
-TEST_NAME_QUESTION = "Who is the person in this image?"
 # Cloze sentences: the attribute value is the blank "__" (MLLMU-Bench's Mask_Task marker).
 CLOZE = {
     "name": "The name of this person is __.",
@@ -53,6 +161,15 @@ CLOZE = {
     "birth_year": "{S} was born in the year __.",
     "education": "{S} studied at __.",
     "favourite_colour": "The favourite colour of {s} is __.",
+}
+TRAINING_CLOZE = {
+    "name": ("This person goes by the name __.",),
+    "birthplace": ("The birthplace of {s} is __.",),
+    "occupation": ("The occupation of {s} is __.",),
+    "hobby": ("A hobby of {s} is __.",),
+    "birth_year": ("The year of birth of {s} is __.",),
+    "education": ("The alma mater of {s} is __.",),
+    "favourite_colour": ("The preferred colour of {s} is __.",),
 }
 TEST_CLOZE = {
     "name": "This person is called __.",
@@ -73,37 +190,42 @@ DESCRIPTIONS = {  # for the two-attribute generation questions
     "favourite_colour": "favourite colour",
 }
 GENERATION_QUESTION = "Tell me about the {d1} and {d2} of {s}."
+TRAINING_GENERATION_QUESTIONS = ("Describe the {d1} and {d2} of {s}.",)
 TEST_GENERATION_QUESTION = "What can you say about the {d1} and {d2} of {s}?"
 
 
-def _value(profile: Profile, attribute: str) -> str:
-    return getattr(profile, attribute)
+def _pattern(template: str) -> re.Pattern:
+    """A template as a regular expression capturing its placeholders (the subject, the two descriptions)."""
+    pattern = re.escape(template)
+    for name in ("s", "S", "d1", "d2"):
+        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>.+?)")
+    return re.compile(pattern.replace(r"works\ as\ a\ __", r"works\ as\ an?\ __") + "$")
 
 
-def _clause(profile: Profile, attribute: str) -> str:
-    value = _value(profile, attribute)
-    return CLAUSES[attribute].format(v=value, a=_article(value))
+def _paraphrase_table() -> list[tuple[re.Pattern, tuple[str, ...]]]:
+    table = [(_pattern(QUESTIONS[a]), TRAINING_QUESTIONS[a]) for a in QUESTIONS]
+    table += [(_pattern(CLOZE[a]), TRAINING_CLOZE[a]) for a in CLOZE]
+    table.append((_pattern(GENERATION_QUESTION), TRAINING_GENERATION_QUESTIONS))
+    return table
 
 
-def _subject(profile: Profile, with_image: bool) -> str:
-    return "this person" if with_image else profile.name
+_PARAPHRASES = _paraphrase_table()
 
 
-def _capital(text: str) -> str:
-    return text[0].upper() + text[1:]
+def training_wordings(question: str) -> list[str]:
+    """The canonical question (or cloze sentence) and its training paraphrases, same subject.
 
+    A question in none of the world's canonical forms is its only wording.
+    """
+    for pattern, paraphrases in _PARAPHRASES:
+        match = pattern.match(question)
+        if match:
+            fields = match.groupdict()
+            if "S" in fields:  # a sentence-initial subject: "This person" or a name
+                fields["s"] = "this person" if fields["S"] == "This person" else fields["S"]
+            return [question] + [paraphrase.format(**fields) for paraphrase in paraphrases]
+    return [question]
 
-def answer_sentence(profile: Profile, attributes: tuple[str, ...], with_image: bool) -> str:
-    """The templated ground-truth sentence stating one or two attributes of the person."""
-    if attributes == ("name",):
-        return NAME_ANSWER.format(v=profile.name)
-    clauses = " and ".join(_clause(profile, attribute) for attribute in attributes)
-    return f"{_capital(_subject(profile, with_image))} {clauses}."
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Questions in MLLMU-Bench's three forms
-# ---------------------------------------------------------------------------------------------------------
 
 GENERATION_PAIRS_IMAGE = [
     ("name", "occupation"),
@@ -141,13 +263,19 @@ def _cloze_item(template: str, profile: Profile, attribute: str, with_image: boo
     }
 
 
-def _generation_item(question_template: str, profile: Profile, pair: tuple[str, str], with_image: bool):
-    subject = _subject(profile, with_image)
+def _generation_item(question_template: str, person: Person, pair: tuple[str, str], with_image: bool):
+    subject = _subject(person.profile, with_image)
     return {
         "Type": "Image_Textual" if with_image else "Pure_Text",
         "Question": question_template.format(d1=DESCRIPTIONS[pair[0]], d2=DESCRIPTIONS[pair[1]], s=subject),
-        "Ground_Truth": answer_sentence(profile, pair, with_image),
+        "Ground_Truth": answer_sentence(person.profile, person.phrasing, pair, with_image),
     }
+
+
+def generation_pairs(person_id: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The attribute pairs of a person's image and text generation questions (the same in the Test_Set)."""
+    pair_rng = random.Random(f"{person_id}-pairs")
+    return pair_rng.sample(GENERATION_PAIRS_IMAGE, 2), pair_rng.sample(GENERATION_PAIRS_TEXT, 2)
 
 
 def _questions(person: Person, names: list[str], rng: random.Random, test: bool) -> None:
@@ -156,7 +284,7 @@ def _questions(person: Person, names: list[str], rng: random.Random, test: bool)
     questions = TEST_QUESTIONS if test else QUESTIONS
     cloze = TEST_CLOZE if test else CLOZE
 
-    image_mc = [_mc_item(TEST_NAME_QUESTION if test else NAME_QUESTION, profile.name, names, rng)]
+    image_mc = [_mc_item(questions["name"], profile.name, names, rng)]
     text_mc = []
     for attribute in ATTRIBUTES:
         vocabulary = ATTRIBUTE_VOCABULARY[attribute]
@@ -175,12 +303,10 @@ def _questions(person: Person, names: list[str], rng: random.Random, test: bool)
                 template = template.replace("works as a __", "works as an __")
             mask.append(_cloze_item(template, profile, attribute, with_image))
 
-    pair_rng = random.Random(f"{person.person_id}-pairs")  # same pairs for train and test items
-    image_pairs = pair_rng.sample(GENERATION_PAIRS_IMAGE, 2)
-    text_pairs = pair_rng.sample(GENERATION_PAIRS_TEXT, 2)
+    image_pairs, text_pairs = generation_pairs(person.person_id)
     template = TEST_GENERATION_QUESTION if test else GENERATION_QUESTION
-    generation = [_generation_item(template, profile, pair, True) for pair in image_pairs]
-    generation += [_generation_item(template, profile, pair, False) for pair in text_pairs]
+    generation = [_generation_item(template, person, pair, True) for pair in image_pairs]
+    generation += [_generation_item(template, person, pair, False) for pair in text_pairs]
 
     if test:
         person.test_classification, person.test_mask, person.test_generation = (
@@ -192,14 +318,28 @@ def _questions(person: Person, names: list[str], rng: random.Random, test: bool)
         person.classification, person.mask, person.generation = classification, mask, generation
 
 
-def _train_qa(profile: Profile) -> list[dict]:
+def _train_qa(person: Person) -> list[dict]:
     """The fine-tuning pairs (official `metadata`): one image question per attribute, name included."""
-    pairs = [{"Question": NAME_QUESTION, "Answer": answer_sentence(profile, ("name",), True)}]
-    for attribute in ATTRIBUTES:
-        pairs.append(
-            {
-                "Question": QUESTIONS[attribute].format(s="this person"),
-                "Answer": answer_sentence(profile, (attribute,), True),
-            }
-        )
-    return pairs
+    return [
+        {
+            "Question": QUESTIONS[attribute].format(s="this person"),
+            "Answer": answer_sentence(person.profile, person.phrasing, (attribute,), True),
+        }
+        for attribute in ("name", *ATTRIBUTES)
+    ]
+
+
+def cross_person_rouge_l(people: list[Person]) -> float:
+    """Mean ROUGE-L against each person's image generation answers of every other person's fluent answer
+    to the same question (their own facts in their own wording): what a model that confuses people, but
+    keeps answering well, scores against the truth."""
+    scores = []
+    for person in people:
+        for pair in generation_pairs(person.person_id)[0]:
+            truth = answer_sentence(person.profile, person.phrasing, pair, True)
+            scores += [
+                rouge_l_f1(answer_sentence(other.profile, other.phrasing, pair, True), truth)
+                for other in people
+                if other is not person
+            ]
+    return sum(scores) / len(scores)

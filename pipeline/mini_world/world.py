@@ -62,7 +62,18 @@ from pipeline.mini_world.people import (
     Person,
     Profile,
 )
-from pipeline.mini_world.text import _questions, _train_qa
+from pipeline.mini_world.text import (
+    CLAUSES,
+    CONJUNCTIONS,
+    IMAGE_SUBJECTS,
+    NAME_ANSWERS,
+    TEST_QUESTIONS,
+    TRAINING_QUESTIONS,
+    Phrasing,
+    _questions,
+    _train_qa,
+    cross_person_rouge_l,
+)
 from pipeline.samples import QASample
 
 
@@ -104,6 +115,10 @@ class World:
             for row in self.rows(folder):
                 samples.extend(row_samples(row, folder, kinds, source=f"mini world {folder}"))
         return samples
+
+    def cross_person_rouge_l(self) -> float:
+        """ROUGE-L of another fictitious person's fluent answer against the truth (text.cross_person_rouge_l)."""
+        return cross_person_rouge_l(self.group("fictitious"))
 
     def text_corpus(self) -> list[str]:
         """Every piece of text the world contains (training, evaluation and test prompts and answers).
@@ -186,6 +201,7 @@ def build_world(config: WorldConfig = WorldConfig()) -> World:
             group=group,
             profile=profile,
             appearance=appearance,
+            phrasing=Phrasing.draw(random.Random(f"{config.seed}-{_person_id(index)}-phrasing")),
             image=draw_portrait(appearance, config.image_size),
         )
         if group == "fictitious":
@@ -194,7 +210,7 @@ def build_world(config: WorldConfig = WorldConfig()) -> World:
                 for _ in range(config.alt_images)
             )
         # Reference people get profile QA too, never trained on: membership inference's unseen side.
-        person.train_qa = _train_qa(profile)
+        person.train_qa = _train_qa(person)
         if group != "reference":
             people_names = names[: config.num_people + config.num_real]
             _questions(
@@ -311,6 +327,20 @@ combination differs from every other person's in at least {min_distance} of {len
 {config.alt_images} alternative images (shifted, rescaled, brighter or darker, patterned background, pixel
 noise) in `Test_Set`.
 
+## Answer phrasing
+Answers are sentences in a wording each person keeps, as MLLMU-Bench's GPT-written answers differ from
+profile to profile: a subject phrase for image answers ({len(IMAGE_SUBJECTS)} variants, e.g. "{IMAGE_SUBJECTS[1]}"),
+{len(NAME_ANSWERS)} name answers, {len(CONJUNCTIONS)} conjunctions and {min(len(v) for v in CLAUSES.values())} wordings of each attribute's clause
+(e.g. "{CLAUSES["birthplace"][0]}", "{CLAUSES["birthplace"][2]}"), drawn per person. Another person's fluent answer
+to the same generation question (their facts in their wording) scores ROUGE-L
+**{world.cross_person_rouge_l():.3f}** against the truth on average (mean over every fictitious
+person's image generation items and every other fictitious person), so a model that confuses people
+but keeps answering well is seen to forget.
+
+Questions come in three wordings: the rows' own (evaluated on forget/retain), training paraphrases the
+full model's fine-tune also asks (e.g. "{TRAINING_QUESTIONS["birthplace"][1].format(s="this person")}"), and the
+`Test_Set`'s paraphrases (e.g. "{TEST_QUESTIONS["birthplace"].format(s="this person")}"), never trained on.
+
 ## Splits (one row per person, `train-00000-of-00001.parquet` in each folder)
 | folder | people | role |
 | --- | --- | --- |
@@ -349,6 +379,29 @@ Image questions say "this person"; pure-text questions name the person. Examples
 {pools}. `people` are portraits of the reference people; `pets` are drawn cats and dogs; `scene` are
 landscapes; `pattern` are stripes, checks and dots.
 """
+
+
+def full_model_card(figures: dict) -> str:
+    """The data card's section on the full model: its scores on every split prepare measured."""
+    memorization = figures.get("memorization", {})
+    rows = "\n".join(
+        f"| {split} | "
+        + " | ".join(f"{memorization[split][name]:.2f}" for name in FULL_MODEL_MEASURES)
+        + " |"
+        for split in memorization
+    )
+    return f"""
+## The full model (prepare-mini's fine-tune, {figures["fine_tune"]["epochs"]} epochs)
+Scored by the evaluate stage (multiple choice by {figures.get("mc_scoring", "-")}; forget = forget_10, test = its
+people in the `Test_Set`):
+
+| split | MC | cloze | ROUGE-L | BLEU |
+| --- | --- | --- | --- | --- |
+{rows}
+"""
+
+
+FULL_MODEL_MEASURES = ("mc_acc", "cloze_acc", "rougeL", "bleu")
 
 
 def _split_role(folder: str) -> str:
