@@ -209,13 +209,14 @@ def test_config_is_validated():
 
 
 def test_answers_are_phrased_per_person_and_another_persons_answer_scores_low(world):
-    from pipeline.mini_world.text import IMAGE_SUBJECTS, Phrasing, answer_sentence
+    from pipeline.mini_world.people import Phrasing
+    from pipeline.mini_world.text import IMAGE_SUBJECTS, answer_sentence, clause_template
 
     fictitious = world.group("fictitious")
     assert len({person.phrasing for person in fictitious}) > len(fictitious) // 2
     for person in fictitious:
         # One wording per person: the profile QA and the generation answers state a fact the same way.
-        birthplace = person.phrasing.clause("birthplace").format(v=person.profile.birthplace)
+        birthplace = clause_template(person.phrasing, "birthplace").format(v=person.profile.birthplace)
         assert any(birthplace in pair["Answer"] for pair in person.train_qa)
         image_answers = [
             item["Ground_Truth"] for item in person.generation if item["Type"] == "Image_Textual"

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from pipeline.mini_world.text import Phrasing
 
 # ---------------------------------------------------------------------------------------------------------
 # Configuration and the world's data classes
@@ -22,6 +18,16 @@ class Profile:
     birth_year: str
     education: str
     favourite_colour: str
+
+
+@dataclass(frozen=True)
+class Phrasing:
+    """The wording of one person's answers: an index into each variant list of pipeline.mini_world.text."""
+
+    subject: int
+    conjunction: int
+    name_answer: int
+    clauses: tuple[int, ...]  # one per attribute of text.CLAUSES, in its order
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,7 @@ class Person:
     group: str
     profile: Profile
     appearance: Appearance
-    phrasing: Phrasing  # the wording of the person's answers (pipeline.mini_world.text)
+    phrasing: Phrasing
     image: bytes
     alt_images: tuple[bytes, ...] = ()
     train_qa: list[dict] = field(default_factory=list)

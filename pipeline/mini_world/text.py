@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
 
 from pipeline.metrics import rouge_l_f1
-from pipeline.mini_world.people import ATTRIBUTE_VOCABULARY, ATTRIBUTES, Person, Profile
+from pipeline.mini_world.people import ATTRIBUTE_VOCABULARY, ATTRIBUTES, Person, Phrasing, Profile
 
 # ---------------------------------------------------------------------------------------------------------
 # Answer phrasing. {s} is the subject: a phrase for "this person" (image questions) or the full name.
@@ -70,26 +69,18 @@ NAME_ANSWERS = (
 )
 
 
-@dataclass(frozen=True)
-class Phrasing:
-    """The wording one person's answers use: an index into each variant list above."""
+def draw_phrasing(rng: random.Random) -> Phrasing:
+    """One person's wording: an index into each variant list above, drawn uniformly."""
+    return Phrasing(
+        subject=rng.randrange(len(IMAGE_SUBJECTS)),
+        conjunction=rng.randrange(len(CONJUNCTIONS)),
+        name_answer=rng.randrange(len(NAME_ANSWERS)),
+        clauses=tuple(rng.randrange(len(variants)) for variants in CLAUSES.values()),
+    )
 
-    subject: int
-    conjunction: int
-    name_answer: int
-    clauses: tuple[int, ...]  # one per part of CLAUSES, in its order
 
-    @staticmethod
-    def draw(rng: random.Random) -> Phrasing:
-        return Phrasing(
-            subject=rng.randrange(len(IMAGE_SUBJECTS)),
-            conjunction=rng.randrange(len(CONJUNCTIONS)),
-            name_answer=rng.randrange(len(NAME_ANSWERS)),
-            clauses=tuple(rng.randrange(len(variants)) for variants in CLAUSES.values()),
-        )
-
-    def clause(self, attribute: str) -> str:
-        return CLAUSES[attribute][self.clauses[list(CLAUSES).index(attribute)]]
+def clause_template(phrasing: Phrasing, attribute: str) -> str:
+    return CLAUSES[attribute][phrasing.clauses[list(CLAUSES).index(attribute)]]
 
 
 def _value(profile: Profile, attribute: str) -> str:
@@ -98,7 +89,7 @@ def _value(profile: Profile, attribute: str) -> str:
 
 def _clause(profile: Profile, phrasing: Phrasing, attribute: str) -> str:
     value = _value(profile, attribute)
-    return phrasing.clause(attribute).format(v=value, a=_article(value))
+    return clause_template(phrasing, attribute).format(v=value, a=_article(value))
 
 
 def _subject(profile: Profile, with_image: bool) -> str:

@@ -69,10 +69,10 @@ from pipeline.mini_world.text import (
     NAME_ANSWERS,
     TEST_QUESTIONS,
     TRAINING_QUESTIONS,
-    Phrasing,
     _questions,
     _train_qa,
     cross_person_rouge_l,
+    draw_phrasing,
 )
 from pipeline.samples import QASample
 
@@ -201,7 +201,7 @@ def build_world(config: WorldConfig = WorldConfig()) -> World:
             group=group,
             profile=profile,
             appearance=appearance,
-            phrasing=Phrasing.draw(random.Random(f"{config.seed}-{_person_id(index)}-phrasing")),
+            phrasing=draw_phrasing(random.Random(f"{config.seed}-{_person_id(index)}-phrasing")),
             image=draw_portrait(appearance, config.image_size),
         )
         if group == "fictitious":
