@@ -21,6 +21,14 @@ Measured:
   train[b]                   LoRA (rank 8 on the language model's attention, the family's regex) on
                              bf16 weights, AdamW, the ViKeR loss against the rows just cached, batch b:
                              samples/s and peak GPU memory.                  (goal: 7B within 40 GiB)
+  mc_scoring                 seconds per multiple-choice question, one question at a time as eval.py
+                             asks them: by likelihood (MLLMU-Bench Eq. 13: the four options teacher-
+                             forced after the question in one forward, pipeline.models.answer_token_log_probs
+                             as `pipeline evaluate --mc-scoring likelihood` runs it) and by generating
+                             a reply of L tokens (greedy, pipeline.models.generate at batch 1), for each
+                             L of --mc-reply-tokens. Random weights almost never emit the end token, so
+                             a reply runs its L tokens: the rows say what a model whose replies end after
+                             L tokens pays, and where likelihood becomes the cheaper scoring.
 """
 
 from __future__ import annotations
@@ -51,7 +59,9 @@ from pipeline.models import (  # noqa: E402
     LoadedModel,
     TeacherForcingBatch,
     answer_logits,
+    answer_token_log_probs,
     encode_answers,
+    generate,
     prompted,  # noqa: E402
     tokenizer_fingerprint,
 )
@@ -360,6 +370,48 @@ def measure_training(loaded, samples, rows, batch_size: int, args, device) -> di
     return result
 
 
+def measure_mc_scoring(loaded, samples, args, device) -> dict:
+    """Seconds per question of likelihood scoring and of generating replies of each length; a
+    question's options are its own answer and the next three samples' (the text does not change the cost)."""
+    questions = samples[: args.warmup + args.mc_questions]
+    timed = len(questions) - args.warmup
+    if timed < 1:
+        raise SystemExit(
+            f"--mc-questions: {len(samples)} samples leave none to time after {args.warmup} warm-up"
+        )
+    loaded.model.eval()
+    options = [[samples[(i + j) % len(samples)].answer for j in range(4)] for i in range(len(questions))]
+    clock = Clock(device)
+
+    def per_question(score_one) -> float:
+        for index in range(args.warmup):
+            score_one(index)
+        started = clock.now()
+        for index in range(args.warmup, len(questions)):
+            score_one(index)
+        return (clock.now() - started) / timed
+
+    def by_likelihood(index: int) -> None:
+        inputs = [prompted(loaded, questions[index], answer=option) for option in options[index]]
+        answer_token_log_probs(loaded, loaded.model, inputs, batch_size=len(inputs))
+
+    def by_generation(reply_tokens: int):
+        def one(index: int) -> None:
+            generate(loaded, [prompted(loaded, questions[index])], max_new_tokens=reply_tokens, batch_size=1)
+
+        return one
+
+    with torch.inference_mode(), autocast(device, args.autocast):
+        likelihood = per_question(by_likelihood)
+        generation = {str(n): per_question(by_generation(n)) for n in args.mc_reply_tokens}
+    return {
+        "questions": timed,
+        "likelihood_s_per_question": likelihood,
+        "generate_s_per_question": generation,
+        "generate_over_likelihood": {n: seconds / likelihood for n, seconds in generation.items()},
+    }
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -400,6 +452,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--split", default="forget_10")
     parser.add_argument(
+        "--mc-questions", type=int, default=None, help="Timed multiple-choice questions [20; tiny 3]."
+    )
+    parser.add_argument(
+        "--mc-reply-tokens",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[1, 2, 8, 50],
+        help="Generated reply lengths to time (eval.py allows 50) [1,2,8,50].",
+    )
+    parser.add_argument(
         "--model", default=None, help="A real checkpoint (directory or hub id) instead of the random 7B."
     )
     parser.add_argument(
@@ -411,6 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("train_steps", 10, 2),
         ("warmup", 2, 1),
         ("samples", 200, 12),
+        ("mc_questions", 20, 3),
     ):
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)
@@ -451,6 +513,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["train"] = {}
     for batch_size in [int(b) for b in args.train_batch_sizes.split(",")]:
         results["train"][str(batch_size)] = measure_training(loaded, samples, rows, batch_size, args, device)
+    results["mc_scoring"] = measure_mc_scoring(loaded, samples, args, device)
     if not args.tiny:
         results["goals"] = {
             "precompute_forget_samples_per_s_at_k5 >= 10": results["precompute"]["samples_per_s"] >= 10,

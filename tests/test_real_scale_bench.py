@@ -71,3 +71,7 @@ def test_tiny_cpu_run_records_every_figure(real_scale, tmp_path):
     assert train["samples_per_s"] > 0 and math.isfinite(train["last_loss"])
     # LoRA rank 8 on q/k/v/o of each of the 2 tiny language-model layers (128 -> 128): 2 * 4 * 8 * 256.
     assert train["trainable_parameters"] == 2 * 4 * 8 * (128 + 128)
+    mc = results["mc_scoring"]
+    assert mc["questions"] == 3 and mc["likelihood_s_per_question"] > 0
+    assert set(mc["generate_s_per_question"]) == set(mc["generate_over_likelihood"]) == {"1", "2", "8", "50"}
+    assert all(seconds > 0 for seconds in mc["generate_s_per_question"].values())
