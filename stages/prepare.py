@@ -60,8 +60,7 @@ def run(config: PrepareConfig, log=print) -> dict:
     out = Path(config.out)
     info = write_world(out, config.world)
     log(f"mini world: {sum(len(ids) for ids in info.splits.values())} split entries under {info.data_dir}")
-    world = build_world(config.world)
-    world_text = world.text_corpus()
+    world_text = build_world(config.world).text_corpus()
     train_rows = load_split_rows(info.data_dir, "Full_Set") + load_split_rows(info.data_dir, "Retain_Set")
     model_dir = out / "model"
     if (model_dir / "model.safetensors").exists() and (model_dir / "fine_tune_log.json").exists():
@@ -73,7 +72,7 @@ def run(config: PrepareConfig, log=print) -> dict:
         )
     figures = {
         "fine_tune": {"epochs": len(history), "final_loss": history[-1]["loss"]},
-        "cross_person_rougeL": world.cross_person_rouge_l(),
+        "cross_person_rougeL": info.cross_person_rouge_l,
     }
     if config.metrics_out:
         metrics_out = Path(config.metrics_out)

@@ -151,6 +151,7 @@ class WorldInfo:
     splits: dict[str, list[str]]
     reference_counts: dict[str, int]
     file_sha256: dict[str, str]
+    cross_person_rouge_l: float  # World.cross_person_rouge_l, as the data card states it
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -277,8 +278,9 @@ def write_world(out_dir: str | Path, config: WorldConfig = WorldConfig()) -> Wor
             path = kind_dir / f"{image_id}.png"
             path.write_bytes(data)
             written.append(path)
+    cross_person = world.cross_person_rouge_l()  # every pair of fictitious people: once, for card and metrics
     card = data_dir / "DATA_CARD.md"
-    card.write_text(data_card(world))
+    card.write_text(data_card(world, cross_person))
     written.append(card)
     return WorldInfo(
         out_dir=str(out),
@@ -288,10 +290,11 @@ def write_world(out_dir: str | Path, config: WorldConfig = WorldConfig()) -> Wor
         splits=world.splits,
         reference_counts={kind: len(images) for kind, images in world.references.items()},
         file_sha256={str(path.relative_to(out)): file_sha256(path) for path in written},
+        cross_person_rouge_l=cross_person,
     )
 
 
-def data_card(world: World) -> str:
+def data_card(world: World, cross_person_rouge_l: float) -> str:
     config = world.config
     person = world.group("fictitious")[0]
     split_lines = "\n".join(
@@ -333,7 +336,7 @@ profile to profile: a subject phrase for image answers ({len(IMAGE_SUBJECTS)} va
 {len(NAME_ANSWERS)} name answers, {len(CONJUNCTIONS)} conjunctions and {min(len(v) for v in CLAUSES.values())} wordings of each attribute's clause
 (e.g. "{CLAUSES["birthplace"][0]}", "{CLAUSES["birthplace"][2]}"), drawn per person. Another person's fluent answer
 to the same generation question (their facts in their wording) scores ROUGE-L
-**{world.cross_person_rouge_l():.3f}** against the truth on average (mean over every fictitious
+**{cross_person_rouge_l:.3f}** against the truth on average (mean over every fictitious
 person's image generation items and every other fictitious person), so a model that confuses people
 but keeps answering well is seen to forget.
 
