@@ -40,9 +40,9 @@ from cache import Layout, ShardWriter, read_manifest  # noqa: E402
 from pipeline.mini_world.config import WorldConfig  # noqa: E402
 from pipeline.mini_world.world import write_world  # noqa: E402
 from pipeline.models import answer_logits, encode_answers, load_model  # noqa: E402
+from pipeline.unlearning.extractor import TeacherExtractor  # noqa: E402
 from stages.config import PrecomputeConfig  # noqa: E402
 from stages.precompute import (  # noqa: E402
-    TeacherExtractor,
     checked,
     load_samples,
     measure_cache_kl,

@@ -49,7 +49,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from cache import ShardWriter, concat_samples  # noqa: E402
-from pipeline.losses import AnswerPredictions, compute_loss  # noqa: E402
 from pipeline.mini_world.config import WorldConfig  # noqa: E402
 from pipeline.mini_world.tiny_model import llava_tokenizer  # noqa: E402
 from pipeline.mini_world.world import build_world  # noqa: E402
@@ -66,8 +65,9 @@ from pipeline.models import (  # noqa: E402
     tokenizer_fingerprint,
 )
 from pipeline.samples import QASample  # noqa: E402
-from pipeline.teachers import TEACHERS, TeacherContext  # noqa: E402
-from stages.precompute import TeacherExtractor  # noqa: E402
+from pipeline.unlearning.extractor import TeacherExtractor  # noqa: E402
+from pipeline.unlearning.losses import AnswerPredictions, compute_loss  # noqa: E402
+from pipeline.unlearning.teachers import TEACHERS, TeacherContext  # noqa: E402
 
 # llava-hf/llava-1.5-7b-hf/config.json, with the defaults it relies on written out.
 LLAVA_15_7B = {
@@ -212,7 +212,7 @@ def mini_world_data(num_samples: int) -> tuple[list[QASample], list[tuple[str, b
 
 
 def real_data(data_dir: str, references: str, split: str, num_samples: int):
-    from pipeline.data import load_reference_pool, load_unlearning_samples
+    from pipeline.benchmarks.data import load_reference_pool, load_unlearning_samples
 
     samples = [s for s in load_unlearning_samples(data_dir, split, ("qa",)) if s.image is not None]
     pool = load_reference_pool(references, "people")

@@ -54,15 +54,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from cache import inspect_cache, read_manifest  # noqa: E402
-from pipeline.data import load_unlearning_samples  # noqa: E402
+from pipeline.benchmarks.data import load_unlearning_samples  # noqa: E402
 from pipeline.mini_world.config import TinyLlavaConfig, WorldConfig  # noqa: E402
 from pipeline.mini_world.tiny_model import build_tiny_llava, save_model, train_tokenizer  # noqa: E402
 from pipeline.mini_world.world import write_world  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.training.processes import Processes  # noqa: E402
 from pipeline.training.streams import sample_stream  # noqa: E402
+from pipeline.unlearning.extractor import TeacherExtractor  # noqa: E402
 from stages.config import PrecomputeConfig, TrainConfig  # noqa: E402
-from stages.precompute import TeacherExtractor, checked, teacher_context  # noqa: E402
+from stages.precompute import checked, teacher_context  # noqa: E402
 from stages.precompute import run as precompute  # noqa: E402
 from stages.train import run  # noqa: E402
 

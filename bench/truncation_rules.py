@@ -24,9 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from cache.distributions import tail_bucket_errors  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from pipeline.teachers import original  # noqa: E402
+from pipeline.unlearning.extractor import TeacherExtractor  # noqa: E402
+from pipeline.unlearning.teachers import original  # noqa: E402
 from stages.config import PrecomputeConfig  # noqa: E402
-from stages.precompute import TeacherExtractor, checked, load_samples, teacher_context  # noqa: E402
+from stages.precompute import checked, load_samples, teacher_context  # noqa: E402
 
 
 def errors_by_prefix(r: torch.Tensor, q: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,7 +104,7 @@ def seed_list(seeds: str | None) -> list[str]:
 def running(context: click.Context, stage_run, *arguments) -> Any:
     """Run a stage; an error a user can cause ends in its message (the traceback with --debug)."""
     from cache import CacheError
-    from pipeline.data import DataError
+    from pipeline.benchmarks.data import DataError
 
     try:
         return stage_run(*arguments)
@@ -155,7 +155,7 @@ def precompute_command(context: click.Context, **values) -> None:
 @click.pass_context
 def train_command(context: click.Context, seeds: str | None, **values) -> None:
     """LoRA unlearning with the method's loss, streaming the teacher cache (torchrun for several processes)."""
-    from pipeline.methods import resolve_method
+    from pipeline.unlearning.methods import resolve_method
     from stages.train import run
 
     for seed in seed_list(seeds):
@@ -219,7 +219,7 @@ def project_root() -> Path:
 
 def check_params(path) -> None:
     """A params file every command accepts: its sections fit the schema and every method its loss."""
-    from pipeline.methods import resolve_method
+    from pipeline.unlearning.methods import resolve_method
 
     _, params = load_sections(str(path))
     for name in params["methods"]:

@@ -15,7 +15,7 @@ from pipeline.config import param
 from pipeline.mini_world.config import FineTuneConfig, WorldConfig
 
 DTYPES = ("fp32", "bf16", "fp16")
-DATA_FORMATS = ("auto", "mllmu", "clear", "local")  # pipeline.layouts registers each but auto
+DATA_FORMATS = ("auto", "mllmu", "clear", "local")  # pipeline.benchmarks.layouts registers each but auto
 KEY_TOKEN_EPSILON = 0.5  # nats; ViKeR Def. 2 leaves epsilon to the user
 
 
@@ -52,11 +52,13 @@ class ModelOptions:
 
 @dataclass(kw_only=True)
 class DataOptions:
-    """Where a stage reads its data (every stage that reads a split); pipeline.layouts reads it."""
+    """Where a stage reads its data (every stage that reads a split); pipeline.benchmarks.layouts reads it."""
 
     data: str = param(help="Data directory: MLLMU-Bench's hub layout, CLEAR's, or local split files.")
     data_format: str = param(
-        "auto", "Layout of --data (pipeline.layouts); auto: detected from the folder.", choices=DATA_FORMATS
+        "auto",
+        "Layout of --data (pipeline.benchmarks.layouts); auto: detected from the folder.",
+        choices=DATA_FORMATS,
     )
 
     train_data: str | None = param(
@@ -68,14 +70,14 @@ class DataOptions:
     retain_split: str | None = param(None, "Retain split (none: the forget split's, e.g. retain_90).")
 
     def layout(self):
-        """The evaluation data's layout (pipeline.layouts.Layout)."""
-        from pipeline.layouts import layout
+        """The evaluation data's layout (pipeline.benchmarks.layouts.Layout)."""
+        from pipeline.benchmarks.layouts import layout
 
         return layout(self.data_format, self.data)
 
     def training_layout(self):
         """Where precompute, training and membership inference read their triples."""
-        from pipeline.layouts import layout
+        from pipeline.benchmarks.layouts import layout
 
         return layout(self.data_format, self.train_data or self.data)
 
@@ -104,9 +106,9 @@ class PrecomputeConfig(ModelOptions, DataOptions):
 
     out: str = param(help="Cache directory (shard-XXXXX-of-NNNNN.parquet/.json).")
     teacher: str = param(
-        "viker", "Teacher (pipeline.teachers): viker | vgid | icu | noise | original | base."
+        "viker", "Teacher (pipeline.unlearning.teachers): viker | vgid | icu | noise | original | base."
     )
-    # The teachers' own arguments; each teacher declares which of them it reads (pipeline.teachers).
+    # The teachers' own arguments; each teacher declares which of them it reads (pipeline.unlearning.teachers).
     k: int = param(5, "ViKeR Eq. 4: reference images per forget sample.", low=1)
     reference_kind: str = param(
         "people", "ViKeR reference pool: people | pets | scene | pattern | forget | retain."
@@ -152,7 +154,7 @@ class TrainConfig(ModelOptions, DataOptions):
     method: str = param(
         "viker", "A method of params.yaml's `methods` (its loss, caches, args) or a loss name."
     )
-    loss: str | None = param(None, "The loss (pipeline.losses); none: the method's.")
+    loss: str | None = param(None, "The loss (pipeline.unlearning.losses); none: the method's.")
     args: dict[str, Any] = param(
         default_factory=dict, help="The loss's arguments, KEY=VALUE, over the method's (e.g. lambda=0.5)."
     )
@@ -161,7 +163,7 @@ class TrainConfig(ModelOptions, DataOptions):
         None, "Frozen-model (`base`) cache of the retain split (none: the method's)."
     )
     refusals: str | None = param(
-        None, "Refusal sentences for IdkPO, one per line (none: pipeline/refusals.txt)."
+        None, "Refusal sentences for IdkPO, one per line (none: pipeline/unlearning/refusals.txt)."
     )
     forget_people: tuple[str, ...] = param(
         (), "Comma list of person IDs: train on only their forget samples (none: the whole split)."
@@ -263,7 +265,7 @@ class EvaluateConfig(ModelOptions, DataOptions):
     mia_nonmembers: str | None = param(
         None,
         "Split of never-seen people for membership inference against the forget split's QA "
-        "(pipeline.membership), e.g. the mini world's `unseen`; none: skip it (MLLMU-Bench and CLEAR "
+        "(pipeline.evaluation.membership), e.g. the mini world's `unseen`; none: skip it (MLLMU-Bench and CLEAR "
         "have no such split: docs/evaluation.md).",
     )
     relearned: str | None = param(

@@ -2,7 +2,7 @@
 
 For each split role (forget, test = the forget people through other images, retain, real) the stage
 asks every classification, cloze and generation question of the data set, greedily and in batches,
-and scores the replies with pipeline.metrics:
+and scores the replies with pipeline.evaluation.metrics:
 
     mc_acc / text_mc_acc        multiple choice with / without the image
     cloze_acc / text_cloze_acc  fill in the blank
@@ -36,13 +36,11 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline import prompts
-from pipeline.data import DataError, EvalItem, EvalItems
-from pipeline.hashing import files_sha256, sha256_hex
-from pipeline.journal import Journal
-from pipeline.layouts import Layout
-from pipeline.membership import membership_aucs
-from pipeline.metrics import (
+from pipeline.benchmarks import prompts
+from pipeline.benchmarks.data import DataError, EvalItem, EvalItems
+from pipeline.benchmarks.layouts import Layout
+from pipeline.evaluation.membership import membership_aucs
+from pipeline.evaluation.metrics import (
     bleu,
     build_coherence_scorer,
     cloze_correct,
@@ -52,10 +50,12 @@ from pipeline.metrics import (
     question_measures,
     rouge_l_f1,
 )
+from pipeline.evaluation.relearning import heldout_people
+from pipeline.hashing import files_sha256, sha256_hex
+from pipeline.journal import Journal
 from pipeline.models import PromptedSample, answer_token_log_probs, generate, load_model, prompted
 from pipeline.models.adapters import replace_adapter, switch_adapter
 from pipeline.registry import Registry
-from pipeline.relearning import heldout_people
 from pipeline.samples import QASample, decode_image
 from stages.config import EvaluateConfig
 

@@ -1,6 +1,6 @@
 """Stage `precompute`: the frozen full model's teacher distributions over the answer tokens, cached.
 
-For every sample of the split, a teacher (pipeline.teachers) builds the intervened inputs: k reference
+For every sample of the split, a teacher (pipeline.unlearning.teachers) builds the intervened inputs: k reference
 images for ViKeR, a perturbed image and an unlearning instruction for Vgid, the unmodified input for
 `original` / `base`. The model runs teacher-forced on the ground-truth answer; only the answer positions
 go through the output layer (pipeline.models.answer_logits), the per-token distribution is the mean of
@@ -41,8 +41,7 @@ from cache import (
     shard_header,
     shard_name,
 )
-from cache.distributions import truncate_probabilities
-from pipeline.data import (
+from pipeline.benchmarks.data import (
     REFERENCE_KINDS,
     SPLIT_POOLS,
     forget_ratio,
@@ -52,16 +51,19 @@ from pipeline.data import (
 from pipeline.hashing import sha256_hex
 from pipeline.models import (
     LoadedModel,
-    VisionFeatureCache,
-    answer_logits,
     check_joint_tokenization,
-    check_lengths,
-    encode_answers,
     load_model,
 )
-from pipeline.perturbations import PERTURBATIONS
 from pipeline.samples import QASample
-from pipeline.teachers import ICU_PROMPTS, TEACHERS, Teacher, TeacherContext, TeacherInput, original
+from pipeline.unlearning.extractor import TeacherExtractor
+from pipeline.unlearning.perturbations import PERTURBATIONS
+from pipeline.unlearning.teachers import (
+    ICU_PROMPTS,
+    TEACHERS,
+    Teacher,
+    TeacherContext,
+    original,
+)
 from stages.config import PrecomputeConfig
 
 
@@ -242,97 +244,6 @@ def check_existing_shards(directory: Path, expected_header: dict[str, Any], one_
         )
         if differing:
             _say(f"{manifest_path.name}: from a run with other {', '.join(differing)}; it will be recomputed")
-
-
-# ---------------------------------------------------------------- the teacher forward pass
-
-
-class TeacherExtractor:
-    """Runs teacher inputs through the frozen model and returns truncated per-token distributions."""
-
-    def __init__(self, loaded: LoadedModel, top_p: float, max_support: int, tail_cost: float = 0.0) -> None:
-        self.loaded = loaded
-        self.top_p, self.max_support, self.tail_cost = top_p, max_support, tail_cost
-        self.vision_features = VisionFeatureCache(loaded.model)
-
-    def __call__(
-        self,
-        samples: Sequence[QASample],
-        inputs: Sequence[TeacherInput],
-        students: Sequence[TeacherInput] | None = None,
-    ) -> list[CachedSample]:
-        """The truncated rows of each sample; `students` (the unmodified inputs) for the student-aware
-        part of the rule (cache.distributions.truncate_probabilities)."""
-        with torch.inference_mode():
-            answers, mean_probs, target_log_prob, lengths = self.mean_distributions(samples, inputs)
-            student = self.mean_distributions(samples, students)[1] if students is not None else None
-            # The ground-truth token always joins the support: R(y_t) and the gradient at y_t stay exact.
-            targets = torch.cat(answers).to(mean_probs.device)
-            truncated = truncate_probabilities(
-                mean_probs, self.top_p, self.max_support, targets, student, self.tail_cost
-            )
-            # One copy of the small truncated tensors per batch, then split per sample on the host.
-            truncated, target_log_prob = truncated.to("cpu"), target_log_prob.cpu()
-        rows, start = [], 0
-        for sample, answer_ids, length in zip(samples, answers, lengths, strict=True):
-            rows.append(
-                CachedSample.from_distributions(
-                    sample.sample_id,
-                    answer_ids,
-                    truncated.rows(start, start + length),
-                    target_log_prob[start : start + length],
-                )
-            )
-            start += length
-        return rows
-
-    def mean_distributions(
-        self, samples: Sequence[QASample], inputs: Sequence[TeacherInput]
-    ) -> tuple[list[Tensor], Tensor, Tensor, list[int]]:
-        """(answer ids per sample, R (N, V) on the device, log R(y_t) (N,), answer lengths).
-
-        All variants of all samples run as one batch; R of a token is the mean over its sample's variants.
-        """
-        variants = [variant for teacher_input in inputs for variant in teacher_input.variants]
-        owners = [index for index, teacher_input in enumerate(inputs) for _ in teacher_input.variants]
-        batch = encode_answers(self.loaded, variants)
-        check_lengths(self.loaded, batch, [samples[owner] for owner in owners])
-        image_keys = [key for teacher_input in inputs for key in teacher_input.image_keys]
-        batch = batch.to(self.loaded.device)
-        model_kwargs = self.vision_features.model_kwargs(batch.inputs, image_keys)
-        log_probs = torch.log_softmax(answer_logits(self.loaded.model, batch, **model_kwargs).float(), dim=-1)
-
-        # Token t of variant j of sample i (batch row r) adds into output row offsets[i] + t.
-        first_variant = {owner: position for position, owner in reversed(list(enumerate(owners)))}
-        lengths = [batch.answer_lengths[first_variant[index]] for index in range(len(samples))]
-        offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
-        output_rows, variant_rows = [], []
-        for position, (owner, length) in enumerate(zip(owners, batch.answer_lengths, strict=True)):
-            output_rows.append(torch.arange(length) + offsets[owner])
-            variant_rows.append(torch.full((length,), position - first_variant[owner]))
-        output_row = torch.cat(output_rows).to(log_probs.device)
-        variant_of_row = torch.cat(variant_rows).to(log_probs.device)
-        variant_counts = [len(teacher_input.variants) for teacher_input in inputs]
-        counts = torch.tensor(variant_counts, device=log_probs.device, dtype=log_probs.dtype)
-        counts = torch.repeat_interleave(counts, torch.tensor(lengths, device=log_probs.device))
-        total = offsets[-1]
-        mean_probs = torch.zeros(total, log_probs.shape[1], device=log_probs.device, dtype=log_probs.dtype)
-        mean_probs.index_add_(0, output_row, log_probs.exp())
-        mean_probs /= counts[:, None]
-
-        # log R(y_t) = logsumexp_j log p_j(y_t) - log k: exact even where R(y_t) underflows float32.
-        target_per_row = log_probs.gather(1, batch.targets[:, None]).squeeze(1)
-        per_variant = torch.full((total, max(variant_counts)), float("-inf"), device=log_probs.device)
-        per_variant[output_row, variant_of_row] = target_per_row
-        target_log_prob = torch.logsumexp(per_variant, dim=1) - counts.log()
-
-        targets = batch.targets.cpu()
-        row_starts = [0, *torch.tensor(batch.answer_lengths).cumsum(0).tolist()]
-        answers = [
-            targets[row_starts[first_variant[i]] : row_starts[first_variant[i] + 1]]
-            for i in range(len(samples))
-        ]
-        return answers, mean_probs, target_log_prob, lengths
 
 
 # ---------------------------------------------------------------- measuring a cache against exact teachers

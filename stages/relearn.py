@@ -1,6 +1,6 @@
 """Stage `relearn`: the relearning attack on an unlearned adapter (docs/evaluation.md, "Relearning attack").
 
-The recipe: pick the relearned part of the forget people (pipeline.relearning, the same for every method
+The recipe: pick the relearned part of the forget people (pipeline.evaluation.relearning, the same for every method
 and seed), then train on from the unlearned adapter with plain fine-tuning on their QA only (the
 `finetune` loss), through the train stage's loop. Its training_meta.json names the people it saw, so
 `pipeline evaluate --relearned` scores exactly the others. The unlearned adapter's own weights are
@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from pipeline.methods import resolve_method
-from pipeline.relearning import relearning_people
+from pipeline.evaluation.relearning import relearning_people
+from pipeline.unlearning.methods import resolve_method
 from stages import train
 from stages.config import DataOptions, ModelOptions, RelearnConfig, TrainConfig
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bootstrap import PeopleAndSeeds, person_totals
-from pipeline.layouts import Layout, layout
-from pipeline.relearning import recovery
+from pipeline.benchmarks.layouts import Layout, layout
+from pipeline.evaluation.bootstrap import PeopleAndSeeds, person_totals
+from pipeline.evaluation.relearning import recovery
 from stages.config import KEY_TOKEN_EPSILON, ReportConfig
 
 # Row order and display names of the papers' tables; other runs follow in alphabetical order.
@@ -176,7 +176,9 @@ def report_markdown(runs: Sequence[Run], figures: Sequence[str] = (), draws: int
     summary = summarize(runs)
     methods = method_order([run.method for run in runs])
     resamples = resample_runs(runs, draws)
-    clear = any("real_faces" in run.metrics for run in runs)  # CLEAR (pipeline.layouts.ClearLayout)
+    clear = any(
+        "real_faces" in run.metrics for run in runs
+    )  # CLEAR (pipeline.benchmarks.layouts.ClearLayout)
     lines = _header(runs, methods, resamples)
     lines += (
         _clear_tables(summary, methods, resamples) if clear else _mllmu_tables(summary, methods, resamples)
@@ -264,7 +266,7 @@ def _knowledge_section(summary, methods: Sequence[str], resamples: PeopleAndSeed
             "bootstrap interval over seeds and held-out people; '-' where unlearning lowered the measure by "
             "under 5 points. Full's row is the control: the same attack on the model that never unlearned. "
             "MIA: the AUC of each attack telling the forget split's QA answers from those of people no "
-            "model was trained on (pipeline/membership.py); 50 = indistinguishable, the full model's row "
+            "model was trained on (pipeline/evaluation/membership.py); 50 = indistinguishable, the full model's row "
             "is the starting point.",
             "",
             robustness_table(relearned, summary),
@@ -278,7 +280,7 @@ def _knowledge_section(summary, methods: Sequence[str], resamples: PeopleAndSeed
         "## Is the knowledge gone? Membership inference (forget QA against never-seen people)",
         "",
         "AUC of each attack telling the forget split's QA answers from those of people no model was "
-        "trained on (pipeline/membership.py): 50 means indistinguishable, the ideal after unlearning; "
+        "trained on (pipeline/evaluation/membership.py): 50 means indistinguishable, the ideal after unlearning; "
         "the full model's row is the starting point. A method whose generated answers forget while its "
         "AUC stays near the full model's hides the knowledge rather than removing it.",
         "",
@@ -623,7 +625,7 @@ def token_probabilities(
     device: str = "cpu",
 ) -> TokenProbabilities:
     """One forget sample's per-token probabilities under the full model and each adapter."""
-    from pipeline.data import DataError
+    from pipeline.benchmarks.data import DataError
     from pipeline.models import answer_token_ids, load_model
     from pipeline.models.adapters import switch_adapter
 
@@ -787,7 +789,7 @@ def _token_plot_from_runs(
 
 def _reference_images(reference_dir: str | None, data_dir: str, count: int) -> list:
     """Up to `count` images of the 'people' reference pool (ViKeR's irrelevant images), evenly spread."""
-    from pipeline.data import DataError, load_reference_pool
+    from pipeline.benchmarks.data import DataError, load_reference_pool
     from pipeline.samples import decode_image
 
     roots = [reference_dir] if reference_dir else [str(Path(data_dir).parent), data_dir]

@@ -6,7 +6,7 @@ The recipe, top to bottom:
    (refusing a cache from another model or tokenizer); the frozen model's reference log-probabilities,
    once, before any LoRA weight moves (NPO, IdkPO); LoRA on the language model's attention, AdamW on the
    adapter, DistributedDataParallel under torchrun; resume from the latest checkpoint;
-2. the loss step: one forward over forget (+ refusal, + retain) samples and the loss (pipeline.losses);
+2. the loss step: one forward over forget (+ refusal, + retain) samples and the loss (pipeline.unlearning.losses);
 3. the loop: each rank streams its part of the forget cache, optimizer steps, the step log, checkpoints;
 4. save the adapter in PEFT format with training_meta.json and the step log (CSV + JSON for dvc plots).
 
@@ -36,16 +36,6 @@ from typing import Any
 import torch
 
 from cache import CachedSample, concat_samples
-from pipeline.losses import (
-    AnswerPredictions,
-    LossTerms,
-    MaskedTerm,
-    choose_refusal,
-    compute_loss,
-    load_refusals,
-    loss_inputs,
-)
-from pipeline.methods import Method, public_name, resolve_method
 from pipeline.models import (
     EncodedSamples,
     VisionFeatureCache,
@@ -57,7 +47,6 @@ from pipeline.models import (
 )
 from pipeline.models.adapters import load_adapter
 from pipeline.samples import QASample
-from pipeline.teachers import TEACHERS, image_key
 from pipeline.training.checkpoints import (
     CHECKPOINTS,
     Position,
@@ -71,6 +60,17 @@ from pipeline.training.reference import reference_log_probs, reference_log_probs
 from pipeline.training.saliency import all_reduce_gradients, backward, gradient_saliency
 from pipeline.training.streams import Cache, PairedRetain, check_answer_tokens, sample_stream
 from pipeline.training.train_log import write_log
+from pipeline.unlearning.losses import (
+    AnswerPredictions,
+    LossTerms,
+    MaskedTerm,
+    choose_refusal,
+    compute_loss,
+    load_refusals,
+    loss_inputs,
+)
+from pipeline.unlearning.methods import Method, public_name, resolve_method
+from pipeline.unlearning.teachers import TEACHERS, image_key
 from stages.config import TrainConfig
 
 META = "training_meta.json"

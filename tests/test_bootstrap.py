@@ -1,4 +1,4 @@
-"""Resampling people and seeds (pipeline/bootstrap.py): totals per person, the cells' resampled means,
+"""Resampling people and seeds (pipeline/evaluation/bootstrap.py): totals per person, the cells' resampled means,
 paired draws across methods, and the report's intervals and findings on them."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.bootstrap import PeopleAndSeeds, PersonTotals, person_totals
+from pipeline.evaluation.bootstrap import PeopleAndSeeds, PersonTotals, person_totals
 from stages.report import Run, findings, report_markdown, resample_runs, summarize
 
 

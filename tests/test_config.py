@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from project_imports import REPO, imported_modules, module_files, project_files
 
 from pipeline.config import ConfigError, build, check_section, find_params, schema
-from pipeline.methods import MethodError, resolve_method
+from pipeline.unlearning.methods import MethodError, resolve_method
 from stages.cli import main
 from stages.config import SECTIONS, PrecomputeConfig, TrainConfig
 

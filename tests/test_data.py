@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from builders import reduced_config
 
-from pipeline import data, prompts
-from pipeline.data import (
+from pipeline.benchmarks import data, prompts
+from pipeline.benchmarks.data import (
     CLEAR_NAME_QUESTION,
     SPLIT_FILE,
     DataError,

@@ -17,8 +17,8 @@ from pipeline.experiments import (
     merged,
     params_text,
 )
-from pipeline.methods import resolve_method
 from pipeline.models import FAMILIES
+from pipeline.unlearning.methods import resolve_method
 from stages.cli import check_params, load_sections, main
 
 REPO = Path(__file__).resolve().parents[1]

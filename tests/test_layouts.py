@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import CLEAR_NAME_QUESTION, DataError
-from pipeline.layouts import LAYOUTS, layout
+from pipeline.benchmarks.data import CLEAR_NAME_QUESTION, DataError
+from pipeline.benchmarks.layouts import LAYOUTS, layout
 from stages.config import DATA_FORMATS, EvaluateConfig
 from stages.evaluate import run
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cache.distributions import PAD_ID, TruncatedDistributions
-from pipeline.losses import (
+from pipeline.unlearning.losses import (
     LOSSES,
     AnswerPredictions,
     GradientSaliency,

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.membership import ATTACKS, auc, membership_aucs, min_k_score, zlib_score
+from pipeline.evaluation.membership import ATTACKS, auc, membership_aucs, min_k_score, zlib_score
 
 scores = st.lists(st.floats(-50, 0, allow_nan=False), min_size=1, max_size=30)
 

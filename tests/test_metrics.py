@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.metrics import (
+from pipeline.evaluation.metrics import (
     COHERENCE_SCORERS,
     NgramFluencyScorer,
     bleu,

@@ -18,18 +18,19 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cache import IncompatibleCacheError, iter_cache, read_manifest, verify_cache
+from pipeline.benchmarks.data import DataError, load_reference_pool, load_unlearning_samples
 from pipeline.config import schema
-from pipeline.data import DataError, load_reference_pool, load_unlearning_samples
 from pipeline.mini_world.config import TinyLlavaConfig, WorldConfig
 from pipeline.mini_world.world import write_world
 from pipeline.models import PromptedSample, VisionFeatureCache, answer_logits, encode_answers
-from pipeline.perturbations import PERTURBATIONS
 from pipeline.runtime import keep_freed_memory
 from pipeline.samples import QASample
-from pipeline.teachers import ICU_PROMPTS, TEACHERS, TeacherContext
+from pipeline.unlearning.extractor import TeacherExtractor
+from pipeline.unlearning.perturbations import PERTURBATIONS
+from pipeline.unlearning.teachers import ICU_PROMPTS, TEACHERS, TeacherContext
 from stages.cli import main
 from stages.config import PrecomputeConfig
-from stages.precompute import PrecomputeError, TeacherExtractor, checked, run
+from stages.precompute import PrecomputeError, checked, run
 
 SMALL_WORLD = WorldConfig(
     num_people=10, num_real=2, num_reference_people=6, num_pets=3, num_scenes=3, num_patterns=3, alt_images=1

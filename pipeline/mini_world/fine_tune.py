@@ -1,7 +1,7 @@
 """Fine-tuning the tiny model until it has memorized the mini world: the full model unlearning starts from.
 
 It trains on every split's questions (Full_Set + the real-celebrity Retain_Set), in the task texts the
-benchmark asks (pipeline.prompts): first the facts alone (profile QA and cloze items), then every task
+benchmark asks (pipeline.benchmarks.prompts): first the facts alone (profile QA and cloze items), then every task
 format. The Test_Set (other images, paraphrased questions) is never trained on: it measures
 generalization. Work in progress is checkpointed every epoch, so an interrupted run resumes.
 """
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline import prompts
+from pipeline.benchmarks import prompts
 from pipeline.mini_world.config import FineTuneConfig
 from pipeline.mini_world.drawing import augmented
 from pipeline.mini_world.text import training_wordings

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 
-from pipeline.metrics import rouge_l_f1
+from pipeline.evaluation.metrics import rouge_l_f1
 from pipeline.mini_world.people import ATTRIBUTE_VOCABULARY, ATTRIBUTES, Person, Phrasing, Profile
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pipeline.losses import AnswerPredictions, GradientSaliency, LossTerms, MaskedTerm, nll
+from pipeline.unlearning.losses import AnswerPredictions, GradientSaliency, LossTerms, MaskedTerm, nll
 
 
 def mean_squared_gradients(

@@ -17,10 +17,10 @@ from itertools import islice
 from cache.manifest import CacheManifest, check_compatible, read_manifest
 from cache.reader import iter_cache
 from cache.schema import CachedSample, IncompatibleCacheError
-from pipeline.losses import AnswerPredictions
 from pipeline.models import DTYPES
 from pipeline.samples import QASample
 from pipeline.training.processes import Processes
+from pipeline.unlearning.losses import AnswerPredictions
 
 
 class TokenMismatchError(ValueError):

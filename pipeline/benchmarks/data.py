@@ -20,7 +20,7 @@ Logical split names accepted everywhere a split is asked for:
     real / Retain_Set    the real-celebrity group
     full / Full_Set      every fictitious person
     unseen / Unseen_Set  people no model was fine-tuned on (the mini world's reference people): the
-                         never-seen side of membership inference (pipeline.membership); not in the hub
+                         never-seen side of membership inference (pipeline.evaluation.membership); not in the hub
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline import prompts
+from pipeline.benchmarks import prompts
 from pipeline.hashing import sha256_hex, stable_int
 from pipeline.samples import QASample
 

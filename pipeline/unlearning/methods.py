@@ -5,7 +5,7 @@
       viker_no_ga: {loss: viker, forget_cache: work/cache/viker, args: {lambda: 1.0, no_ga: true}}
 
 A method owns its arguments: they are checked against the keyword-only parameters of its loss
-(pipeline.losses), so a misspelt or foreign argument is refused with the list the loss accepts, and a
+(pipeline.unlearning.losses), so a misspelt or foreign argument is refused with the list the loss accepts, and a
 run records only its own. An argument is named as in the paper; a parameter that would be a Python
 keyword carries a trailing underscore in the loss (`lambda` -> `lambda_`).
 """
@@ -55,7 +55,7 @@ def check_entry(name: str, entry: Any, where: str) -> dict[str, Any]:
 
 def loss_arguments_checked(loss: str, arguments: dict[str, Any], where: str) -> dict[str, Any]:
     """`arguments` keyed by the loss's parameter names; an argument the loss lacks is an error."""
-    from pipeline.losses import LOSSES, loss_arguments
+    from pipeline.unlearning.losses import LOSSES, loss_arguments
 
     if loss not in LOSSES:
         raise MethodError(f"{where}: unknown loss {loss!r}; known: {', '.join(LOSSES.names())}")
@@ -74,7 +74,7 @@ def loss_arguments_checked(loss: str, arguments: dict[str, Any], where: str) -> 
 
 def check_value(loss: str, parameter: str, value: Any, where: str) -> None:
     """The value fits the parameter's declared type, choices (Literal) and range (Annotated Range)."""
-    from pipeline.losses import LOSSES, Range
+    from pipeline.unlearning.losses import LOSSES, Range
 
     annotation = typing.get_type_hints(LOSSES[loss], include_extras=True)[parameter]
     ranges = [extra for extra in getattr(annotation, "__metadata__", ()) if isinstance(extra, Range)]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.metrics import question_measures
+from pipeline.evaluation.metrics import question_measures
 
 Cell = tuple[str, str, str]  # (method, split, measure)
 

@@ -14,7 +14,7 @@ compute (and which caches to stream) without a table beside the registry:
                                      L_NLL on D_f and on D_r at the frozen model (MMUnlearner)
 
 Keyword-only parameters are the loss's own arguments (with the papers' defaults); params.yaml's method
-entries set them (pipeline.methods). Every loss returns a dict
+entries set them (pipeline.unlearning.methods). Every loss returns a dict
 with "loss" (the scalar to minimise) and its terms (for the training log). A term may be a MaskedTerm:
 part of "loss" whose gradient the training step multiplies by a mask before the rest is added
 (MMUnlearner's -m ⊙ L(D_f)).
@@ -45,7 +45,7 @@ from pipeline.registry import Registry
 
 @dataclass(frozen=True)
 class Range:
-    """The values a loss argument accepts (checked when a method is resolved: pipeline.methods)."""
+    """The values a loss argument accepts (checked when a method is resolved: pipeline.unlearning.methods)."""
 
     low: float | None = None
     high: float | None = None
@@ -428,7 +428,7 @@ def loss_arguments(method: str) -> dict[str, object]:
 
 
 def compute_loss(method: str, inputs: dict[str, object], arguments: dict[str, object]) -> LossTerms:
-    """Call a loss with the inputs it declares and its arguments (checked: pipeline.methods)."""
+    """Call a loss with the inputs it declares and its arguments (checked: pipeline.unlearning.methods)."""
     needed = loss_inputs(method)
     missing = [name for name in needed if inputs.get(name) is None]
     if missing:

@@ -1,7 +1,7 @@
 """Teachers: what the frozen full model is shown so that its answer distribution becomes the target.
 
 A teacher is one function (sample, context) -> TeacherInput, registered by its CLI name. It only
-builds model inputs; stages/precompute.py runs them, averages the softmaxes of a sample's variants
+builds model inputs; pipeline.unlearning.extractor runs them, averages the softmaxes of a sample's variants
 and truncates. For every teacher the answer is the ground truth, teacher-forced.
 
     viker     ViKeR Eq. 4: k irrelevant reference images replace the sample's image, R = mean of the
@@ -30,9 +30,9 @@ from PIL import Image
 
 from pipeline.hashing import sha256_hex, stable_int
 from pipeline.models import ModelFamily, PromptedSample
-from pipeline.perturbations import PERTURBATIONS
 from pipeline.registry import Registry
 from pipeline.samples import QASample, decode_image
+from pipeline.unlearning.perturbations import PERTURBATIONS
 
 # Vgid Appendix A.1, verbatim.
 ICU_PROMPTS = {

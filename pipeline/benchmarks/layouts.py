@@ -1,11 +1,11 @@
 """Data layouts: how one data folder's splits become unlearning triples and evaluation items.
 
     mllmu  MLLMU-Bench's hub layout (MLLMMU/MLLMU-Bench; the mini world writes the same): forget_K,
-           retain_(100-K), Test_Set, Retain_Set, Full_Set folders (pipeline.data)
+           retain_(100-K), Test_Set, Retain_Set, Full_Set folders (pipeline.benchmarks.data)
     clear  CLEAR (therem/CLEAR): forget01|05|10, retain99|95|90 (image, caption, name), real_faces
            (image, answer, options), real_world (image, question, answer, options)
     local  one file per split, <split>.jsonl or <split>.parquet, of (image, question, answer) records
-           (pipeline.data.load_local_samples), images relative to the folder
+           (pipeline.benchmarks.data.load_local_samples), images relative to the folder
 
 Every stage reads its data through `layout(data_format, data)`: `unlearning_samples` for precompute and
 training, `split_names`, `eval_items` and `split_files` for evaluation. `data_format: auto` detects the
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline import data as hub
-from pipeline.data import (
+from pipeline.benchmarks import data as hub
+from pipeline.benchmarks.data import (
     CLEAR_NAME_QUESTION,
     DataError,
     EvalItem,
