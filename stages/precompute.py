@@ -43,9 +43,9 @@ from cache import (
 )
 from pipeline.benchmarks.data import (
     REFERENCE_KINDS,
-    SPLIT_POOLS,
     forget_ratio,
     load_reference_pool,
+    reference_root,
     samples_fingerprint,
 )
 from pipeline.hashing import sha256_hex
@@ -332,13 +332,7 @@ def measure_cache_kl(
 
 
 def references_root(config: PrecomputeConfig) -> Path:
-    """--references, else the folder beside --data that holds references/ (the mini world's layout)."""
-    if config.references:
-        return Path(config.references)
-    data = Path(config.data)
-    if config.reference_kind in SPLIT_POOLS:
-        return data
-    return data.parent if (data.parent / "references").is_dir() else data
+    return reference_root(config.references, config.data, config.reference_kind)
 
 
 def _batched(items: Sequence, size: int) -> Iterator[list]:

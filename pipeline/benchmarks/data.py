@@ -479,6 +479,18 @@ def load_unlearning_samples(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def reference_root(references: str | Path | None, data: str | Path, kind: str) -> Path:
+    """Where a reference pool is looked for: `references` when given, else the data folder for the split
+    pools, else the folder beside the data that holds references/ (the mini world's layout), else the
+    data folder itself."""
+    if references:
+        return Path(references)
+    data = Path(data)
+    if kind in SPLIT_POOLS:
+        return data
+    return data.parent if (data.parent / "references").is_dir() else data
+
+
 def load_reference_pool(root: str | Path, kind: str, forget_ratio: int = 10) -> list[tuple[str, bytes]]:
     """(image id, bytes) of a pool, sorted by id.
 
