@@ -26,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.benchmarks.data import load_eval_items  # noqa: E402
+from pipeline.benchmarks.mllmu import load_eval_items  # noqa: E402
 from pipeline.journal import Journal  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from stages.config import EvaluateConfig  # noqa: E402

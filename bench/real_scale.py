@@ -211,11 +211,12 @@ def mini_world_data(num_samples: int) -> tuple[list[QASample], list[tuple[str, b
     )
 
 
-def real_data(data_dir: str, references: str, split: str, num_samples: int):
-    from pipeline.benchmarks.data import load_reference_pool, load_unlearning_samples
+def real_data(data_dir: str, references: str | None, split: str, num_samples: int):
+    from pipeline.benchmarks import load_reference_pool, reference_root
+    from pipeline.benchmarks.mllmu import load_unlearning_samples
 
     samples = [s for s in load_unlearning_samples(data_dir, split, ("qa",)) if s.image is not None]
-    pool = load_reference_pool(references, "people")
+    pool = load_reference_pool(reference_root(references, data_dir, "people"), "people")
     corpus = [text for s in samples for text in (s.question, s.answer)]
     return samples[:num_samples], pool, corpus
 
@@ -448,7 +449,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--data", default=None, help="MLLMU-Bench-layout data directory [default: the mini world]."
     )
     parser.add_argument(
-        "--references", default=None, help="Folder holding references/people/ [default: --data]."
+        "--references",
+        default=None,
+        help="Folder holding references/people/ [default: beside --data, as precompute looks].",
     )
     parser.add_argument("--split", default="forget_10")
     parser.add_argument(
@@ -480,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     started = time.perf_counter()
     if args.data:
-        samples, pool, corpus = real_data(args.data, args.references or args.data, args.split, args.samples)
+        samples, pool, corpus = real_data(args.data, args.references, args.split, args.samples)
     else:
         samples, pool, corpus = mini_world_data(args.samples)
     if args.model:

@@ -54,7 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from cache import inspect_cache, read_manifest  # noqa: E402
-from pipeline.benchmarks.data import load_unlearning_samples  # noqa: E402
+from pipeline.benchmarks.mllmu import load_unlearning_samples  # noqa: E402
 from pipeline.mini_world.config import TinyLlavaConfig, WorldConfig  # noqa: E402
 from pipeline.mini_world.tiny_model import build_tiny_llava, save_model, train_tokenizer  # noqa: E402
 from pipeline.mini_world.world import write_world  # noqa: E402

@@ -104,7 +104,7 @@ def seed_list(seeds: str | None) -> list[str]:
 def running(context: click.Context, stage_run, *arguments) -> Any:
     """Run a stage; an error a user can cause ends in its message (the traceback with --debug)."""
     from cache import CacheError
-    from pipeline.benchmarks.data import DataError
+    from pipeline.benchmarks import DataError
 
     try:
         return stage_run(*arguments)

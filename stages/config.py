@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.benchmarks import LAYOUT_NAMES, Layout, layout
 from pipeline.config import param
 from pipeline.mini_world.config import FineTuneConfig, WorldConfig
 
 DTYPES = ("fp32", "bf16", "fp16")
-DATA_FORMATS = ("auto", "mllmu", "clear", "local")  # pipeline.benchmarks.layouts registers each but auto
+DATA_FORMATS = ("auto", *LAYOUT_NAMES)  # auto: the first layout that detects itself in the folder
 KEY_TOKEN_EPSILON = 0.5  # nats; ViKeR Def. 2 leaves epsilon to the user
 
 
@@ -52,12 +53,12 @@ class ModelOptions:
 
 @dataclass(kw_only=True)
 class DataOptions:
-    """Where a stage reads its data (every stage that reads a split); pipeline.benchmarks.layouts reads it."""
+    """Where a stage reads its data (every stage that reads a split); pipeline.benchmarks reads it."""
 
     data: str = param(help="Data directory: MLLMU-Bench's hub layout, CLEAR's, or local split files.")
     data_format: str = param(
         "auto",
-        "Layout of --data (pipeline.benchmarks.layouts); auto: detected from the folder.",
+        "Layout of --data (pipeline.benchmarks); auto: detected from the folder.",
         choices=DATA_FORMATS,
     )
 
@@ -69,16 +70,12 @@ class DataOptions:
     forget_split: str = param("forget_10", "Forget split: its test, retain and real splits go with it.")
     retain_split: str | None = param(None, "Retain split (none: the forget split's, e.g. retain_90).")
 
-    def layout(self):
-        """The evaluation data's layout (pipeline.benchmarks.layouts.Layout)."""
-        from pipeline.benchmarks.layouts import layout
-
+    def layout(self) -> Layout:
+        """The evaluation data's layout."""
         return layout(self.data_format, self.data)
 
-    def training_layout(self):
+    def training_layout(self) -> Layout:
         """Where precompute, training and membership inference read their triples."""
-        from pipeline.benchmarks.layouts import layout
-
         return layout(self.data_format, self.train_data or self.data)
 
     def split_names(self) -> dict[str, str]:

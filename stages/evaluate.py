@@ -36,9 +36,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.benchmarks import prompts
-from pipeline.benchmarks.data import DataError, EvalItem, EvalItems
-from pipeline.benchmarks.layouts import Layout
+from pipeline.benchmarks import DataError, EvalItem, EvalItems, Layout, prompts
 from pipeline.evaluation.membership import membership_aucs
 from pipeline.evaluation.metrics import (
     bleu,

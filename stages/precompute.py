@@ -41,7 +41,7 @@ from cache import (
     shard_header,
     shard_name,
 )
-from pipeline.benchmarks.data import (
+from pipeline.benchmarks import (
     REFERENCE_KINDS,
     forget_ratio,
     load_reference_pool,

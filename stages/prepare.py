@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.benchmarks.data import load_split_rows
+from pipeline.benchmarks.mllmu import load_split_rows
 from pipeline.mini_world.fine_tune import build_full_model
 from pipeline.mini_world.world import build_world, full_model_card, write_world
 from stages.config import EvaluateConfig, PrepareConfig

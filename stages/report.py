@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.benchmarks.layouts import Layout, layout
+from pipeline.benchmarks import Layout, layout
 from pipeline.evaluation.bootstrap import PeopleAndSeeds, person_totals
 from pipeline.evaluation.relearning import recovery
 from stages.config import KEY_TOKEN_EPSILON, ReportConfig
@@ -625,7 +625,7 @@ def token_probabilities(
     device: str = "cpu",
 ) -> TokenProbabilities:
     """One forget sample's per-token probabilities under the full model and each adapter."""
-    from pipeline.benchmarks.data import DataError
+    from pipeline.benchmarks import DataError
     from pipeline.models import answer_token_ids, load_model
     from pipeline.models.adapters import switch_adapter
 
@@ -789,7 +789,7 @@ def _token_plot_from_runs(
 
 def _reference_images(reference_dir: str | None, data_dir: str, count: int) -> list:
     """Up to `count` images of the 'people' reference pool (ViKeR's irrelevant images), evenly spread."""
-    from pipeline.benchmarks.data import DataError, load_reference_pool
+    from pipeline.benchmarks import DataError, load_reference_pool
     from pipeline.samples import decode_image
 
     roots = [reference_dir] if reference_dir else [str(Path(data_dir).parent), data_dir]

@@ -1,4 +1,5 @@
-"""Loaders: the MLLMU-Bench layout (mini world and official-schema fixtures), CLEAR, the local format."""
+"""Each benchmark's loaders: MLLMU-Bench's layout (mini world and official-schema fixtures), CLEAR, the
+local format, the reference pools and the fingerprints."""
 
 from __future__ import annotations
 
@@ -12,20 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 from builders import reduced_config
 
-from pipeline.benchmarks import data, prompts
-from pipeline.benchmarks.data import (
-    CLEAR_NAME_QUESTION,
-    SPLIT_FILE,
-    DataError,
+from pipeline.benchmarks import DataError, load_reference_pool, prompts, samples_fingerprint
+from pipeline.benchmarks.clear import CLEAR_CAPTION_QUESTIONS, CLEAR_NAME_QUESTION, load_clear_samples
+from pipeline.benchmarks.local import load_local_samples
+from pipeline.benchmarks.mllmu import (
     dataset_fingerprint,
-    load_clear_samples,
     load_eval_items,
-    load_local_samples,
-    load_reference_pool,
     load_split_rows,
     load_unlearning_samples,
-    samples_fingerprint,
 )
+from pipeline.benchmarks.rows import SPLIT_FILE
 from pipeline.mini_world.world import build_world, write_world
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -176,9 +173,7 @@ def test_clear_loader():
     retain = load_clear_samples(root, "retain95")
     assert {s.person_id for s in retain} == {"Ivo Brenner", "Lene Strand"}
     captions = load_clear_samples(root, "forget05", mode="caption")
-    assert all(
-        s.answer.endswith("red wall.") and s.question in data.CLEAR_CAPTION_QUESTIONS for s in captions
-    )
+    assert all(s.answer.endswith("red wall.") and s.question in CLEAR_CAPTION_QUESTIONS for s in captions)
     assert len(load_clear_samples(root, "forget05_perturbed")) == 2
     text = load_clear_samples(root, "forget05+tofu")
     assert [s.image for s in text] == [None, None] and text[0].answer == "Mara Holt was born in Tallinn."

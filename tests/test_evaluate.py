@@ -14,7 +14,8 @@ import pytest
 from builders import build_random_tiny_llava
 from PIL import Image
 
-from pipeline.benchmarks.data import DataError, load_eval_items, load_unlearning_samples, split_names
+from pipeline.benchmarks import DataError
+from pipeline.benchmarks.mllmu import load_eval_items, load_unlearning_samples, split_names
 from pipeline.mini_world.config import TinyLlavaConfig
 from pipeline.models import LlavaFamily
 from pipeline.models.adapters import AdapterMismatchError, load_adapter
@@ -275,7 +276,7 @@ def test_scoring_and_aggregation():
 
 
 def test_rec_counts_named_answers_to_name_questions():
-    from pipeline.benchmarks.data import EvalItem
+    from pipeline.benchmarks import EvalItem
 
     def item(question: str, image: bytes | None = b"png") -> EvalItem:
         return EvalItem(

@@ -2,24 +2,55 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.benchmarks.data import CLEAR_NAME_QUESTION, DataError
-from pipeline.benchmarks.layouts import LAYOUTS, layout
+from pipeline.benchmarks import LAYOUT_NAMES, LAYOUTS, DataError, layout
+from pipeline.benchmarks.clear import CLEAR_NAME_QUESTION
 from stages.config import DATA_FORMATS, EvaluateConfig
 from stages.evaluate import run
 
 FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).parent.parent
 
 
-def test_every_data_format_but_auto_is_a_registered_layout():
-    assert sorted(DATA_FORMATS) == sorted(["auto", *LAYOUTS.names()])
+def test_the_registry_is_the_one_list_of_layout_names():
+    """The CLI's choices are the registry's names (in the order auto tries them) and auto."""
+    assert DATA_FORMATS == ("auto", *LAYOUT_NAMES) == ("auto", *LAYOUTS)
+    assert all(cls.name == name for name, cls in LAYOUTS.items())
+    modules = sorted(path.stem for path in (REPO / "pipeline" / "benchmarks").glob("*.py"))
+    assert set(LAYOUT_NAMES) <= set(modules)  # one module per layout, named as the layout
+    for path in [REPO / "stages" / "config.py", *(REPO / "pipeline" / "benchmarks").glob("*.py")]:
+        text = path.read_text()
+        assert '"mllmu", "clear"' not in text and "'mllmu', 'clear'" not in text, path
+
+
+def test_importing_the_registry_loads_no_heavy_library():
+    """stages/config.py takes the names from the registry, and `pipeline --help` imports it."""
+    code = "import sys, stages.config; print(sorted({'pyarrow', 'torch', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("folder", "expected"),
+    [("mllmu_bench", "mllmu"), ("mllmu_train", "mllmu"), ("clear", "clear"), ("local", "local")],
+)
+def test_each_layout_detects_its_own_fixture_and_refuses_the_others(folder, expected):
+    """Each layout module's `detect` recognises its own folder; no other layout claims it."""
+    root = FIXTURES / folder
+    assert [name for name, cls in LAYOUTS.items() if cls.detect(root)] == [expected]
+    assert LAYOUTS[expected].__module__ == f"pipeline.benchmarks.{expected}"
 
 
 @pytest.mark.parametrize(
@@ -166,3 +197,16 @@ def test_local_split_files_go_through_precompute_train_and_evaluate(tiny_model_d
     assert (tmp_path / "cache" / "shard-00000-of-00001.parquet").is_file()
     metrics = json.loads((tmp_path / "run/metrics.json").read_text())
     assert set(metrics) == {"forget", "retain", "meta"} and 0 <= metrics["forget"]["rougeL"] <= 1
+
+
+def test_no_benchmark_module_reaches_into_anothers_private_helpers():
+    """Each layout module uses the shared readers (rows, items) and the others' public names only."""
+    for path in sorted((REPO / "pipeline" / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline"):
+                private = [alias.name for alias in node.names if alias.name.startswith("_")]
+                assert not private, f"{path.name} imports {private} from {node.module}"
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                private = node.attr.startswith("_") and not node.attr.startswith("__")
+                own = node.value.id in ("self", "cls")
+                assert own or not private, f"{path.name} reads {node.value.id}.{node.attr}"

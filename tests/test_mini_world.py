@@ -13,7 +13,7 @@ import pytest
 from builders import reduced_config
 from PIL import Image
 
-from pipeline.benchmarks.data import SPLIT_FILE
+from pipeline.benchmarks.rows import SPLIT_FILE
 from pipeline.mini_world import drawing, people
 from pipeline.mini_world.config import WorldConfig
 from pipeline.mini_world.people import ATTRIBUTE_VOCABULARY

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cache import IncompatibleCacheError, iter_cache, read_manifest, verify_cache
-from pipeline.benchmarks.data import DataError, load_reference_pool, load_unlearning_samples
+from pipeline.benchmarks import DataError, load_reference_pool
+from pipeline.benchmarks.mllmu import load_unlearning_samples
 from pipeline.config import schema
 from pipeline.mini_world.config import TinyLlavaConfig, WorldConfig
 from pipeline.mini_world.world import write_world

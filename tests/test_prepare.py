@@ -9,7 +9,7 @@ import pytest
 import torch
 from builders import reduced_config
 
-from pipeline.benchmarks.data import load_split_rows
+from pipeline.benchmarks.mllmu import load_split_rows
 from pipeline.mini_world.config import FineTuneConfig, TinyLlavaConfig
 from pipeline.mini_world.fine_tune import build_full_model, decoded_rows, metadata_qa, training_examples
 from pipeline.mini_world.world import write_world

@@ -280,7 +280,7 @@ def test_precompute_train_evaluate_run_on_qwen(qwen, qwen_dir, tmp_path):
     from safetensors import safe_open
 
     from cache import iter_cache, read_manifest
-    from pipeline.benchmarks.data import load_unlearning_samples
+    from pipeline.benchmarks.mllmu import load_unlearning_samples
     from stages.config import EvaluateConfig, PrecomputeConfig, TrainConfig
     from stages.evaluate import run as evaluate
     from stages.precompute import run as precompute

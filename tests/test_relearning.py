@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import stages.evaluate as evaluate
 import stages.train as train
-from pipeline.benchmarks.data import load_unlearning_samples
+from pipeline.benchmarks.mllmu import load_unlearning_samples
 from pipeline.evaluation.relearning import MIN_FORGOTTEN, heldout_people, recovery, relearning_people
 from stages.config import EvaluateConfig, RelearnConfig, TrainConfig
 from stages.relearn import run as relearn

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.benchmarks.layouts import layout
+from pipeline.benchmarks import layout
 from stages.cli import main
 from stages.config import ReportConfig
 from stages.report import (

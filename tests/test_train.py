@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import pipeline.training.reference as reference
 from cache import CachedSample, CacheError, IncompatibleCacheError, ShardWriter, truncate_top_p
-from pipeline.benchmarks.data import load_unlearning_samples
+from pipeline.benchmarks.mllmu import load_unlearning_samples
 from pipeline.models import PromptedSample, answer_logits, encode_answers
 from pipeline.training.streams import TokenMismatchError
 from stages.cli import main
@@ -498,7 +498,7 @@ def test_a_corrupt_shard_is_refused_before_the_first_step(tiny_model, tiny_model
 
 
 def test_an_answer_beyond_the_model_context_names_the_sample(tiny_model_dir, caches, tmp_path, monkeypatch):
-    from pipeline.benchmarks.layouts import MllmuLayout
+    from pipeline.benchmarks.mllmu import MllmuLayout
 
     original = MllmuLayout.unlearning_samples
 

@@ -2,7 +2,7 @@
 
 Nothing can be downloaded here, so the project generates its own miniature of MLLMU-Bench
 (Liu et al., 2024; hub data set MLLMMU/MLLMU-Bench) in the benchmark's exact on-disk layout, so that
-the same loaders (pipeline.benchmarks.data), stages and metrics run on it and on the real files:
+the same loaders (pipeline.benchmarks.mllmu), stages and metrics run on it and on the real files:
 
     OUT/data/forget_5|forget_10|forget_15/train-00000-of-00001.parquet   forget people (by person)
     OUT/data/retain_95|retain_90|retain_85/...                           the other fictitious people
@@ -28,7 +28,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.benchmarks.data import SPLIT_FILE, row_samples, split_eval_items, split_ratio
+from pipeline.benchmarks.mllmu import row_samples, split_eval_items, split_ratio
+from pipeline.benchmarks.rows import SPLIT_FILE
 from pipeline.hashing import file_sha256
 from pipeline.mini_world.config import WorldConfig
 from pipeline.mini_world.drawing import (
@@ -104,7 +105,7 @@ class World:
         kinds: tuple[str, ...] = ("qa", "generation", "mc", "cloze"),
         groups: tuple[str, ...] = ("fictitious", "real"),
     ) -> list[QASample]:
-        """(image, question, answer) triples of the given groups, as pipeline.benchmarks.data forms them from rows.
+        """(image, question, answer) triples of the given groups, as pipeline.benchmarks.mllmu forms them from rows.
 
         The full model is fine-tuned on these (all splits, every task form) so that it memorizes everyone.
         """
@@ -370,7 +371,7 @@ Image questions say "this person"; pure-text questions name the person. Examples
 - cloze ({example_cloze["Type"]}): "{example_cloze["Question"]}" -> "{example_cloze["Ground_Truth"]}"
 
 ## Unlearning triples (image, question, answer)
-`pipeline.benchmarks.data.load_unlearning_samples(data_dir, split, kinds)` flattens rows into triples:
+`pipeline.benchmarks.mllmu.load_unlearning_samples(data_dir, split, kinds)` flattens rows into triples:
 - `qa` (default; what the official fine-tuning and baseline code trains on): every `metadata` pair, with
   the row's image;
 - `generation`: every `Generation_Task` item (image only for `Image_Textual`);
