@@ -36,7 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from cache import Layout, ShardWriter, read_manifest  # noqa: E402
+from cache import RowLayout, ShardWriter, read_manifest  # noqa: E402
 from pipeline.mini_world.config import WorldConfig  # noqa: E402
 from pipeline.mini_world.world import write_world  # noqa: E402
 from pipeline.models import answer_logits, encode_answers, load_model  # noqa: E402
@@ -51,7 +51,7 @@ from stages.precompute import (  # noqa: E402
 )
 
 
-def layout_name(layout: Layout) -> str:
+def layout_name(layout: RowLayout) -> str:
     ids = "delta ids" if layout.delta_ids else "absolute ids"
     probs = layout.prob_dtype
     if layout.prob_dtype == "float16" and layout.prob_absolute_step:
@@ -64,8 +64,8 @@ def layout_name(layout: Layout) -> str:
 
 # Every combination of the choices cache/schema.py documents (one row per sample): float16 probabilities
 # rounded to an absolute step of 2^-14 or plainly, float32; float16 or float32 entropy; encodings.
-LAYOUTS = [
-    Layout(
+ROW_LAYOUTS = [
+    RowLayout(
         prob_dtype=dtype,
         prob_absolute_step=step,
         entropy_dtype=entropy,
@@ -110,8 +110,8 @@ def compare_layouts(config: PrecomputeConfig, header: dict, work: Path) -> dict[
     rows, records = fresh_rows(config)
     header = {key: value for key, value in header.items() if key not in ("layout", "num_shards")}
     results = {}
-    for layout in LAYOUTS:
-        name = layout_name(layout) + (" (chosen)" if layout == Layout() else "")
+    for layout in ROW_LAYOUTS:
+        name = layout_name(layout) + (" (chosen)" if layout == RowLayout() else "")
         directory = work / f"layout-{len(results)}"
         with ShardWriter(directory, 0, 1, header, layout=layout) as writer:
             for row in rows:

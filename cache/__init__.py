@@ -30,12 +30,12 @@ from cache.manifest import (
 )
 from cache.reader import iter_cache
 from cache.schema import (
-    DEFAULT_LAYOUT,
+    DEFAULT_ROW_LAYOUT,
     SCHEMA_VERSION,
     CachedSample,
     CacheError,
     IncompatibleCacheError,
-    Layout,
+    RowLayout,
     concat_samples,
     shard_bounds,
     shard_header,
@@ -44,7 +44,7 @@ from cache.schema import (
 from cache.writer import ShardWriter
 
 __all__ = [
-    "DEFAULT_LAYOUT",
+    "DEFAULT_ROW_LAYOUT",
     "PAD_ID",
     "SCHEMA_VERSION",
     "SPARSE_DIVERGENCES",
@@ -52,7 +52,7 @@ __all__ = [
     "CacheManifest",
     "CachedSample",
     "IncompatibleCacheError",
-    "Layout",
+    "RowLayout",
     "ShardManifest",
     "ShardWriter",
     "TruncatedDistributions",

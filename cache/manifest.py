@@ -20,7 +20,7 @@ from cache.schema import (
     SHARD_PATTERN,
     CacheError,
     IncompatibleCacheError,
-    Layout,
+    RowLayout,
     shard_name,
 )
 from pipeline.hashing import file_sha256
@@ -82,8 +82,8 @@ class CacheManifest:
         return self.header["tokenizer_fingerprint"]
 
     @property
-    def layout(self) -> Layout:
-        return Layout(**self.header["layout"])
+    def layout(self) -> RowLayout:
+        return RowLayout(**self.header["layout"])
 
 
 def _shard_files(directory: Path) -> dict[tuple[int, int], dict[str, Path]]:

@@ -13,7 +13,7 @@ import torch
 
 from cache.distributions import PAD_ID, malformed_rows, renormalize_support
 from cache.manifest import read_manifest
-from cache.schema import CachedSample, CacheError, Layout
+from cache.schema import CachedSample, CacheError, RowLayout
 from pipeline.hashing import file_sha256
 
 
@@ -24,7 +24,7 @@ def _list_column(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarr
     return column.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
 
 
-def _decode_batch(batch: pa.RecordBatch, layout: Layout) -> list[CachedSample]:
+def _decode_batch(batch: pa.RecordBatch, layout: RowLayout) -> list[CachedSample]:
     sample_ids = batch.column("sample_id").to_pylist()
     answer_ids, token_offsets = _list_column(batch, "answer_token_ids")
     sizes, _ = _list_column(batch, "support_sizes")

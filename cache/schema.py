@@ -43,7 +43,7 @@ about dr * log(r/q)): each is rounded to the coarser of 2^-14 and one mantissa b
 (cache.distributions.quantize_probabilities; probabilities from 2^-4 up keep float16's full precision),
 the zeroed low bits compress away, and the reader rescales the support so that support + tail = 1
 (renormalize_support), which makes the rounding errors cancel. bench/precompute.py compares this layout
-with the alternatives the Layout fields name (plain float16 or float32 probabilities, delta-coded ids,
+with the alternatives the RowLayout fields name (plain float16 or float32 probabilities, delta-coded ids,
 DELTA_BINARY_PACKED ints, PLAIN floats, one row per token; "layouts" in bench/results/precompute.json).
 The layout is recorded in the header, so a cache written with another layout still reads correctly.
 """
@@ -74,12 +74,12 @@ class IncompatibleCacheError(CacheError):
     """A cache made by another model or tokenizer than the one using it."""
 
 
-# ---------------------------------------------------------------- layout
+# ---------------------------------------------------------------- row layout
 
 
 @dataclass(frozen=True)
-class Layout:
-    """How the columns are encoded. Only DEFAULT_LAYOUT is written in production; the bench compares."""
+class RowLayout:
+    """How the columns are encoded. Only DEFAULT_ROW_LAYOUT is written in production; the bench compares."""
 
     prob_dtype: str = "float16"  # support_probs: float16 | float32
     # float16 probabilities rounded to this absolute precision (cache.distributions.quantize_probabilities);
@@ -134,7 +134,7 @@ class Layout:
         }
 
 
-DEFAULT_LAYOUT = Layout()
+DEFAULT_ROW_LAYOUT = RowLayout()
 
 
 # ---------------------------------------------------------------- samples
@@ -213,6 +213,8 @@ def shard_bounds(num_samples: int, shard_index: int, num_shards: int) -> range:
     return range(shard_index * num_samples // num_shards, (shard_index + 1) * num_samples // num_shards)
 
 
-def shard_header(header: dict[str, Any], num_shards: int, layout: Layout = DEFAULT_LAYOUT) -> dict[str, Any]:
+def shard_header(
+    header: dict[str, Any], num_shards: int, layout: RowLayout = DEFAULT_ROW_LAYOUT
+) -> dict[str, Any]:
     """The header exactly as every shard manifest of such a run stores it (the writer adds these keys)."""
     return {**header, "schema_version": SCHEMA_VERSION, "num_shards": num_shards, "layout": asdict(layout)}

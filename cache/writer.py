@@ -15,10 +15,10 @@ import torch
 
 from cache.manifest import ShardManifest
 from cache.schema import (
-    DEFAULT_LAYOUT,
+    DEFAULT_ROW_LAYOUT,
     CachedSample,
     CacheError,
-    Layout,
+    RowLayout,
     shard_bounds,
     shard_header,
     shard_name,
@@ -75,7 +75,7 @@ class ShardWriter:
         shard_index: int,
         num_shards: int,
         header: dict[str, Any],
-        layout: Layout = DEFAULT_LAYOUT,
+        layout: RowLayout = DEFAULT_ROW_LAYOUT,
         row_group_samples: int = 128,
     ) -> None:
         shard_bounds(0, shard_index, num_shards)  # validates the index

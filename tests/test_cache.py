@@ -19,7 +19,7 @@ from cache import (
     CachedSample,
     CacheError,
     IncompatibleCacheError,
-    Layout,
+    RowLayout,
     ShardWriter,
     check_compatible,
     completed_shard,
@@ -70,10 +70,12 @@ def record(sample: CachedSample) -> dict:
     }
 
 
-def write_cache(directory: Path, samples: list[CachedSample], num_shards: int, layout: Layout | None = None):
+def write_cache(
+    directory: Path, samples: list[CachedSample], num_shards: int, layout: RowLayout | None = None
+):
     for index in range(num_shards):
         with ShardWriter(
-            directory, index, num_shards, HEADER, layout=layout or Layout(), row_group_samples=3
+            directory, index, num_shards, HEADER, layout=layout or RowLayout(), row_group_samples=3
         ) as w:
             for position in shard_bounds(len(samples), index, num_shards):
                 w.write(samples[position], record(samples[position]))
@@ -90,7 +92,7 @@ def cache_dir(tmp_path, samples) -> Path:
     return tmp_path / "cache"
 
 
-def assert_same(read: CachedSample, written: CachedSample, layout: Layout = Layout()) -> None:
+def assert_same(read: CachedSample, written: CachedSample, layout: RowLayout = RowLayout()) -> None:
     """Ids, tail mass and log-probs come back exactly; probabilities as the layout stores them, then
     renormalised so that support + tail = 1; entropy in the layout's dtype."""
     assert read.sample_id == written.sample_id
@@ -120,11 +122,11 @@ def assert_same(read: CachedSample, written: CachedSample, layout: Layout = Layo
 @pytest.mark.parametrize(
     "layout",
     [
-        Layout(),
-        Layout(prob_dtype="float32", entropy_dtype="float32"),
-        Layout(prob_absolute_step=None),
-        Layout(delta_ids=True),
-        Layout(float_encoding="PLAIN", int_encoding="DELTA_BINARY_PACKED"),
+        RowLayout(),
+        RowLayout(prob_dtype="float32", entropy_dtype="float32"),
+        RowLayout(prob_absolute_step=None),
+        RowLayout(delta_ids=True),
+        RowLayout(float_encoding="PLAIN", int_encoding="DELTA_BINARY_PACKED"),
     ],
 )
 def test_round_trip_preserves_every_value(tmp_path, samples, layout):
@@ -381,7 +383,7 @@ def test_inspect_reports_sizes_and_the_truncation_error(tmp_path):
 
 def test_inspect_error_is_tiny_without_truncation(tmp_path):
     written = [make_sample(i, 4, top_p=1.0, max_support=VOCAB) for i in range(2)]
-    write_cache(tmp_path / "c", written, num_shards=1, layout=Layout(prob_dtype="float32"))
+    write_cache(tmp_path / "c", written, num_shards=1, layout=RowLayout(prob_dtype="float32"))
 
     def exact(samples):
         for sample in samples:

@@ -101,7 +101,7 @@ def test_viker_rows_are_the_mean_of_k_reference_softmaxes(world, tiny_model, vik
         ids = cached.support_ids[token][cached.support_ids[token] >= 0]
         torch.testing.assert_close(
             cached.support_probs[token, : len(ids)].double(), mean[token, ids], rtol=2e-3, atol=2.0**-14
-        )  # stored to an absolute precision of 2^-14 (cache.schema.Layout), renormalised on reading
+        )  # stored to an absolute precision of 2^-14 (cache.schema.RowLayout), renormalised on reading
         dropped = torch.ones(mean.shape[1], dtype=torch.bool)
         dropped[ids] = False
         assert cached.tail_mass[token].item() == pytest.approx(mean[token, dropped].sum().item(), abs=1e-5)
