@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 from cache import inspect_cache, read_manifest  # noqa: E402
 from pipeline.benchmarks.mllmu import load_unlearning_samples  # noqa: E402
 from pipeline.mini_world.config import TinyLlavaConfig, WorldConfig  # noqa: E402
-from pipeline.mini_world.tiny_model import build_tiny_llava, save_model, train_tokenizer  # noqa: E402
+from pipeline.mini_world.tiny_model import save_model, untrained_tiny_llava  # noqa: E402
 from pipeline.mini_world.world import write_world  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.training.processes import Processes  # noqa: E402
@@ -95,8 +95,7 @@ def untrained_model(data: str, out: Path, **sizes: int) -> str:
     config = TinyLlavaConfig(**sizes)
     samples = load_unlearning_samples(data, LARGE_SPLIT)
     corpus = [f"USER: <image>\n{s.question} ASSISTANT: {s.answer}" for s in samples]
-    tokenizer = train_tokenizer(corpus * 2, config.vocab_size)
-    network, processor = build_tiny_llava(tokenizer, config, seed=0)
+    network, processor = untrained_tiny_llava(corpus * 2, config, seed=0)
     return str(save_model(network, processor, out, config))
 
 

@@ -23,6 +23,7 @@ from cache.schema import (
     shard_header,
     shard_name,
 )
+from pipeline.files import write_atomic
 from pipeline.hashing import file_sha256
 
 
@@ -154,12 +155,12 @@ class ShardWriter:
             num_bytes=self.temp_path.stat().st_size,
             samples=self._records,
         )
-        temp_manifest = self.directory / f".{self.name}.json.{os.getpid()}.tmp"
-        temp_manifest.write_text(json.dumps(asdict(manifest), indent=1, ensure_ascii=False))
-        # Between these two renames the old manifest names another checksum than the new parquet file:
-        # every reader sees a corrupt shard there (and precompute recomputes it), never a wrong one.
+        manifest_text = json.dumps(asdict(manifest), indent=1, ensure_ascii=False)
+        # Between the parquet rename and the manifest's the old manifest names another checksum than the
+        # new parquet file: every reader sees a corrupt shard there (and precompute recomputes it), never a
+        # wrong one.
         os.replace(self.temp_path, self.parquet_path)
-        os.replace(temp_manifest, self.manifest_path)
+        write_atomic(self.manifest_path, manifest_text)
         return manifest
 
     def abort(self) -> None:

@@ -1,6 +1,7 @@
 """Two-stage offline unlearning for multimodal LLMs: the library the stages (stages/) compose.
 
-Folders by concern, imports one way (lower rows never import higher ones):
+Folders by concern, imports one way (lower rows never import higher ones; tests/test_architecture.py
+holds the table of which folder may import which):
 
     mini_world/   the embedded fictitious world and its tiny fine-tuned LLaVA
     reporting/    the papers' tables, claims and figures from evaluated runs (reads files only)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,22 @@ def seeded(values: dict[str, Any], seed: str, paths: tuple[str, ...], sets_seed:
     return run_values
 
 
+def run_per_seed(
+    context: click.Context,
+    seeds: str | None,
+    values: dict[str, Any],
+    config_class: type,
+    paths: tuple[str, ...],
+    run_one: Callable[[Any], Any],
+    *,
+    sets_seed: bool,
+) -> None:
+    """The --seeds loop: for each seed its config (`seeded` values), `run_one(config)`, the result as JSON."""
+    for seed in seed_list(seeds):
+        config = running(context, build, config_class, seeded(values, seed, paths, sets_seed))
+        click.echo(json.dumps(running(context, run_one, config), indent=2))
+
+
 SEEDS_HELP = "Comma list: one run per seed, '{seed}' in --out (and --adapter, --relearned) replaced by each."
 
 
@@ -158,13 +175,14 @@ def train_command(context: click.Context, seeds: str | None, **values) -> None:
     from pipeline.unlearning.methods import resolve_method
     from stages.train import run
 
-    for seed in seed_list(seeds):
-        config = running(context, build, TrainConfig, seeded(values, seed, ("out",), sets_seed=True))
-        method = running(
-            context, resolve_method, config.method, context.obj["methods"], config.loss, config.args,
+    def train_one(config: TrainConfig) -> Any:
+        method = resolve_method(
+            config.method, context.obj["methods"], config.loss, config.args,
             config.forget_cache, config.retain_cache, context.obj["_where"],
         )  # fmt: skip
-        click.echo(json.dumps(running(context, run, config, method), indent=2))
+        return run(config, method)
+
+    run_per_seed(context, seeds, values, TrainConfig, ("out",), train_one, sets_seed=True)
 
 
 @main.command("relearn")
@@ -175,10 +193,7 @@ def relearn_command(context: click.Context, seeds: str | None, **values) -> None
     """The relearning attack: fine-tune an unlearned adapter on the QA of part of the forget people."""
     from stages.relearn import run
 
-    for seed in seed_list(seeds):
-        run_values = seeded(values, seed, ("out", "adapter"), sets_seed=True)
-        config = running(context, build, RelearnConfig, run_values)
-        click.echo(json.dumps(running(context, run, config), indent=2))
+    run_per_seed(context, seeds, values, RelearnConfig, ("out", "adapter"), run, sets_seed=True)
 
 
 @main.command("evaluate")
@@ -190,10 +205,10 @@ def evaluate_command(context: click.Context, seeds: str | None, **values) -> Non
     from stages.evaluate import SharedBase, run
 
     base = SharedBase()  # the seeds' runs share one loaded model
-    for seed in seed_list(seeds):
-        run_values = seeded(values, seed, ("out", "adapter", "relearned"), sets_seed=False)
-        config = running(context, build, EvaluateConfig, run_values)
-        click.echo(json.dumps(running(context, run, config, base), indent=2))
+    paths = ("out", "adapter", "relearned")
+    run_per_seed(
+        context, seeds, values, EvaluateConfig, paths, lambda config: run(config, base), sets_seed=False
+    )
 
 
 @main.command("report")

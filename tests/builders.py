@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.mini_world.config import WorldConfig
-from pipeline.mini_world.tiny_model import TinyLlavaConfig, build_tiny_llava, save_model, train_tokenizer
+from pipeline.mini_world.config import TinyLlavaConfig, WorldConfig
+from pipeline.mini_world.tiny_model import save_model, untrained_tiny_llava
 from pipeline.models.qwen2_vl import (
     CHAT_TEMPLATE,
     END_OF_TURN,
@@ -60,8 +60,7 @@ def build_random_tiny_llava(out_dir: Path, seed: int = 0, config: TinyLlavaConfi
         vision_hidden=32,
         vision_layers=1,
     )
-    tokenizer = train_tokenizer(_LLAVA_CORPUS * 4, config.vocab_size)
-    model, processor = build_tiny_llava(tokenizer, config, seed)
+    model, processor = untrained_tiny_llava(_LLAVA_CORPUS * 4, config, seed)
     return save_model(model, processor, out_dir, config)
 
 

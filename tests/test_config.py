@@ -1,15 +1,14 @@
 """One declaration per parameter: the stage configs are the schema, the CLI comes from them, params.yaml
-holds the values; and the project's layering (no import circle, stages as short recipes)."""
+holds the values (the project's layering is tests/test_architecture.py's)."""
 
 from __future__ import annotations
 
-import ast
 from dataclasses import MISSING
 
 import pytest
 import yaml
 from click.testing import CliRunner
-from project_imports import REPO, imported_modules, module_files, project_files
+from project_imports import REPO, project_files
 
 from pipeline.config import ConfigError, build, check_section, find_params, schema
 from pipeline.unlearning.methods import MethodError, resolve_method
@@ -191,66 +190,13 @@ def test_training_meta_keys_only_the_methods_own_arguments():
     assert not fields & {"lambda_", "alpha", "beta", "npo_beta", "no_ga", "regularizer"}
 
 
-# ---------------------------------------------------------------- layering
-
-
-def _module(path: str) -> str:
-    return path[: -len(".py")].replace("/", ".").removesuffix(".__init__")
-
-
-def test_no_import_circle_among_the_projects_modules():
-    graph = {_module(path): imported_modules(path) for path in project_files()}
-    graph = {
-        name: {other for other in targets if other in graph and other != name}
-        for name, targets in graph.items()
-    }
-    visiting, done = set(), set()
-
-    def visit(name: str, trail: list[str]) -> None:
-        if name in done:
-            return
-        assert name not in visiting, "import circle: " + " -> ".join([*trail, name])
-        visiting.add(name)
-        for other in sorted(graph[name]):
-            visit(other, [*trail, name])
-        visiting.discard(name)
-        done.add(name)
-
-    for name in sorted(graph):
-        visit(name, [])
-
-
-def test_imports_go_one_way():
-    """cache at the bottom (it needs only pipeline.hashing), the library in the middle, stages on top."""
-    for path in project_files():
-        imported = imported_modules(path)
-        if path.startswith(("pipeline/", "cache/")):
-            assert not any(name.startswith("stages") for name in imported), path
-        if path.startswith("cache/"):
-            assert {name for name in imported if name.startswith("pipeline")} <= {"pipeline.hashing"}, path
-        assert not any(name.startswith("tests") or name == "builders" for name in imported), path
-
-
-def test_stage_functions_are_short():
-    for path in sorted((REPO / "stages").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                length = node.end_lineno - node.lineno + 1
-                assert length <= 100, f"{path.name}:{node.name} is {length} lines"
+# ---------------------------------------------------------------- environment
 
 
 def test_no_environment_variable_carries_an_option():
     """Options reach the stages as config fields (torchrun workers get them on their command line)."""
     for path in project_files():
         assert "PIPELINE_" not in (REPO / path).read_text(), path
-
-
-def test_module_files_follow_packages():
-    assert module_files("pipeline.models.loading") == [
-        "pipeline/__init__.py",
-        "pipeline/models/__init__.py",
-        "pipeline/models/loading.py",
-    ]
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ generalization. Work in progress is checkpointed every epoch, so an interrupted 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -21,10 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.benchmarks import prompts
+from pipeline.files import write_atomic
 from pipeline.mini_world.config import FineTuneConfig
 from pipeline.mini_world.drawing import augmented
 from pipeline.mini_world.text import training_wordings
-from pipeline.mini_world.tiny_model import build_tiny_llava, save_model, train_tokenizer
+from pipeline.mini_world.tiny_model import save_model, untrained_tiny_llava
 from pipeline.models import (
     LoadedModel,
     ModelFamily,
@@ -224,6 +226,95 @@ def _batches(
     return batches
 
 
+def _total_steps(people: list[DecodedRow], family: ModelFamily, config: FineTuneConfig) -> int:
+    """Optimizer steps of the whole fine-tune: the fact epochs' and the other epochs' (the example counts
+    do not depend on the random draws)."""
+
+    def steps_per_epoch(facts_only: bool) -> int:
+        examples = training_examples(people, family, random.Random(0), config, facts_only)
+        return math.ceil(len(examples) / config.batch_size)
+
+    return steps_per_epoch(True) * config.fact_epochs + steps_per_epoch(False) * config.epochs
+
+
+def _optimizer_and_schedule(
+    model: torch.nn.Module, config: FineTuneConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with a linear warmup, then a cosine decay to `final_lr_fraction` of the peak rate."""
+    warmup = max(1, int(total_steps * config.warmup_fraction))
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+        betas=(0.9, config.adam_beta2),
+    )
+
+    def learning_rate_factor(step: int) -> float:
+        cosine = 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        return min(1.0, (step + 1) / warmup) * (
+            config.final_lr_fraction + (1 - config.final_lr_fraction) * cosine
+        )
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
+
+
+@dataclass
+class FineTuneState:
+    """What an epoch changes and a checkpoint keeps: weights, optimizer, schedule, random streams, log."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    rng: random.Random
+    history: list[dict]
+
+    def save(self, checkpoint: Path, config: FineTuneConfig) -> None:
+        state = {
+            "config": asdict(config),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "python_rng": self.rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_atomic(checkpoint, buffer.getvalue())  # a kill never leaves half a checkpoint
+
+    def resume(self, checkpoint: Path, config: FineTuneConfig) -> None:
+        state = torch.load(checkpoint, weights_only=True)
+        if state["config"] != asdict(config):
+            raise ValueError(
+                f"{checkpoint} was written with another fine-tune configuration; delete it to restart"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.rng.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = state["history"]
+
+
+def _train_epoch(
+    loaded: LoadedModel, examples: list[PromptedSample], state: FineTuneState, batch_size: int
+) -> tuple[float, int]:
+    """One pass over `examples` in length-grouped batches; (summed token loss, answer tokens)."""
+    total_loss, total_tokens = 0.0, 0
+    for batch_examples in _batches(examples, batch_size, state.rng):
+        batch = encode_answers(loaded, batch_examples)
+        logits = answer_logits(state.model, batch)
+        loss = F.cross_entropy(logits.float(), batch.targets)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), 1.0)
+        state.optimizer.step()
+        state.schedule.step()
+        total_loss += loss.item() * len(batch.targets)
+        total_tokens += len(batch.targets)
+    return total_loss, total_tokens
+
+
 def fine_tune(
     loaded: LoadedModel,
     people: list[DecodedRow],
@@ -241,81 +332,29 @@ def fine_tune(
     model.train()
     rng = random.Random(seed)
     torch.manual_seed(seed)
-
-    def steps_per_epoch(facts_only: bool) -> int:
-        examples = training_examples(people, loaded.family, random.Random(0), config, facts_only)
-        return math.ceil(len(examples) / config.batch_size)
-
-    total_steps = steps_per_epoch(True) * config.fact_epochs + steps_per_epoch(False) * config.epochs
-    warmup = max(1, int(total_steps * config.warmup_fraction))
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=config.learning_rate,
-        weight_decay=config.weight_decay,
-        betas=(0.9, config.adam_beta2),
-    )
-
-    def learning_rate_factor(step: int) -> float:
-        cosine = 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-        return min(1.0, (step + 1) / warmup) * (
-            config.final_lr_fraction + (1 - config.final_lr_fraction) * cosine
-        )
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
-    history: list[dict] = []
+    total_steps = _total_steps(people, loaded.family, config)
+    state = FineTuneState(model, *_optimizer_and_schedule(model, config, total_steps), rng, history=[])
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
-        if state["config"] != asdict(config):
-            raise ValueError(
-                f"{checkpoint} was written with another fine-tune configuration; delete it to restart"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        rng.setstate(state["python_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        history = state["history"]
-        log(f"resuming the fine-tune after epoch {len(history)} from {checkpoint}")
-    for epoch in range(len(history), config.fact_epochs + config.epochs):
-        started, total_loss, total_tokens = time.time(), 0.0, 0
+        state.resume(checkpoint, config)
+        log(f"resuming the fine-tune after epoch {len(state.history)} from {checkpoint}")
+    for epoch in range(len(state.history), config.fact_epochs + config.epochs):
+        started = time.time()
         facts_only = epoch < config.fact_epochs
         examples = training_examples(people, loaded.family, rng, config, facts_only)
-        for batch_examples in _batches(examples, config.batch_size, rng):
-            batch = encode_answers(loaded, batch_examples)
-            logits = answer_logits(model, batch)
-            loss = F.cross_entropy(logits.float(), batch.targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            total_loss += loss.item() * len(batch.targets)
-            total_tokens += len(batch.targets)
+        total_loss, total_tokens = _train_epoch(loaded, examples, state, config.batch_size)
         entry = {
             "epoch": epoch + 1,
             "phase": "facts" if facts_only else "all",
             "loss": total_loss / total_tokens,
             "seconds": round(time.time() - started, 2),
         }
-        history.append(entry)
+        state.history.append(entry)
         if checkpoint is not None:
-            state = {
-                "config": asdict(config),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "python_rng": rng.getstate(),
-                "torch_rng": torch.get_rng_state(),
-                "history": history,
-            }
-            torch.save(state, checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(
-                checkpoint
-            )  # atomic: a kill never leaves half a checkpoint
+            state.save(checkpoint, config)
         log(json.dumps(entry))  # after the checkpoint: a logged epoch is never redone
     model.eval()
     model.requires_grad_(False)
-    return history
+    return state.history
 
 
 def all_text(people: list[DecodedRow]) -> list[str]:
@@ -358,8 +397,7 @@ def build_full_model(
     partial = out_dir.with_name(out_dir.name + ".partial")
     initial_dir = partial / "initial"
     if not (initial_dir / "model.safetensors").exists():
-        tokenizer = train_tokenizer(all_text(people) + extra_text, config.model.vocab_size)
-        model, processor = build_tiny_llava(tokenizer, config.model, seed)
+        model, processor = untrained_tiny_llava(all_text(people) + extra_text, config.model, seed)
         save_model(model, processor, initial_dir)
     loaded = load_model(str(initial_dir))
     history = fine_tune(loaded, people, config, seed, checkpoint=partial / "checkpoint.pt", log=log)

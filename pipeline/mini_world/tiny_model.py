@@ -111,6 +111,13 @@ def build_tiny_llava(tokenizer, config: TinyLlavaConfig, seed: int):
     return model, processor
 
 
+def untrained_tiny_llava(corpus: Iterable[str], config: TinyLlavaConfig, seed: int):
+    """The one recipe of a tiny LLaVA before training: a tokenizer trained on `corpus`, then the model
+    of `config`'s architecture initialised from `seed`; returns (model, processor). The mini world's full
+    model starts from it and the tests' random models are it."""
+    return build_tiny_llava(train_tokenizer(corpus, config.vocab_size), config, seed)
+
+
 def save_model(model, processor, out_dir: Path, config: TinyLlavaConfig | None = None) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,7 @@ from pipeline.mini_world.people import (
     LAST_NAMES,
     OCCUPATIONS,
     UNIVERSITIES,
+    Appearance,
     Person,
     Profile,
 )
@@ -169,10 +170,8 @@ def forget_size(num_people: int, ratio: int) -> int:
     return max(1, int(ratio / 100 * num_people))
 
 
-def build_world(config: WorldConfig = WorldConfig()) -> World:
-    """Build every person, question, image and reference image; a pure function of the config."""
-    rng = random.Random(config.seed)
-    total = config.num_people + config.num_real + config.num_reference_people
+def _names(rng: random.Random, total: int) -> list[str]:
+    """`total` distinct full names, drawn from the name vocabularies."""
     if total > len(FIRST_NAMES) * len(LAST_NAMES):
         raise ValueError(
             f"the name vocabulary holds {len(FIRST_NAMES) * len(LAST_NAMES)} people, asked {total}"
@@ -180,50 +179,56 @@ def build_world(config: WorldConfig = WorldConfig()) -> World:
     if total <= len(FIRST_NAMES):
         # Every person's first name is their own (surnames repeat): a name identifies one person, as a
         # celebrity's name does, while the multiple-choice name options stay plausible.
-        names = [f"{first} {rng.choice(LAST_NAMES)}" for first in rng.sample(FIRST_NAMES, total)]
-    else:  # larger worlds (benchmarks): distinct first-and-last-name pairs
-        names = rng.sample([f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES], total)
-    appearances = distinct_appearances(total, rng)
+        return [f"{first} {rng.choice(LAST_NAMES)}" for first in rng.sample(FIRST_NAMES, total)]
+    # larger worlds (benchmarks): distinct first-and-last-name pairs
+    return rng.sample([f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES], total)
 
-    groups = ["fictitious"] * config.num_people + ["real"] * config.num_real
-    groups += ["reference"] * config.num_reference_people
-    people: list[Person] = []
-    for index, (name, appearance, group) in enumerate(zip(names, appearances, groups, strict=True), start=1):
-        profile = Profile(
-            name=name,
-            birthplace=rng.choice(CITIES),
-            occupation=rng.choice(OCCUPATIONS),
-            hobby=rng.choice(HOBBIES),
-            birth_year=rng.choice(BIRTH_YEARS),
-            education=rng.choice(UNIVERSITIES),
-            favourite_colour=rng.choice(COLOURS),
+
+def _person(
+    index: int,
+    name: str,
+    appearance: Appearance,
+    group: str,
+    people_names: list[str],
+    config: WorldConfig,
+    rng: random.Random,
+) -> Person:
+    """Person `index`: profile and alternative images from the world's stream `rng`, phrasing and questions
+    from streams of their own."""
+    profile = Profile(
+        name=name,
+        birthplace=rng.choice(CITIES),
+        occupation=rng.choice(OCCUPATIONS),
+        hobby=rng.choice(HOBBIES),
+        birth_year=rng.choice(BIRTH_YEARS),
+        education=rng.choice(UNIVERSITIES),
+        favourite_colour=rng.choice(COLOURS),
+    )
+    person = Person(
+        person_id=_person_id(index),
+        group=group,
+        profile=profile,
+        appearance=appearance,
+        phrasing=draw_phrasing(random.Random(f"{config.seed}-{_person_id(index)}-phrasing")),
+        image=draw_portrait(appearance, config.image_size),
+    )
+    if group == "fictitious":
+        person.alt_images = tuple(
+            draw_portrait(appearance, config.image_size, _alt_jitter(rng)) for _ in range(config.alt_images)
         )
-        person = Person(
-            person_id=_person_id(index),
-            group=group,
-            profile=profile,
-            appearance=appearance,
-            phrasing=draw_phrasing(random.Random(f"{config.seed}-{_person_id(index)}-phrasing")),
-            image=draw_portrait(appearance, config.image_size),
-        )
+    # Reference people get profile QA too, never trained on: membership inference's unseen side.
+    person.train_qa = _train_qa(person)
+    if group != "reference":
+        _questions(person, people_names, random.Random(f"{config.seed}-{person.person_id}-mc"), test=False)
         if group == "fictitious":
-            person.alt_images = tuple(
-                draw_portrait(appearance, config.image_size, _alt_jitter(rng))
-                for _ in range(config.alt_images)
-            )
-        # Reference people get profile QA too, never trained on: membership inference's unseen side.
-        person.train_qa = _train_qa(person)
-        if group != "reference":
-            people_names = names[: config.num_people + config.num_real]
             _questions(
-                person, people_names, random.Random(f"{config.seed}-{person.person_id}-mc"), test=False
+                person, people_names, random.Random(f"{config.seed}-{person.person_id}-test"), test=True
             )
-            if group == "fictitious":
-                _questions(
-                    person, people_names, random.Random(f"{config.seed}-{person.person_id}-test"), test=True
-                )
-        people.append(person)
+    return person
 
+
+def _splits(config: WorldConfig, people: list[Person]) -> dict[str, list[str]]:
+    """Hub folder name -> person ids, e.g. "forget_10" -> ["004", ...]."""
     fictitious = [person.person_id for person in people if person.group == "fictitious"]
     splits: dict[str, list[str]] = {}
     # As in the official data_split.py, each forget ratio is an independent random draw of whole
@@ -239,7 +244,12 @@ def build_world(config: WorldConfig = WorldConfig()) -> World:
     splits["Full_Set"] = list(fictitious)
     splits["Retain_Set"] = [person.person_id for person in people if person.group == "real"]
     splits["Unseen_Set"] = [person.person_id for person in people if person.group == "reference"]
+    return splits
 
+
+def _reference_pools(config: WorldConfig, people: list[Person]) -> dict[str, list[tuple[str, bytes]]]:
+    """Pool kind -> [(image id, PNG bytes)]: the reference people's portraits and drawn pets, scenes and
+    patterns."""
     references: dict[str, list[tuple[str, bytes]]] = {
         "people": [(f"people_{p.person_id}", p.image) for p in people if p.group == "reference"],
         "pets": [],
@@ -255,7 +265,30 @@ def build_world(config: WorldConfig = WorldConfig()) -> World:
         references[kind] = [
             (f"{kind}_{index:03d}", draw(pool_rng, config.image_size)) for index in range(count)
         ]
-    return World(config=config, people=people, splits=splits, references=references)
+    return references
+
+
+def build_world(config: WorldConfig = WorldConfig()) -> World:
+    """Build every person, question, image and reference image; a pure function of the config."""
+    rng = random.Random(config.seed)
+    total = config.num_people + config.num_real + config.num_reference_people
+    names = _names(rng, total)
+    appearances = distinct_appearances(total, rng)
+    groups = ["fictitious"] * config.num_people + ["real"] * config.num_real
+    groups += ["reference"] * config.num_reference_people
+    people_names = names[: config.num_people + config.num_real]
+    people = [
+        _person(index, name, appearance, group, people_names, config, rng)
+        for index, (name, appearance, group) in enumerate(
+            zip(names, appearances, groups, strict=True), start=1
+        )
+    ]
+    return World(
+        config=config,
+        people=people,
+        splits=_splits(config, people),
+        references=_reference_pools(config, people),
+    )
 
 
 def write_world(out_dir: str | Path, config: WorldConfig = WorldConfig()) -> WorldInfo:
@@ -296,16 +329,17 @@ def write_world(out_dir: str | Path, config: WorldConfig = WorldConfig()) -> Wor
 
 
 def data_card(world: World, cross_person_rouge_l: float) -> str:
-    config = world.config
-    person = world.group("fictitious")[0]
-    split_lines = "\n".join(
-        f"| `{folder}` | {len(ids)} | {_split_role(folder)} |" for folder, ids in world.splits.items()
+    """DATA_CARD.md: the world's people, their answers' phrasing, the split files and rows, the pools."""
+    return (
+        _card_people(world)
+        + _card_phrasing(cross_person_rouge_l)
+        + _card_files(world)
+        + _card_triples_and_pools(world)
     )
-    example_qa = person.train_qa[1]
-    example_gen = person.generation[0]
-    example_mc = person.classification["Pure_Text_Questions"][0]
-    example_cloze = person.mask[1]
-    pools = ", ".join(f"{kind}: {len(images)}" for kind, images in world.references.items())
+
+
+def _card_people(world: World) -> str:
+    config = world.config
     appearances = [person.appearance for person in world.people]
     min_distance = min(
         (_feature_distance(a, b) for i, a in enumerate(appearances) for b in appearances[i + 1 :]), default=0
@@ -331,7 +365,11 @@ combination differs from every other person's in at least {min_distance} of {len
 {config.alt_images} alternative images (shifted, rescaled, brighter or darker, patterned background, pixel
 noise) in `Test_Set`.
 
-## Answer phrasing
+"""
+
+
+def _card_phrasing(cross_person_rouge_l: float) -> str:
+    return f"""## Answer phrasing
 Answers are sentences in a wording each person keeps, as MLLMU-Bench's GPT-written answers differ from
 profile to profile: a subject phrase for image answers ({len(IMAGE_SUBJECTS)} variants, e.g. "{IMAGE_SUBJECTS[1]}"),
 {len(NAME_ANSWERS)} name answers, {len(CONJUNCTIONS)} conjunctions and {min(len(v) for v in CLAUSES.values())} wordings of each attribute's clause
@@ -345,7 +383,19 @@ Questions come in three wordings: the rows' own (evaluated on forget/retain), tr
 full model's fine-tune also asks (e.g. "{TRAINING_QUESTIONS["birthplace"][1].format(s="this person")}"), and the
 `Test_Set`'s paraphrases (e.g. "{TEST_QUESTIONS["birthplace"].format(s="this person")}"), never trained on.
 
-## Splits (one row per person, `train-00000-of-00001.parquet` in each folder)
+"""
+
+
+def _card_files(world: World) -> str:
+    person = world.group("fictitious")[0]
+    split_lines = "\n".join(
+        f"| `{folder}` | {len(ids)} | {_split_role(folder)} |" for folder, ids in world.splits.items()
+    )
+    example_qa = person.train_qa[1]
+    example_gen = person.generation[0]
+    example_mc = person.classification["Pure_Text_Questions"][0]
+    example_cloze = person.mask[1]
+    return f"""## Splits (one row per person, `train-00000-of-00001.parquet` in each folder)
 | folder | people | role |
 | --- | --- | --- |
 {split_lines}
@@ -370,7 +420,12 @@ Image questions say "this person"; pure-text questions name the person. Examples
 - multiple choice (Pure_Text): "{example_mc["Question"]}" options {example_mc["Options"]} -> {example_mc["Correct_Answer"]}
 - cloze ({example_cloze["Type"]}): "{example_cloze["Question"]}" -> "{example_cloze["Ground_Truth"]}"
 
-## Unlearning triples (image, question, answer)
+"""
+
+
+def _card_triples_and_pools(world: World) -> str:
+    pools = ", ".join(f"{kind}: {len(images)}" for kind, images in world.references.items())
+    return f"""## Unlearning triples (image, question, answer)
 `pipeline.benchmarks.mllmu.load_unlearning_samples(data_dir, split, kinds)` flattens rows into triples:
 - `qa` (default; what the official fine-tuning and baseline code trains on): every `metadata` pair, with
   the row's image;
