@@ -286,7 +286,7 @@ def key_tokens_command(
     context: click.Context, cache_dir: str, epsilon: float, model_path: str | None, limit
 ) -> None:
     """List, per cached sample, which answer tokens are key (ViKeR Def. 2) and which are normal."""
-    from stages.report import format_key_tokens, key_tokens
+    from pipeline.unlearning.key_tokens import format_key_tokens, key_tokens
 
     tokenizer = None
     if model_path:

@@ -285,13 +285,10 @@ class ReportConfig:
 
     runs: str = param("results/runs", "Folder of <run>/metrics.json (run names: method or method-sN).")
     out: str = param("results/report.md", "The report's Markdown file.")
-    references: str | None = param(None, "Reference pools folder (none: beside the runs' data).")
-    sample_index: int = param(0, "Which forget sample the token plot shows.", low=0)
     epsilon: float = param(
         KEY_TOKEN_EPSILON, "Key-token entropy threshold H(R_i) >= epsilon (nats; ViKeR Def. 2).", low=0
     )
-    token_plot: bool = param(True, "Draw the per-token probability plot.")
-    device: str = param("cpu", "torch device of the token plot's model.")
+    token_plot: bool = param(True, "Draw the per-token probability plot (from the runs' token_probs.json).")
 
 
 # params.yaml's sections of options that several commands share: `model` (how every stage that runs the

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from pipeline.evaluation.bootstrap import PeopleAndSeeds, PersonTotals, person_totals
-from stages.report import Run, findings, report_markdown, resample_runs, summarize
+from pipeline.reporting.claims import findings
+from pipeline.reporting.markdown import report_markdown
+from pipeline.reporting.runs import Run, resample_runs, summarize
 
 
 def totals(values: dict[str, list[float]]) -> PersonTotals:
@@ -84,11 +86,8 @@ def test_cells_show_intervals_and_a_finding_must_hold_in_the_resamples(tmp_path)
     lumpy = write_run(tmp_path, "viker-s0", {"0": [1, 1], **{str(p): [0.22, 0.22] for p in range(1, 6)}})
     summary = summarize([full, lumpy])
     assert summary["viker"]["forget"]["mc_acc"][0] == pytest.approx(0.35)
-    checked = dict(
-        (claim, (holds, measured))
-        for claim, holds, measured in findings(summary, resample_runs([full, lumpy], 400))
-    )
-    holds, measured = next(value for claim, value in checked.items() if claim.startswith("ViKeR forgets"))
+    checked = findings(summary, resample_runs([full, lumpy], 400))
+    holds, measured = next((f.holds, f.measured) for f in checked if f.claim.startswith("ViKeR forgets"))
     assert (
         not holds and "of resamples" in measured
     )  # the mean passes, about a quarter of the resamples do not

@@ -17,16 +17,10 @@ import stages.evaluate as evaluate
 import stages.train as train
 from pipeline.benchmarks.mllmu import load_unlearning_samples
 from pipeline.evaluation.relearning import MIN_FORGOTTEN, heldout_people, recovery, relearning_people
+from pipeline.reporting.robustness import relearning_finding, relearning_results, robustness_table
+from pipeline.reporting.runs import Run, resample_runs, summarize
 from stages.config import EvaluateConfig, RelearnConfig, TrainConfig
 from stages.relearn import run as relearn
-from stages.report import (
-    Run,
-    relearning_finding,
-    relearning_results,
-    resample_runs,
-    robustness_table,
-    summarize,
-)
 
 FORGET = "forget_10"
 
