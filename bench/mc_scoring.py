@@ -27,10 +27,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline.benchmarks.mllmu import load_eval_items  # noqa: E402
+from pipeline.evaluation.answering import AnswerSettings, answer_questions  # noqa: E402
+from pipeline.evaluation.few_shot import Exemplars  # noqa: E402
+from pipeline.evaluation.protocols import PROTOCOLS  # noqa: E402
+from pipeline.evaluation.questions import ImageCache, QuestionOptions, build_questions  # noqa: E402
 from pipeline.journal import Journal  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from stages.config import EvaluateConfig  # noqa: E402
-from stages.evaluate import PROTOCOLS, ImageCache, answer_questions, build_questions  # noqa: E402
 
 
 def questions_of(loaded, data: str, scoring: str, protocol) -> list:
@@ -38,9 +40,8 @@ def questions_of(loaded, data: str, scoring: str, protocol) -> list:
     for split in ("forget_10", "retain_90"):
         items = load_eval_items(data, split)
         items.cloze, items.generation = [], []
-        questions += build_questions(
-            items, None, {}, protocol, loaded.family, split, images, mc_scoring=scoring
-        )
+        options = QuestionOptions(protocol, loaded.family, mc_scoring=scoring)
+        questions += build_questions(items, split, options, Exemplars(), images)
     return questions
 
 
@@ -61,14 +62,11 @@ def main() -> None:
     count = 0
     for repeat in range(arguments.repeats):
         for scoring in seconds:
-            config = EvaluateConfig(
-                model=arguments.model, data=arguments.data, out="unused", mc_scoring=scoring,
-                max_new_tokens=arguments.max_new_tokens, batch_size=arguments.batch_size, progress=False,
-            )  # fmt: skip
+            settings = AnswerSettings(arguments.max_new_tokens, arguments.batch_size, scoring, progress=False)
             questions = questions_of(loaded, arguments.data, scoring, protocol)
             journal = Journal(Path("/tmp") / f".bench-mc-{scoring}-{repeat}.jsonl", f"{time.time()}")
             started = time.perf_counter()
-            answer_questions(config, loaded, loaded.model, protocol, questions, journal)
+            answer_questions(loaded, loaded.model, protocol, questions, journal, settings)
             seconds[scoring].append((time.perf_counter() - started) / len(questions))
             journal.remove()
             accuracy[scoring] = statistics.fmean(q.scores["correct"] for q in questions)

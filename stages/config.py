@@ -78,9 +78,10 @@ class DataOptions:
         """Where precompute, training and membership inference read their triples."""
         return layout(self.data_format, self.train_data or self.data)
 
-    def split_names(self) -> dict[str, str]:
-        """Role -> split name of this experiment (forget, retain, and the layout's evaluation roles)."""
-        names = self.layout().split_names(self.forget_split)
+    def split_names(self, data=None) -> dict[str, str]:
+        """Role -> split name of this experiment (forget, retain, and the layout's evaluation roles), from
+        `data` (this config's layout(), built when not given)."""
+        names = (data or self.layout()).split_names(self.forget_split)
         return {**names, "retain": self.retain_split or names["retain"]}
 
 
@@ -275,6 +276,12 @@ class EvaluateConfig(ModelOptions, DataOptions):
     )
     num_shards: int = param(
         1, "Shards the generation is split into; without --shard-index: merge the shards' and score.", low=1
+    )
+    references: str | None = param(
+        None, "Folder holding references/people/, the token plot's H(R_i) (none: beside --data)."
+    )
+    token_sample_index: int = param(
+        0, "Which image question of the forget split token_probs.json follows (modulo their count).", low=0
     )
     progress: bool = param(True, "Show a progress bar.")
 

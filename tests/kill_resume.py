@@ -60,8 +60,8 @@ STAGES = [
      ["work/adapters/viker-s0", "work/adapters/viker-s1"]),
     ("evaluate", ["evaluate", *COMMON, "--seeds", "0,1", "--adapter", "work/adapters/viker-s{seed}",
                   "--out", "results/runs/viker-s{seed}/metrics.json", "--no-progress"],
-     ["results/runs/viker-s0/metrics.json", "results/runs/viker-s0/responses.jsonl",
-      "results/runs/viker-s1/metrics.json", "results/runs/viker-s1/responses.jsonl"]),
+     [f"results/runs/viker-s{seed}/{name}" for seed in (0, 1)
+      for name in ("metrics.json", "responses.jsonl", "token_probs.json")]),
     ("report", ["report", "--runs", "results/runs", "--out", "results/report.md", "--no-token-plot"],
      ["results/report.md"]),
 ]  # fmt: skip

@@ -105,8 +105,8 @@ def test_every_stage_depends_on_the_code_it_runs():
         covered = {path for path in code for dep in body["deps"] if path == dep or path.startswith(dep + "/")}
         missing = code - covered
         assert not missing, f"dvc.yaml stage {name} runs {sorted(missing)} but does not depend on them"
-    assert (
-        any("pipeline/unlearning/refusals.txt".startswith(dep) for dep in stages["train"]["do"]["deps"])
+    assert any(
+        "pipeline/unlearning/refusals.txt".startswith(dep) for dep in stages["train"]["do"]["deps"]
     )  # IdkPO's refusal sentences: data, not code
 
 

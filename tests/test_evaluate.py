@@ -16,21 +16,16 @@ from PIL import Image
 
 from pipeline.benchmarks import DataError
 from pipeline.benchmarks.mllmu import load_eval_items, load_unlearning_samples, split_names
+from pipeline.evaluation.few_shot import Exemplars
+from pipeline.evaluation.protocols import PROTOCOLS, REVERSE_PROMPT, OfficialProtocol
+from pipeline.evaluation.questions import ImageCache, Question, QuestionOptions, build_questions
+from pipeline.evaluation.scoring import aggregate, score_question
 from pipeline.mini_world.config import TinyLlavaConfig
 from pipeline.models import LlavaFamily
 from pipeline.models.adapters import AdapterMismatchError, load_adapter
 from stages.cli import main
-from stages.evaluate import (
-    PROTOCOLS,
-    REVERSE_PROMPT,
-    EvaluateConfig,
-    ImageCache,
-    Question,
-    aggregate,
-    build_questions,
-    run,
-    score_question,
-)
+from stages.config import EvaluateConfig
+from stages.evaluate import run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mllmu_bench"
 SPLITS = ("forget", "test", "retain", "real", "forget_reverse", "test_reverse")
@@ -115,13 +110,13 @@ def test_responses_and_meta_account_for_every_question(fixed_run):
 def test_likelihood_multiple_choice_picks_the_most_likely_option_without_generating(
     tiny_model, tiny_model_dir, tmp_path, monkeypatch
 ):
-    import stages.evaluate as evaluate
+    import pipeline.evaluation.answering as answering
     from pipeline.models import PromptedSample, answer_token_log_probs
 
     asked = []
-    original = evaluate.generate
+    original = answering.generate
     monkeypatch.setattr(
-        evaluate,
+        answering,
         "generate",
         lambda loaded, samples, **kw: asked.extend(samples) or original(loaded, samples, **kw),
     )
@@ -207,7 +202,11 @@ def test_exemplar_profiles_are_excluded_from_mc_and_cloze_but_not_generation(ret
     family, images = LlavaFamily(), ImageCache()
     shots = {"classification": ["002"], "cloze": ["002"]}
     questions = build_questions(
-        retain_items, retain_items, shots, PROTOCOLS["fixed"](), family, "retain", images
+        retain_items,
+        "retain",
+        QuestionOptions(PROTOCOLS["fixed"](), family),
+        Exemplars(shots, retain_items),
+        images,
     )
     people = {(q.item.task, q.item.person_id) for q in questions}
     assert ("classification", "002") not in people and ("cloze", "002") not in people
@@ -224,13 +223,10 @@ def test_exemplar_questions_are_capped_and_reverse_prompt_appended(retain_items)
     shots = {"classification": ["002"], "cloze": ["002"]}
     capped = build_questions(
         retain_items,
-        retain_items,
-        shots,
-        PROTOCOLS["official"](),
-        family,
         "retain",
+        QuestionOptions(PROTOCOLS["official"](), family),
+        Exemplars(shots, retain_items, questions=1),
         images,
-        few_shot_questions=1,
         reverse=True,
     )
     for question in capped:
@@ -243,13 +239,10 @@ def test_instruction_is_prefixed_in_both_protocols(retain_items):
     for name in ("fixed", "official"):
         questions = build_questions(
             retain_items,
-            None,
-            {},
-            PROTOCOLS[name](),
-            family,
             "retain",
+            QuestionOptions(PROTOCOLS[name](), family, instruction="Forget everything about these people."),
+            Exemplars(),
             images,
-            instruction="Forget everything about these people.",
         )
         assert all("Forget everything about these people.\n" in q.prompt for q in questions)
 
@@ -553,6 +546,13 @@ def test_an_interrupted_evaluation_resumes_without_redoing_finished_batches(
     assert (tmp_path / "run" / "metrics.json").read_text() == out.read_text()
     assert (tmp_path / "run" / "responses.jsonl").read_text() == (out.parent / "responses.jsonl").read_text()
     assert not (tmp_path / "run" / ".generation-journal.jsonl").exists()
+    tokens = (out.parent / "token_probs.json").read_text()
+    assert (tmp_path / "run" / "token_probs.json").read_text() == tokens
+    # A completed run asked again generates nothing, and writes its token_probs.json anew.
+    (tmp_path / "run" / "token_probs.json").unlink()
+    recorded.clear()
+    assert run(config) == json.loads(out.read_text()) and not recorded
+    assert (tmp_path / "run" / "token_probs.json").read_text() == tokens
 
 
 def test_a_journal_of_other_settings_is_not_reused_and_a_cut_line_is_ignored(tmp_path):
@@ -578,8 +578,6 @@ def test_a_pickled_adapter_is_not_loaded(tiny_model, tmp_path):
 
 def test_official_few_shot_counts_follow_eval_py_per_task(tiny_model_dir, tmp_path):
     """eval.py at 5762ad6: one exemplar profile before multiple choice, two before cloze (LLaVA)."""
-    from stages.evaluate import OfficialProtocol
-
     assert OfficialProtocol().few_shot_profiles("llava", "classification") == 1
     assert OfficialProtocol().few_shot_profiles("llava", "cloze") == 2
     assert OfficialProtocol().few_shot_profiles("idefics2", "cloze") == 1
@@ -622,13 +620,13 @@ def test_membership_inference_scores_forget_qa_against_the_never_seen_people(tin
 
 
 def test_a_missing_never_seen_split_is_named_before_the_model_loads(tmp_path, monkeypatch):
-    import stages.evaluate as evaluate
+    import pipeline.evaluation.shared_base as shared_base
     from pipeline.mini_world.config import WorldConfig
     from pipeline.mini_world.world import write_world
 
     world = write_world(tmp_path / "world", WorldConfig(num_people=10, num_real=2, num_reference_people=3))
     shutil.rmtree(Path(world.data_dir) / "Unseen_Set")
-    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(shared_base, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(DataError, match=r"Unseen_Set.*--mia-nonmembers none skips"):
         run(
             EvaluateConfig(
@@ -637,3 +635,135 @@ def test_a_missing_never_seen_split_is_named_before_the_model_loads(tmp_path, mo
             )
         )  # fmt: skip
     assert not (tmp_path / "m.json").exists()
+
+
+# ------------------------------------------------------------------------- token probabilities
+
+
+def people_pool(folder: Path, count: int = 4) -> Path:
+    """A references folder with `count` portraits under people/ (ViKeR's irrelevant images)."""
+    (folder / "people").mkdir(parents=True)
+    for index in range(count):
+        Image.new("RGB", (32, 32), (50 * index, 90, 200 - 40 * index)).save(
+            folder / "people" / f"{index}.png"
+        )
+    return folder
+
+
+def test_token_probs_follow_one_forget_answer_with_the_full_models_entropy(tiny_model_dir, tmp_path):
+    """token_probs.json: H(R_i) under the full model whatever the adapter, p(y_i) under the run's model."""
+    from pipeline.benchmarks import layout
+    from pipeline.models import answer_token_log_probs, load_model, prompted
+
+    references = people_pool(tmp_path / "references")
+    adapter = save_adapter(tiny_model_dir, tmp_path / "adapter")
+    options = dict(
+        model=str(tiny_model_dir), data=str(FIXTURE), forget_split="forget_5", splits=("forget", "retain"),
+        reverse_attack=False, max_new_tokens=2, progress=False, references=str(references),
+    )  # fmt: skip
+    run(EvaluateConfig(out=str(tmp_path / "full" / "metrics.json"), **options))
+    run(EvaluateConfig(out=str(tmp_path / "tuned" / "metrics.json"), adapter=str(adapter), **options))
+    full, tuned = (
+        json.loads((tmp_path / name / "token_probs.json").read_text()) for name in ("full", "tuned")
+    )
+    assert list(full) == ["sample_id", "question", "answer", "tokens", "entropy", "probabilities"]
+    # The fixture's evaluation folders carry no QA: the forget split's image generation item stands in.
+    sample = layout("auto", FIXTURE).unlearning_samples("forget_5", ("generation",))[0]
+    assert (full["sample_id"], full["question"], full["answer"]) == (
+        sample.sample_id,
+        sample.question,
+        sample.answer,
+    )
+    assert len(full["tokens"]) == len(full["entropy"]) == len(full["probabilities"]) > 3
+    assert all(0.0 <= p <= 1.0 for p in full["probabilities"]) and all(h > 0.0 for h in full["entropy"])
+    assert tuned["tokens"] == full["tokens"]
+    assert tuned["entropy"] == pytest.approx(full["entropy"], abs=1e-6)  # R_i is the full model's
+    assert tuned["probabilities"] != pytest.approx(full["probabilities"], abs=1e-3)  # p(y_i) the adapter's
+    loaded = load_model(str(tiny_model_dir))
+    expected = answer_token_log_probs(loaded, loaded.model, [prompted(loaded, sample)])[0].exp().tolist()
+    assert full["probabilities"] == pytest.approx(expected, abs=1e-5)
+    # Without a reference pool beside the data, H(R_i) is null.
+    run(EvaluateConfig(out=str(tmp_path / "bare" / "metrics.json"), **{**options, "references": None}))
+    bare = json.loads((tmp_path / "bare" / "token_probs.json").read_text())
+    assert bare["entropy"] is None and bare["probabilities"] == pytest.approx(full["probabilities"])
+
+
+def test_a_references_folder_without_a_people_pool_is_named_before_the_model_loads(tmp_path, monkeypatch):
+    import pipeline.evaluation.shared_base as shared_base
+
+    monkeypatch.setattr(shared_base, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(DataError, match=r"--references .*empty.*reference pool 'people' not found"):
+        run(
+            EvaluateConfig(
+                model="unused", data=str(FIXTURE), forget_split="forget_5", out=str(tmp_path / "m.json"),
+                references=str(tmp_path / "empty"), progress=False,
+            )
+        )  # fmt: skip
+
+
+def test_the_token_computation_changes_no_score_and_reads_the_evaluated_adapter(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """With membership inference before it and --relearned's adapter after it, metrics.json and
+    responses.jsonl are byte for byte those of a run without it; p(y_i) is the evaluated adapter's."""
+    import stages.evaluate as evaluate
+    from pipeline.mini_world.config import WorldConfig
+    from pipeline.mini_world.world import write_world
+    from pipeline.models import answer_token_log_probs, load_model, prompted
+
+    world = write_world(tmp_path / "world", WorldConfig(num_people=20, num_real=2, num_reference_people=3))
+    people = load_eval_items(world.data_dir, "forget_10").person_ids()
+    adapter = save_adapter(tiny_model_dir, tmp_path / "adapter", seed=1)
+    relearned = save_adapter(tiny_model_dir, tmp_path / "relearned", seed=2)
+    meta = json.loads((relearned / "training_meta.json").read_text())
+    meta["params"] = {"forget_people": people[:1], "forget_split": "forget_10", "init_adapter": str(adapter)}
+    (relearned / "training_meta.json").write_text(json.dumps(meta))
+    options = dict(
+        model=str(tiny_model_dir), data=world.data_dir, adapter=str(adapter), relearned=str(relearned),
+        splits=("forget",), reverse_attack=False, max_new_tokens=3, progress=False, mia_nonmembers="unseen",
+    )  # fmt: skip
+    with_tokens = tmp_path / "with"
+    metrics = run(EvaluateConfig(out=str(with_tokens / "metrics.json"), **options))
+    assert {"mia", "forget_heldout", "forget_relearned"} <= set(metrics)
+    monkeypatch.setattr(evaluate, "token_table", lambda *args: None)
+    without = tmp_path / "without"
+    run(EvaluateConfig(out=str(without / "metrics.json"), **options))
+    assert not (without / "token_probs.json").exists()
+    for name in ("metrics.json", "responses.jsonl"):
+        assert (with_tokens / name).read_bytes() == (without / name).read_bytes(), name
+    table = json.loads((with_tokens / "token_probs.json").read_text())
+    assert table["entropy"] is not None  # the world's people pool, found beside its data
+    sample = next(
+        s for s in load_unlearning_samples(world.data_dir, "forget_10", ("qa",)) if s.image is not None
+    )
+    assert table["sample_id"] == sample.sample_id  # token_sample_index 0
+    loaded = load_model(str(tiny_model_dir))
+    model = load_adapter(loaded, adapter)
+    expected = answer_token_log_probs(loaded, model, [prompted(loaded, sample)])[0].exp().tolist()
+    assert table["probabilities"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_full_model_context_leaves_the_adapter_as_it_was(tiny_model_dir, tmp_path):
+    import torch
+
+    from pipeline.evaluation.token_probabilities import full_model
+    from pipeline.models import answer_token_log_probs, load_model, prompted
+    from pipeline.models.adapters import switch_adapter
+
+    sample = load_unlearning_samples(Path(__file__).parent / "fixtures" / "mllmu_train", "forget_5", ("qa",))[
+        0
+    ]
+    loaded = load_model(str(tiny_model_dir))
+    inputs = [prompted(loaded, sample)]
+    base = answer_token_log_probs(loaded, loaded.model, inputs)[0]
+    model = switch_adapter(
+        loaded, loaded.model, save_adapter(tiny_model_dir, tmp_path / "adapter"), "evaluated"
+    )
+    tuned = answer_token_log_probs(loaded, model, inputs)[0]
+    flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    with full_model(model) as full:
+        torch.testing.assert_close(answer_token_log_probs(loaded, full, inputs)[0], base)
+    assert not torch.allclose(tuned, base, atol=1e-3)
+    torch.testing.assert_close(answer_token_log_probs(loaded, model, inputs)[0], tuned, atol=0, rtol=0)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert model.active_adapter == "evaluated" and model.training is False

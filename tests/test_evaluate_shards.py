@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.evaluate import EvaluateConfig, run
+from stages.evaluate import EvaluateConfig, SharedBase, run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mllmu_bench"
 
@@ -62,7 +62,9 @@ def test_two_shard_processes_and_a_merge_give_one_processs_metrics(tiny_model_di
         assert shard.returncode == 0, stderr[-2000:]
         summary = json.loads(stdout[stdout.index("{") :])
         assert summary["batches"] > 0 and summary["num_shards"] == 2
-    assert not sharded.exists()  # a shard scores nothing
+    assert (
+        not sharded.exists() and not (sharded.parent / "token_probs.json").exists()
+    )  # a shard scores nothing
     journals = sorted(path.name for path in sharded.parent.glob(".generation-journal.shard-*"))
     assert journals == [
         ".generation-journal.shard-00000-of-00002.jsonl",
@@ -82,6 +84,9 @@ def test_two_shard_processes_and_a_merge_give_one_processs_metrics(tiny_model_di
         (single.parent / "responses.jsonl").read_text(),
     ]
     assert responses[0] == responses[1]
+    assert (sharded.parent / "token_probs.json").read_text() == (
+        single.parent / "token_probs.json"
+    ).read_text()
     assert not list(sharded.parent.glob(".*journal*"))  # the merge leaves no journal behind
 
 
@@ -96,7 +101,7 @@ def test_runs_sharing_one_loaded_model_score_as_runs_that_load_their_own(
     """The seeds of a method are evaluated on one loaded base model, each run's adapter replacing the last."""
     from test_evaluate import save_adapter  # tests/ is on sys.path under pytest's default import mode
 
-    import stages.evaluate as evaluate_stage
+    import pipeline.evaluation.shared_base as shared_base
 
     adapters = [save_adapter(tiny_model_dir, tmp_path / f"adapter-{seed}", seed=seed) for seed in range(2)]
     separate = [
@@ -104,9 +109,9 @@ def test_runs_sharing_one_loaded_model_score_as_runs_that_load_their_own(
         for i, a in enumerate(adapters)
     ]
     loads = []
-    original = evaluate_stage.load_model
-    monkeypatch.setattr(evaluate_stage, "load_model", lambda *a, **k: loads.append(a) or original(*a, **k))
-    base = evaluate_stage.SharedBase()
+    original = shared_base.load_model
+    monkeypatch.setattr(shared_base, "load_model", lambda *a, **k: loads.append(a) or original(*a, **k))
+    base = SharedBase()
     shared = [
         run(
             EvaluateConfig(

@@ -275,6 +275,7 @@ def test_a_checkpoint_with_another_chat_template_is_reported(qwen_dir, tmp_path)
 
 
 def test_precompute_train_evaluate_run_on_qwen(qwen, qwen_dir, tmp_path):
+    import json
     import math
 
     from safetensors import safe_open
@@ -325,6 +326,13 @@ def test_precompute_train_evaluate_run_on_qwen(qwen, qwen_dir, tmp_path):
     )
     for split in ("forget", "test", "retain", "real"):
         assert metrics[split] and all(math.isfinite(value) for value in metrics[split].values())
+    tokens = json.loads(
+        (tmp_path / "token_probs.json").read_text()
+    )  # the world's people pool is beside its data
+    assert len(tokens["tokens"]) == len(tokens["entropy"]) == len(tokens["probabilities"]) > 1
+    assert (
+        all(math.isfinite(h) and h >= 0 for h in tokens["entropy"]) and tokens["tokens"][-1] == "<|im_end|>"
+    )
 
 
 def test_cli_loading_options_reach_load_model(qwen_dir, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+import pipeline.evaluation.shared_base as shared_base
 import stages.evaluate as evaluate
 import stages.train as train
 from pipeline.benchmarks.mllmu import load_unlearning_samples
@@ -193,7 +194,7 @@ def test_a_relearned_adapter_from_another_start_is_refused_before_the_model_load
     world, relearned, tmp_path, monkeypatch
 ):
     out, _, _ = relearned
-    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(shared_base, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(ValueError, match=r"trained on from adapter .*, not from --adapter None"):
         evaluate.run(
             EvaluateConfig(

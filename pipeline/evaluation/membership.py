@@ -69,3 +69,12 @@ def membership_aucs(
         for name, attack in ATTACKS.items()
     }
     return {**results, "members": len(members), "nonmembers": len(nonmembers)}
+
+
+def scored_answers(loaded, model, samples: Sequence, batch_size: int) -> list[tuple[Tensor, str]]:
+    """(answer-token log-probs under `model`, answer) per QA sample, on the student's own prompt."""
+    from pipeline.models import answer_token_log_probs, prompted
+
+    inputs = [prompted(loaded, sample) for sample in samples]
+    log_probs = answer_token_log_probs(loaded, model, inputs, batch_size)
+    return list(zip(log_probs, [sample.answer for sample in samples], strict=True))

@@ -32,7 +32,7 @@ def report_markdown(runs: Sequence[Run], figures: Sequence[str] = (), draws: int
     summary = summarize(runs)
     methods = method_order([run.method for run in runs])
     resamples = resample_runs(runs, draws)
-    clear = any("real_faces" in run.metrics for run in runs)  # CLEAR (pipeline.benchmarks.layouts)
+    clear = any("real_faces" in run.metrics for run in runs)  # CLEAR (pipeline.benchmarks.clear)
     lines = _header(runs, methods, resamples)
     if clear:
         lines += _paper_table(summary, methods, VIKER_TABLE_2, resamples, CLEAR_LEGEND)
