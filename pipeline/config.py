@@ -2,8 +2,8 @@
 the values.
 
 Each parameter is declared once, as a dataclass field made with `param` (default, help text, allowed
-range or choices). `options(Config)` turns the fields into click options, nested config dataclasses
-flattened (every leaf name is unique, so a params.yaml section is one flat mapping); `build(Config,
+range or choices; a range is a pipeline.arguments.Range, checked by the rule a loss's arguments are).
+`options(Config)` turns the fields into click options, nested config dataclasses flattened (every leaf name is unique, so a params.yaml section is one flat mapping); `build(Config,
 values)` makes the config back from option values. `find_params` locates params.yaml (the nearest one at
 or above the working directory, or `--params FILE`) and `check_section` refuses a key the schema does not
 declare, naming the key and the section.
