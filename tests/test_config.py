@@ -126,6 +126,9 @@ def test_out_of_range_values_are_refused_at_parse_time(tmp_path):
         result = CliRunner().invoke(main, [*common, option, value])
         assert result.exit_code == 2 and option in result.output, (option, value, result.output)
     assert not any(tmp_path.glob("shard-*"))  # nothing was written
+    # The same rule and words as a loss's or a teacher's argument (pipeline.arguments).
+    result = CliRunner().invoke(main, [*common, "--top-p", "0"])
+    assert "value 0.0 is out of range (must be > 0 and <= 1)" in result.output
 
 
 def test_params_are_found_at_the_project_root_or_named(tmp_path, monkeypatch, capsys):
