@@ -41,6 +41,7 @@ from pipeline.mini_world.config import WorldConfig  # noqa: E402
 from pipeline.mini_world.world import write_world  # noqa: E402
 from pipeline.models import answer_logits, encode_answers, load_model  # noqa: E402
 from pipeline.unlearning.extractor import TeacherExtractor  # noqa: E402
+from pipeline.unlearning.teachers import resolve_teacher  # noqa: E402
 from stages.config import PrecomputeConfig  # noqa: E402
 from stages.precompute import (  # noqa: E402
     checked,
@@ -89,10 +90,11 @@ def cache_size(directory: Path) -> tuple[int, int]:
 
 def fresh_rows(config: PrecomputeConfig) -> tuple[list, dict]:
     """The split's rows straight from the extractor, float32 (rows read back from a cache are fp16-rounded)."""
-    config, teacher = checked(config)
+    entry = resolve_teacher(config.teacher, {}, config.args)
+    config, teacher = checked(config, entry)
     loaded = load_model(config.model, dtype=config.dtype, device=config.device)
     samples = load_samples(config)
-    context = teacher_context(config, teacher, loaded)
+    context = teacher_context(config, entry, loaded)
     extractor = TeacherExtractor(loaded, config.top_p, config.max_support)
     rows, records = [], {}
     for start in range(0, len(samples), config.batch_size):
@@ -177,10 +179,11 @@ def measure_overhead(config: PrecomputeConfig, work: Path, repeats: int = 5) -> 
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    config, teacher = checked(config)
+    entry = resolve_teacher(config.teacher, {}, config.args)
+    config, teacher = checked(config, entry)
     loaded = load_model(config.model, dtype=config.dtype, device=config.device)
     samples = load_samples(config)
-    context = teacher_context(config, teacher, loaded)
+    context = teacher_context(config, entry, loaded)
     chunks = [
         samples[start : start + config.batch_size] for start in range(0, len(samples), config.batch_size)
     ]

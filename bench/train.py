@@ -62,6 +62,7 @@ from pipeline.models import load_model  # noqa: E402
 from pipeline.training.processes import Processes  # noqa: E402
 from pipeline.training.streams import sample_stream  # noqa: E402
 from pipeline.unlearning.extractor import TeacherExtractor  # noqa: E402
+from pipeline.unlearning.teachers import resolve_teacher  # noqa: E402
 from stages.config import PrecomputeConfig, TrainConfig  # noqa: E402
 from stages.precompute import checked, teacher_context  # noqa: E402
 from stages.precompute import run as precompute  # noqa: E402
@@ -158,8 +159,9 @@ def online_source(config: TrainConfig, data: str, reuse_vision_features: bool):
     frozen = load_model(config.model)
     extractor = TeacherExtractor(frozen, defaults.top_p, defaults.max_support)
     extractor.vision_features.enabled = reuse_vision_features
-    defaults, teacher = checked(defaults)
-    context = teacher_context(defaults, teacher, frozen)
+    entry = resolve_teacher(defaults.teacher, {}, defaults.args)
+    defaults, teacher = checked(defaults, entry)
+    context = teacher_context(defaults, entry, frozen)
     samples = load_unlearning_samples(config.data, config.forget_split)
     cache = Cache.open(config.forget_cache, frozen, {s.sample_id: s for s in samples}, "forget")
     order = [sample for sample, _ in sample_stream(samples, cache, config.seed, "forget", 0, Processes())]

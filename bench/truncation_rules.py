@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from cache.distributions import tail_bucket_errors  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.unlearning.extractor import TeacherExtractor  # noqa: E402
-from pipeline.unlearning.teachers import original  # noqa: E402
+from pipeline.unlearning.teachers import original, resolve_teacher  # noqa: E402
 from stages.config import PrecomputeConfig  # noqa: E402
 from stages.precompute import checked, load_samples, teacher_context  # noqa: E402
 
@@ -55,10 +55,11 @@ def main() -> None:
     results: dict = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine()}
     for name in ("viker", "vgid"):
         config = PrecomputeConfig(model="work/mini/model", data="work/mini/data", out="unused", teacher=name)
-        config, teacher = checked(config)
+        entry = resolve_teacher(config.teacher, {}, config.args)
+        config, teacher = checked(config, entry)
         loaded = load_model(config.model, **config.loading())
         samples = load_samples(config)[:48]
-        context = teacher_context(config, teacher, loaded)
+        context = teacher_context(config, entry, loaded)
         extractor = TeacherExtractor(loaded, config.top_p, config.max_support)
         with torch.inference_mode():
             _, r, _, _ = extractor.mean_distributions(samples, [teacher(s, context) for s in samples])

@@ -2,8 +2,8 @@
 the values.
 
 Each parameter is declared once, as a dataclass field made with `param` (default, help text, allowed
-range or choices). `options(Config)` turns the fields into click options, nested config dataclasses
-flattened (every leaf name is unique, so a params.yaml section is one flat mapping); `build(Config,
+range or choices; a range is a pipeline.arguments.Range, checked by the rule a loss's arguments are).
+`options(Config)` turns the fields into click options, nested config dataclasses flattened (every leaf name is unique, so a params.yaml section is one flat mapping); `build(Config,
 values)` makes the config back from option values. `find_params` locates params.yaml (the nearest one at
 or above the working directory, or `--params FILE`) and `check_section` refuses a key the schema does not
 declare, naming the key and the section.
@@ -23,6 +23,8 @@ from typing import Any
 import click
 import yaml
 
+from pipeline.arguments import Range, out_of_range
+
 PARAMS_FILE = "params.yaml"
 
 
@@ -41,7 +43,7 @@ def param(
     default_factory: Callable[[], Any] | Any = MISSING,
 ) -> Any:
     """A config field: its default, its help text and the values it accepts (checked when parsed)."""
-    metadata = {"help": help, "choices": choices, "range": (low, high, low_open)}
+    metadata = {"help": help, "choices": choices, "range": Range(low, high, low_open)}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -56,7 +58,7 @@ class Option:
     default: Any  # MISSING when the option is required
     help: str
     choices: tuple[str, ...] | None
-    range: tuple[float | None, float | None, bool]
+    range: Range
 
     @property
     def name(self) -> str:
@@ -96,7 +98,7 @@ def schema(config_class: type, prefix: tuple[str, ...] = ()) -> list[Option]:
                 default=default,
                 help=field.metadata.get("help", ""),
                 choices=field.metadata.get("choices"),
-                range=field.metadata.get("range", (None, None, False)),
+                range=field.metadata.get("range", Range()),
             )
         )
     names = [option.name for option in found]
@@ -106,17 +108,28 @@ def schema(config_class: type, prefix: tuple[str, ...] = ()) -> list[Option]:
     return found
 
 
+class RangedNumber(click.ParamType):
+    """An int or float option checked against its Range (pipeline.arguments: the one range check)."""
+
+    def __init__(self, number: type, allowed: Range) -> None:
+        self.number, self.allowed = number, allowed
+        self.name = f"{number.__name__} {allowed}"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.INT if self.number is int else click.FLOAT
+        converted = number.convert(value, param, ctx)
+        problem = out_of_range("value", converted, self.allowed)
+        if problem:
+            self.fail(problem, param, ctx)
+        return converted
+
+
 def _click_type(option: Option) -> Any:
     base, _ = _unwrap_optional(option.annotation)
-    low, high, low_open = option.range
     if option.choices:
         return click.Choice(option.choices)
-    if base is int:
-        return click.IntRange(min=low, max=high, min_open=low_open) if (low, high) != (None, None) else int
-    if base is float:
-        return (
-            click.FloatRange(min=low, max=high, min_open=low_open) if (low, high) != (None, None) else float
-        )
+    if base in (int, float):
+        return RangedNumber(base, option.range) if option.range else base
     return str
 
 

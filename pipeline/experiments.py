@@ -7,7 +7,9 @@ except `methods` and `experiment.sources`, which an overlay replaces whole (it n
 path -> hub repository, which `fetch` downloads).
 
 `select` writes params.yaml from one experiment; DVC then sees the changed values (`dvc params diff`)
-and reruns exactly the stages that read them.
+and reruns exactly the stages that read them. The file it writes holds only the `teachers` entries some
+method reads (dvc.yaml computes a cache per entry: a ViKeR experiment computes no Vgid cache), and every
+method entry with both teacher slots spelled out (`none` where it reads no cache), as dvc.yaml needs them.
 """
 
 from __future__ import annotations
@@ -74,6 +76,26 @@ def experiment_values(root: Path, name: str) -> dict[str, Any]:
     return result
 
 
+def for_params(values: dict[str, Any]) -> dict[str, Any]:
+    """The values as params.yaml holds them: each method's teacher slots spelled out, only the teacher
+    entries some method reads."""
+    from pipeline.unlearning.methods import NO_TEACHER, TEACHER_SLOTS, teacher_slots
+
+    def spelled_out(entry: Any) -> Any:
+        if not isinstance(entry, dict):
+            return entry  # refused with its name when the file is checked
+        slots = {slot: teacher or NO_TEACHER for slot, teacher in teacher_slots(entry).items()}
+        ordered = {key: entry[key] for key in ("loss",) if key in entry} | slots
+        return ordered | {key: value for key, value in entry.items() if key not in ordered}
+
+    methods = {name: spelled_out(entry) for name, entry in (values.get("methods") or {}).items()}
+    read = {
+        entry.get(slot) for entry in methods.values() if isinstance(entry, dict) for slot in TEACHER_SLOTS
+    }
+    teachers = {name: entry for name, entry in (values.get("teachers") or {}).items() if name in read}
+    return {**values, "teachers": teachers, "methods": methods}
+
+
 def header(name: str) -> str:
     return (
         f"# Experiment `{name}`, written by `pipeline experiment use {name}` from {FOLDER}/{name}.yaml"
@@ -83,10 +105,13 @@ def header(name: str) -> str:
 
 
 def params_text(root: Path, name: str) -> str:
-    """What params.yaml holds when `name` is selected (the base keeps its comments, verbatim)."""
+    """What params.yaml holds when `name` is selected (the base keeps its comments, verbatim: it is written
+    in the params.yaml form already, which tests/test_experiments.py checks)."""
     if name == BASE:
         return header(name) + (root / FOLDER / f"{BASE}.yaml").read_text()
-    return header(name) + yaml.safe_dump(experiment_values(root, name), sort_keys=False, width=110)
+    return header(name) + yaml.safe_dump(
+        for_params(experiment_values(root, name)), sort_keys=False, width=110
+    )
 
 
 def select(root: Path, name: str, params_path: Path, check: Callable[[Path], None]) -> str:

@@ -32,9 +32,9 @@ from stages.config import (
 
 offline_by_default()
 
-# params.yaml's keys beside the command sections: the training seeds DVC runs, the methods, and the name
-# of the experiment the values came from (pipeline experiment use).
-OTHER_KEYS = ("seeds", "methods", "experiment")
+# params.yaml's keys beside the command sections: the training seeds DVC runs, the teachers and methods,
+# and the name of the experiment the values came from (pipeline experiment use).
+OTHER_KEYS = ("seeds", "teachers", "methods", "experiment")
 
 
 def load_sections(params_file: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -65,10 +65,11 @@ def load_sections(params_file: str | None) -> tuple[dict[str, Any], dict[str, An
         }
         values.update(check_section(name, params[name], config_class, where) if name in params else {})
         default_map[name] = values
-    methods = params.get("methods") or {}
-    if not isinstance(methods, dict):
-        raise ConfigError(f"{where}: `methods` must map method names to entries")
-    return default_map, {**params, "methods": methods, "_where": where}
+    entries = {key: params.get(key) or {} for key in ("teachers", "methods")}
+    for key, value in entries.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: `{key}` must map names to entries")
+    return default_map, {**params, **entries, "_where": where}
 
 
 class ParamsGroup(click.Group):
@@ -161,9 +162,14 @@ def prepare_mini_command(context: click.Context, **values) -> None:
 @click.pass_context
 def precompute_command(context: click.Context, **values) -> None:
     """Stage one: cache the frozen model's top-p truncated teacher distributions over the answer tokens."""
+    from pipeline.unlearning.teachers import resolve_teacher
     from stages.precompute import run
 
-    running(context, lambda: run(build(PrecomputeConfig, values)))
+    config = running(context, build, PrecomputeConfig, values)
+    entry = running(
+        context, resolve_teacher, config.teacher, context.obj["teachers"], config.args, context.obj["_where"]
+    )
+    running(context, run, config, entry)
 
 
 @main.command("train")
@@ -178,7 +184,7 @@ def train_command(context: click.Context, seeds: str | None, **values) -> None:
     def train_one(config: TrainConfig) -> Any:
         method = resolve_method(
             config.method, context.obj["methods"], config.loss, config.args,
-            config.forget_cache, config.retain_cache, context.obj["_where"],
+            config.forget_cache, config.retain_cache, context.obj["_where"], config.cache_root,
         )  # fmt: skip
         return run(config, method)
 
@@ -233,12 +239,23 @@ def project_root() -> Path:
 
 
 def check_params(path) -> None:
-    """A params file every command accepts: its sections fit the schema and every method its loss."""
+    """A params file every command accepts: its sections fit the schema, every teacher entry its teacher's
+    arguments, every method its loss and names teacher entries the file holds."""
     from pipeline.unlearning.methods import resolve_method
+    from pipeline.unlearning.teachers import resolve_teacher
 
     _, params = load_sections(str(path))
+    teachers, where = params["teachers"], params["_where"]
+    for name in teachers:
+        resolve_teacher(name, teachers, where=where)
     for name in params["methods"]:
-        resolve_method(name, params["methods"], where=params["_where"])
+        method = resolve_method(name, params["methods"], where=where)
+        for entry in (method.forget_teacher, method.retain_teacher):
+            if entry is not None and entry not in teachers:
+                raise ConfigError(
+                    f"{where}: method {name!r} reads teacher entry {entry!r}, which `teachers` does not "
+                    f"hold; known: {', '.join(teachers) or 'none'}"
+                )
 
 
 @experiment_group.command("list")

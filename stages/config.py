@@ -99,28 +99,34 @@ class PrepareConfig:
 
 
 @dataclass(kw_only=True)
-class PrecomputeConfig(ModelOptions, DataOptions):
-    """precompute: the frozen model's top-p truncated teacher distributions over the answer tokens."""
+class CacheOptions:
+    """Where the teacher caches are: precompute writes <cache_root>/<teacher entry>, train reads there."""
 
-    out: str = param(help="Cache directory (shard-XXXXX-of-NNNNN.parquet/.json).")
-    teacher: str = param(
-        "viker", "Teacher (pipeline.unlearning.teachers): viker | vgid | icu | noise | original | base."
+    cache_root: str = param(
+        "work/cache", "Folder of the teacher caches, one per entry of params.yaml `teachers`."
     )
-    # The teachers' own arguments; each teacher declares which of them it reads (pipeline.unlearning.teachers).
-    k: int = param(5, "ViKeR Eq. 4: reference images per forget sample.", low=1)
-    reference_kind: str = param(
-        "people", "ViKeR reference pool: people | pets | scene | pattern | forget | retain."
+
+
+@dataclass(kw_only=True)
+class PrecomputeConfig(ModelOptions, DataOptions, CacheOptions):
+    """precompute: the frozen model's top-p truncated teacher distributions over the answer tokens.
+
+    The options here are what every teacher shares; a teacher's own arguments (ViKeR's k, Vgid's sigma)
+    are declared by its function (pipeline.unlearning.teachers) and set by its params.yaml `teachers` entry.
+    """
+
+    out: str | None = param(
+        None, "Cache directory (shard-XXXXX-of-NNNNN.parquet/.json); none: <cache_root>/<teacher>."
+    )
+    teacher: str = param(
+        "viker",
+        "A params.yaml `teachers` entry, or a teacher (pipeline.unlearning.teachers) with its defaults: "
+        "viker | vgid | icu | noise | original | base.",
+    )
+    args: dict[str, Any] = param(
+        default_factory=dict, help="The teacher's arguments, KEY=VALUE, over the entry's (e.g. sigma=0.2)."
     )
     references: str | None = param(None, "Folder holding references/<kind>/ (none: beside --data).")
-    perturbation: str = param("random-noise", "Vgid / noise: random-noise | gaussian | white.")
-    sigma: float = param(0.4, "Gaussian perturbation: noise std on [0, 1] pixels.", low=0)
-    icu_prompt: str = param("strict", "Vgid / icu: strict | declarative | polite (Vgid App. A.1).")
-    seed: int = param(0, "Seeds reference draws and perturbations (per sample, whatever the sharding).")
-    draws: int = param(
-        1,
-        "Vgid / noise: perturbation draws per sample; epoch e trains on draw e mod draws (Vgid Alg. 1).",
-        low=1,
-    )
     top_p: float = param(
         0.9, "Keep at least the smallest support of this mass per token.", low=0, high=1, low_open=True
     )
@@ -145,7 +151,7 @@ class PrecomputeConfig(ModelOptions, DataOptions):
 
 
 @dataclass(kw_only=True)
-class TrainConfig(ModelOptions, DataOptions):
+class TrainConfig(ModelOptions, DataOptions, CacheOptions):
     """train: LoRA unlearning with a method's loss, streaming the teacher cache."""
 
     out: str = param(help="Adapter directory (PEFT) with training_meta.json and the step log.")
@@ -156,9 +162,11 @@ class TrainConfig(ModelOptions, DataOptions):
     args: dict[str, Any] = param(
         default_factory=dict, help="The loss's arguments, KEY=VALUE, over the method's (e.g. lambda=0.5)."
     )
-    forget_cache: str | None = param(None, "Teacher cache of the forget split (none: the method's).")
+    forget_cache: str | None = param(
+        None, "Teacher cache of the forget split (none: <cache_root>/<the method's forget_teacher>)."
+    )
     retain_cache: str | None = param(
-        None, "Frozen-model (`base`) cache of the retain split (none: the method's)."
+        None, "Frozen-model cache of the retain split (none: <cache_root>/<the method's retain_teacher>)."
     )
     refusals: str | None = param(
         None, "Refusal sentences for IdkPO, one per line (none: pipeline/unlearning/refusals.txt)."
@@ -299,8 +307,9 @@ class ReportConfig:
 
 
 # params.yaml's sections of options that several commands share: `model` (how every stage that runs the
-# full model loads it) and `data` (where every stage that reads a split finds it).
-SHARED_SECTIONS: dict[str, type] = {"model": ModelOptions, "data": DataOptions}
+# full model loads it), `data` (where every stage that reads a split finds it) and `caches` (where the
+# teacher caches precompute writes and train reads are).
+SHARED_SECTIONS: dict[str, type] = {"model": ModelOptions, "data": DataOptions, "caches": CacheOptions}
 
 # The params.yaml section of each command.
 SECTIONS: dict[str, type] = {

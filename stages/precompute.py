@@ -42,7 +42,6 @@ from cache import (
     shard_name,
 )
 from pipeline.benchmarks import (
-    REFERENCE_KINDS,
     forget_ratio,
     load_reference_pool,
     reference_root,
@@ -56,13 +55,13 @@ from pipeline.models import (
 )
 from pipeline.samples import QASample
 from pipeline.unlearning.extractor import TeacherExtractor
-from pipeline.unlearning.perturbations import PERTURBATIONS
 from pipeline.unlearning.teachers import (
-    ICU_PROMPTS,
     TEACHERS,
     Teacher,
     TeacherContext,
+    TeacherEntry,
     original,
+    resolve_teacher,
 )
 from stages.config import PrecomputeConfig
 
@@ -71,45 +70,39 @@ class PrecomputeError(ValueError):
     """Input the stage cannot turn into correct rows; the message names the sample or file."""
 
 
-def checked(config: PrecomputeConfig) -> tuple[PrecomputeConfig, Teacher]:
-    """The config with its split chosen, and its teacher; refuses unknown names before anything loads."""
-    if config.teacher not in TEACHERS:
-        raise PrecomputeError(f"unknown --teacher {config.teacher!r}; known: {', '.join(TEACHERS.names())}")
+def checked(config: PrecomputeConfig, entry: TeacherEntry) -> tuple[PrecomputeConfig, Teacher]:
+    """The config with its split and output chosen, and the entry's teacher; refuses what it can before
+    anything loads (the entry's arguments were checked against the teacher's declaration)."""
     if config.shard_index is not None and not 0 <= config.shard_index < config.num_shards:
         raise PrecomputeError(f"--shard-index {config.shard_index} is outside 0..{config.num_shards - 1}")
-    for option, value, known in (
-        ("--perturbation", config.perturbation, PERTURBATIONS.names()),
-        ("--icu-prompt", config.icu_prompt, list(ICU_PROMPTS)),
-        ("--reference-kind", config.reference_kind, list(REFERENCE_KINDS)),
-    ):
-        if value not in known:
-            raise PrecomputeError(f"unknown {option} {value!r}; known: {', '.join(known)}")
-    teacher = TEACHERS[config.teacher]
+    teacher = TEACHERS[entry.teacher]
     config = replace(
-        config, split=config.split or config.split_names()[teacher.split_role], kinds=tuple(config.kinds)
+        config,
+        split=config.split or config.split_names()[teacher.split_role],
+        kinds=tuple(config.kinds),
+        out=config.out or str(Path(config.cache_root) / entry.name),
     )
     return config, teacher
-
-
-def teacher_arguments(config: PrecomputeConfig, teacher: Teacher) -> dict[str, Any]:
-    """The options the teacher declares it reads, with their values (the cache header's teacher_params)."""
-    return {name: getattr(config, name) for name in teacher.parameters}
 
 
 # ---------------------------------------------------------------- the stage, top to bottom
 
 
-def run(config: PrecomputeConfig) -> list[ShardManifest]:
-    """Compute (or skip, when complete) the shards this process owns; returns their manifests."""
-    config, teacher = checked(config)
+def run(config: PrecomputeConfig, entry: TeacherEntry | None = None) -> list[ShardManifest]:
+    """Compute (or skip, when complete) the shards this process owns; returns their manifests.
+
+    entry: the resolved teacher entry (default: `config.teacher` as a registered teacher with config.args).
+    """
+    entry = entry or resolve_teacher(config.teacher, {}, config.args)
+    config, teacher = checked(config, entry)
     if config.threads:
         torch.set_num_threads(config.threads)
     samples = load_samples(config)
     loaded = load_model(config.model, **config.loading())
-    context = teacher_context(config, teacher, loaded)
+    context = teacher_context(config, entry, loaded)
     first = samples[0]  # once per run: the tokenizer splits prompt and answer cleanly
     check_joint_tokenization(loaded, first.sample_id, context.prompt(first), first.answer)
-    header = cache_header(config, teacher, loaded, samples, context)
+    header = cache_header(config, entry, loaded, samples, context)
     expected_header = shard_header(header, config.num_shards)
     check_existing_shards(Path(config.out), expected_header, one_shard=config.shard_index is not None)
 
@@ -132,7 +125,7 @@ def run(config: PrecomputeConfig) -> list[ShardManifest]:
         extractor.vision_features.clear()
         with ShardWriter(config.out, shard_index, config.num_shards, header) as writer:
             for chunk in _progress(_batched(shard_samples, config.batch_size), config, len(shard_samples)):
-                for draw in range(int(context.arguments.get("draws", 1))):
+                for draw in range(teacher.draws(entry.arguments)):
                     drawn = replace(context, draw=draw)
                     inputs = [teacher(sample, drawn) for sample in chunk]
                     students = [original(sample, drawn) for sample in chunk] if compares_student else None
@@ -165,35 +158,35 @@ def load_samples(config: PrecomputeConfig) -> list[QASample]:
     return samples
 
 
-def teacher_context(config: PrecomputeConfig, teacher: Teacher, loaded: LoadedModel) -> TeacherContext:
-    pool = None
-    if teacher.reference_pool:
-        pool = load_reference_pool(references_root(config), config.reference_kind, forget_ratio(config.split))
-        if len(pool) < config.k:
+def teacher_context(config: PrecomputeConfig, entry: TeacherEntry, loaded: LoadedModel) -> TeacherContext:
+    """The teacher's arguments and, for a teacher that draws reference images, its pool (loaded here)."""
+    pool, kind = None, ""
+    drawn = TEACHERS[entry.teacher].pool(entry.arguments)
+    if drawn is not None:
+        kind, k = drawn
+        pool = load_reference_pool(references_root(config, kind), kind, forget_ratio(config.split))
+        if len(pool) < k:
             raise PrecomputeError(
-                f"reference pool {config.reference_kind!r} under {references_root(config)} has {len(pool)} "
-                f"images, fewer than --k {config.k}"
+                f"reference pool {kind!r} under {references_root(config, kind)} has {len(pool)} "
+                f"images, fewer than k={k}"
             )
     return TeacherContext(
-        family=loaded.family,
-        arguments=teacher_arguments(config, teacher),
-        reference_pool=pool,
-        reference_kind=config.reference_kind,
+        family=loaded.family, arguments=entry.arguments, reference_pool=pool, reference_kind=kind
     )
 
 
 def cache_header(
     config: PrecomputeConfig,
-    teacher: Teacher,
+    entry: TeacherEntry,
     loaded: LoadedModel,
     samples: list[QASample],
     context: TeacherContext,
 ) -> dict[str, Any]:
     """Everything that determines the cached numbers; identical in every shard of the run."""
-    instruction = context.icu_instruction() if teacher.instruction else None
+    instruction = TEACHERS[entry.teacher].instruction_text(entry.arguments)
     header = {
-        "teacher": config.teacher,
-        "teacher_params": context.arguments,
+        "teacher": entry.teacher,
+        "teacher_params": entry.arguments,
         "top_p": config.top_p,
         "tail_cost": config.tail_cost,
         "max_support": config.max_support,
@@ -269,7 +262,7 @@ def measure_cache_kl(
         prompt_template=header.get("template"),
     )  # fmt: skip
     check_compatible(manifest, loaded.model_fingerprint, loaded.tokenizer_fingerprint)
-    params = header["teacher_params"]
+    entry = TeacherEntry(header["teacher"], header["teacher"], header["teacher_params"])
     config = PrecomputeConfig(
         model=model_path,
         data=data_dir,
@@ -284,11 +277,10 @@ def measure_cache_kl(
         device=device,
         close_answers=close_answers,
         prompt_template=header.get("template"),
-        **params,
     )
-    config, teacher = checked(config)
+    config, teacher = checked(config, entry)
     samples = {sample.sample_id: sample for sample in load_samples(config)}
-    context = teacher_context(config, teacher, loaded)
+    context = teacher_context(config, entry, loaded)
     recorded = {record["sample_id"]: record for record in manifest.samples}
     extractor = TeacherExtractor(loaded, header["top_p"], header["max_support"], header.get("tail_cost", 0.0))
 
@@ -331,8 +323,8 @@ def measure_cache_kl(
 # ---------------------------------------------------------------- helpers
 
 
-def references_root(config: PrecomputeConfig) -> Path:
-    return reference_root(config.references, config.data, config.reference_kind)
+def references_root(config: PrecomputeConfig, kind: str) -> Path:
+    return reference_root(config.references, config.data, kind)
 
 
 def _batched(items: Sequence, size: int) -> Iterator[list]:

@@ -2,11 +2,13 @@
 
 The recipe, top to bottom:
 
-1. setup: load the model, the forget (and retain) samples, and open the caches the method's loss reads
-   (refusing a cache from another model or tokenizer); the frozen model's reference log-probabilities,
-   once, before any LoRA weight moves (NPO, IdkPO); LoRA on the language model's attention, AdamW on the
-   adapter, DistributedDataParallel under torchrun; resume from the latest checkpoint;
-2. the loss step: one forward over forget (+ refusal, + retain) samples and the loss (pipeline.unlearning.losses);
+1. setup: load the model, the forget (and retain) samples, and set up the provider of each input the
+   method's loss declares (pipeline.training.inputs: the caches it reads, refusing one from another model
+   or tokenizer; the frozen model's reference log-probabilities, once, before any LoRA weight moves);
+   LoRA on the language model's attention, AdamW on the adapter, DistributedDataParallel under torchrun;
+   resume from the latest checkpoint;
+2. the loss step: one forward over forget (+ refusal, + retain) samples, each provider's inputs, and the
+   loss (pipeline.unlearning.losses);
 3. the loop: each rank streams its part of the forget cache, optimizer steps, the step log, checkpoints;
 4. save the adapter in PEFT format with training_meta.json and the step log (CSV + JSON for dvc plots).
 
@@ -24,18 +26,18 @@ import json
 import math
 import random
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cache import CachedSample, concat_samples
+from cache import CachedSample
+from pipeline.arguments import public_name
 from pipeline.models import (
     EncodedSamples,
     VisionFeatureCache,
@@ -54,23 +56,21 @@ from pipeline.training.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from pipeline.training.inputs import Batch, Provider, Saliency, Setup, providers_for, warn_unread_caches
 from pipeline.training.lora import add_lora, named_trainable
 from pipeline.training.processes import Processes, start_processes
-from pipeline.training.reference import reference_log_probs, reference_log_probs_from_cache
-from pipeline.training.saliency import all_reduce_gradients, backward, gradient_saliency
-from pipeline.training.streams import Cache, PairedRetain, check_answer_tokens, sample_stream
+from pipeline.training.saliency import all_reduce_gradients, backward
+from pipeline.training.streams import Cache, PairedRetain, sample_stream
 from pipeline.training.train_log import write_log
 from pipeline.unlearning.losses import (
     AnswerPredictions,
     LossTerms,
     MaskedTerm,
-    choose_refusal,
     compute_loss,
-    load_refusals,
     loss_inputs,
 )
-from pipeline.unlearning.methods import Method, public_name, resolve_method
-from pipeline.unlearning.teachers import TEACHERS, image_key
+from pipeline.unlearning.methods import Method, resolve_method
+from pipeline.unlearning.teachers import image_key
 from stages.config import TrainConfig
 
 META = "training_meta.json"
@@ -79,77 +79,6 @@ ForgetSource = Callable[[int], Iterator[tuple[QASample, CachedSample]]]
 
 
 # ---------------------------------------------------------------- 1. setup
-
-
-@dataclass
-class Setup:
-    """Everything the loop reads, built once."""
-
-    loaded: Any
-    forget_samples: list[QASample]
-    retain_samples: list[QASample]
-    forget_cache: Cache | None = None
-    retain_cache: Cache | None = None
-    reference: dict[str, float] = field(default_factory=dict)  # sample id -> log p_full(y | I, x)
-    refusal_answers: dict[str, str] = field(default_factory=dict)
-    refusal_reference: dict[str, float] = field(default_factory=dict)
-
-
-def open_caches(config: TrainConfig, method: Method, setup: Setup, needs: set[str], main: bool) -> None:
-    """The caches the loss reads; every forget sample must have its teacher rows."""
-    forget_by_id = {sample.sample_id: sample for sample in setup.forget_samples}
-    if "forget_teacher" in needs:
-        if not method.forget_cache:
-            raise ValueError(f"method {method.name!r} needs --forget-cache (its teacher distributions)")
-        setup.forget_cache = Cache.open(method.forget_cache, setup.loaded, forget_by_id, "forget")
-        missing = set(forget_by_id) - {record["sample_id"] for record in setup.forget_cache.manifest.samples}
-        if missing:
-            raise ValueError(
-                f"forget cache {method.forget_cache} lacks {len(missing)} of the {len(forget_by_id)} samples "
-                f"of {config.forget_split}, e.g. {sorted(missing)[:3]}: every forget sample needs its teacher"
-            )
-    if "retain_teacher" in needs:
-        if not method.retain_cache:
-            raise ValueError(
-                f"method {method.name!r} needs --retain-cache (the frozen model on the retain split)"
-            )
-        retain_by_id = {sample.sample_id: sample for sample in setup.retain_samples}
-        setup.retain_cache = Cache.open(method.retain_cache, setup.loaded, retain_by_id, "retain")
-    reads_forget_cache = needs & {"forget_teacher", "forget_reference_log_probs"}
-    for given, used, option in (
-        (method.forget_cache, reads_forget_cache, "--forget-cache"),
-        (method.retain_cache, "retain_teacher" in needs, "--retain-cache"),
-    ):
-        if given and not used and main:
-            print(f"warning: method {method.name!r} does not read {option} {given}; ignored", file=sys.stderr)
-
-
-def frozen_references(
-    config: TrainConfig, method: Method, setup: Setup, needs: set[str], processes: Processes
-) -> None:
-    """The frozen model's log-probabilities of the answers (and refusals) the loss compares against."""
-    if "forget_reference_log_probs" in needs:
-        if method.forget_cache:
-            forget_by_id = {sample.sample_id: sample for sample in setup.forget_samples}
-            cache = Cache.open(method.forget_cache, setup.loaded, forget_by_id, "forget")
-            if cache.teacher not in TEACHERS or not TEACHERS[cache.teacher].unmodified:
-                raise ValueError(
-                    f"method {method.name!r} reads no teacher distributions; a --forget-cache can only give it "
-                    f"the frozen model's log-probs, which needs a cache of the unmodified input (teacher "
-                    f"`original`), not {cache.teacher!r}"
-                )
-            setup.reference = reference_log_probs_from_cache(cache)
-        else:
-            setup.reference = reference_log_probs(setup.loaded, setup.forget_samples, None, processes)
-    if "refusal" in needs:
-        refusals = load_refusals(config.refusals) if config.refusals else load_refusals()
-        setup.refusal_answers = {
-            sample.sample_id: choose_refusal(sample.sample_id, refusals, config.seed)
-            for sample in setup.forget_samples
-        }
-        setup.refusal_reference = reference_log_probs(
-            setup.loaded, setup.forget_samples, setup.refusal_answers, processes
-        )
 
 
 def chosen_people(samples: list[QASample], config: TrainConfig) -> list[QASample]:
@@ -166,7 +95,10 @@ def chosen_people(samples: list[QASample], config: TrainConfig) -> list[QASample
     return [sample for sample in samples if sample.person_id in config.forget_people]
 
 
-def load_setup(config: TrainConfig, method: Method, device: torch.device, processes: Processes) -> Setup:
+def load_setup(
+    config: TrainConfig, method: Method, device: torch.device, processes: Processes
+) -> tuple[Setup, list[Provider]]:
+    """The model, the samples, and the providers of the loss's inputs, each set up once (before LoRA)."""
     needs = set(loss_inputs(method.loss))
     loaded = load_model(config.model, **{**config.loading(), "device": str(device)})
     data = config.training_layout()
@@ -178,10 +110,12 @@ def load_setup(config: TrainConfig, method: Method, device: torch.device, proces
     )
     first = forget_samples[0]  # once per run: the tokenizer splits prompt and answer cleanly
     check_joint_tokenization(loaded, first.sample_id, prompted(loaded, first).prompt, first.answer)
-    setup = Setup(loaded, forget_samples, retain_samples)
-    open_caches(config, method, setup, needs, processes.main)
-    frozen_references(config, method, setup, needs, processes)
-    return setup
+    setup = Setup(loaded, method, processes, forget_samples, retain_samples)
+    providers = providers_for(needs)
+    for provider in providers:
+        provider.setup(setup, config)
+    warn_unread_caches(setup, needs, processes.main)
+    return setup, providers
 
 
 @dataclass
@@ -246,12 +180,12 @@ class LossStep:
     """
 
     def __init__(
-        self, config: TrainConfig, method: Method, setup: Setup, opt: Optimization, device: torch.device
-    ) -> None:
-        self.method, self.setup, self.device = method, setup, device
+        self, config: TrainConfig, method: Method, setup: Setup, providers: list[Provider], opt: Optimization,
+        device: torch.device,
+    ) -> None:  # fmt: skip
+        self.method, self.setup, self.providers, self.device = method, setup, providers, device
         self.model, self.peft_model = opt.model, opt.peft_model
-        self.needs = set(loss_inputs(method.loss))
-        self.reads_hidden = bool(self.needs & set(REFERENCE_HIDDEN))
+        self.reads_hidden = bool(set(loss_inputs(method.loss)) & set(REFERENCE_HIDDEN))
         self.image_features = VisionFeatureCache(
             setup.loaded.model, max_bytes=config.image_feature_cache_mb << 20
         )
@@ -259,14 +193,9 @@ class LossStep:
         self.image_features.enabled &= config.image_feature_cache_mb > 0 and not trains_vision
         self.encoded_samples = EncodedSamples(setup.loaded)
         self.image_key_of = functools.cache(image_key)
-        self.saliency = None
-        if "gradient_saliency" in self.needs:  # at the frozen model, without dropout's randomness
-            opt.peft_model.eval()
-            self.saliency = gradient_saliency(
-                lambda samples: self.teacher_forced([(s, s.answer) for s in samples], self.peft_model),
-                setup.forget_samples, setup.retain_samples, config.batch_size, opt.trainable,
-            )  # fmt: skip
-            opt.peft_model.train()
+        for provider in providers:
+            provider.start(self.teacher_forced, opt)
+        self.masked = any(isinstance(provider, Saliency) for provider in providers)  # two backward passes
 
     def teacher_forced(
         self, students: list[tuple[QASample, str]], model, hidden_states: bool = False
@@ -282,47 +211,30 @@ class LossStep:
         return AnswerPredictions(logits, batch.targets, batch.answer_lengths, hidden)
 
     def predictions(
-        self, forget_qas: list[QASample], retain_items: list
-    ) -> tuple[list[AnswerPredictions], list[AnswerPredictions] | None]:
-        """The student's answer predictions, forget, then refusal, then retain, from one forward pass;
-        and the frozen model's at the same positions where the loss reads its hidden states."""
-        students = [(sample, sample.answer) for sample in forget_qas]
-        counts = [len(forget_qas)]
-        if "refusal" in self.needs:
-            students += [(sample, self.setup.refusal_answers[sample.sample_id]) for sample in forget_qas]
-            counts.append(len(forget_qas))
-        if "retain" in self.needs:
-            students += [(sample, sample.answer) for sample, _ in retain_items]
-            counts.append(len(retain_items))
+        self, batch: Batch
+    ) -> tuple[list[str], list[AnswerPredictions], list[AnswerPredictions] | None]:
+        """The student's answer predictions, forget and then each role's (refusal, retain), from one forward
+        pass; and the frozen model's at the same positions where the loss reads its hidden states."""
+        roles = ["forget"] + [provider.role for provider in self.providers if provider.role]
+        parts = [[(sample, sample.answer) for sample in batch.forget_samples]]
+        parts += [provider.answers(batch) for provider in self.providers if provider.role]
+        students, counts = [pair for part in parts for pair in part], [len(part) for part in parts]
         student = self.teacher_forced(students, self.model, self.reads_hidden).split(counts)
         if not self.reads_hidden:
-            return student, None
+            return roles, student, None
         with self.peft_model.disable_adapter(), torch.no_grad():
             reference = self.teacher_forced(students, self.peft_model, True).split(counts)
-        return student, reference
+        return roles, student, reference
 
     def __call__(self, forget_items: list, retain_items: list) -> LossTerms:
-        forget_qas = [sample for sample, _ in forget_items]
-        student, reference = self.predictions(forget_qas, retain_items)
-        roles = ["forget"] + ["refusal"] * ("refusal" in self.needs) + ["retain"] * ("retain" in self.needs)
+        batch = Batch(forget_items, retain_items, self.device)
+        roles, student, reference = self.predictions(batch)
         inputs: dict[str, Any] = dict(zip(roles, student, strict=True))
         if reference is not None:
             for role, frozen in zip(roles, reference, strict=True):
                 inputs[f"{role}_reference_hidden"] = frozen.hidden_states
-        setup, device = self.setup, self.device
-        if setup.forget_cache is not None:
-            check_answer_tokens(inputs["forget"], forget_items, setup.forget_cache.directory)
-            inputs["forget_teacher"] = concat_samples([rows for _, rows in forget_items])[1].to(device)
-        if setup.retain_cache is not None:
-            check_answer_tokens(inputs["retain"], retain_items, setup.retain_cache.directory)
-            inputs["retain_teacher"] = concat_samples([rows for _, rows in retain_items])[1].to(device)
-        if setup.reference:
-            values = [setup.reference[sample.sample_id] for sample in forget_qas]
-            inputs["forget_reference_log_probs"] = torch.tensor(values, device=device)
-        if setup.refusal_reference:
-            values = [setup.refusal_reference[sample.sample_id] for sample in forget_qas]
-            inputs["refusal_reference_log_probs"] = torch.tensor(values, device=device)
-        inputs["gradient_saliency"] = self.saliency
+        for provider in self.providers:
+            provider.add(inputs, batch)
         return compute_loss(self.method.loss, inputs, self.method.arguments)
 
 
@@ -358,7 +270,7 @@ def optimizer_step(
     micro_starts = list(range(start, stop, config.batch_size))
     # A masked term takes two backward passes, which DDP's reducer cannot follow: the ranks then
     # accumulate alone and average their gradients once, before the step.
-    reduces_by_hand = processes.world_size > 1 and loss_step.saliency is not None
+    reduces_by_hand = processes.world_size > 1 and loss_step.masked
     for index, micro_start in enumerate(micro_starts):
         positions = plan.rank_positions(micro_start, min(micro_start + config.batch_size, stop))
         forget_items = list(islice(forget_stream, len(positions)))
@@ -456,7 +368,13 @@ def run(
     ViKeR teacher online in the loop.
     """
     method = method or resolve_method(
-        config.method, {}, config.loss, config.args, config.forget_cache, config.retain_cache
+        config.method,
+        {},
+        config.loss,
+        config.args,
+        config.forget_cache,
+        config.retain_cache,
+        cache_root=config.cache_root,
     )
     processes, device = start_processes(config.device)
     if forget_source is not None and processes.world_size > 1:
@@ -472,9 +390,11 @@ def run(
     if finished is not None:  # e.g. the seeds a killed `--seeds 0,1,2` run had completed
         return finished
 
-    setup = load_setup(config, method, device, processes)
+    setup, providers = load_setup(config, method, device, processes)
     opt = optimization(config, method, setup, device, processes)
-    loss_step = LossStep(config, method, setup, opt, device)  # before a checkpoint moves the adapter
+    loss_step = LossStep(
+        config, method, setup, providers, opt, device
+    )  # before a checkpoint moves the adapter
     torch.manual_seed(config.seed + 1000 * processes.rank)  # LoRA dropout masks: reproducible per rank
     random.seed(config.seed + 1000 * processes.rank)
     position = Position()

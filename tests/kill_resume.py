@@ -32,11 +32,12 @@ SMALL_PARAMS = {
         "num_people": 10, "num_real": 3, "num_reference_people": 6, "alt_images": 1,
         "fact_epochs": 2, "epochs": 2, "batch_size": 16, "people_per_split": 2,
     },
-    "precompute": {"k": 2, "batch_size": 2},
+    "precompute": {"batch_size": 2},
+    "teachers": {"viker": {"teacher": "viker", "args": {"k": 2}}},
     "train": {"epochs": 3, "batch_size": 2, "lr": 5e-4, "checkpoint_every": 1},
     "evaluate": {"limit": 2, "max_new_tokens": 6, "batch_size": 4},
     "seeds": "0,1",
-    "methods": {"viker": {"loss": "viker", "forget_cache": "work/cache/viker", "args": {"lambda": 1.0}}},
+    "methods": {"viker": {"loss": "viker", "forget_teacher": "viker", "args": {"lambda": 1.0}}},
 }  # fmt: skip
 COMMON = ["--model", "work/mini/model", "--data", "work/mini/data"]
 # (stage, command, outputs): outputs are files or folders compared byte for byte (after TIMES is dropped).

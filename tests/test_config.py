@@ -41,8 +41,10 @@ def test_option_names_are_unique_across_nested_configs():
 
 
 def test_build_reads_comma_lists_and_nested_fields():
-    config = build(PrecomputeConfig, {"model": "m", "data": "d", "out": "o", "kinds": "qa,mc", "k": 3})
-    assert config.kinds == ("qa", "mc") and config.k == 3 and config.top_p == 0.9
+    config = build(
+        PrecomputeConfig, {"model": "m", "data": "d", "out": "o", "kinds": "qa,mc", "args": ("k=3",)}
+    )
+    assert config.kinds == ("qa", "mc") and config.args == {"k": 3} and config.top_p == 0.9
     from stages.config import PrepareConfig
 
     prepare = build(PrepareConfig, {"num_people": 7, "epochs": 2, "vocab_size": 300})
@@ -123,6 +125,9 @@ def test_out_of_range_values_are_refused_at_parse_time(tmp_path):
         result = CliRunner().invoke(main, [*common, option, value])
         assert result.exit_code == 2 and option in result.output, (option, value, result.output)
     assert not any(tmp_path.glob("shard-*"))  # nothing was written
+    # The same rule and words as a loss's or a teacher's argument (pipeline.arguments).
+    result = CliRunner().invoke(main, [*common, "--top-p", "0"])
+    assert "value 0.0 is out of range (must be > 0 and <= 1)" in result.output
 
 
 def test_params_are_found_at_the_project_root_or_named(tmp_path, monkeypatch, capsys):
@@ -151,7 +156,10 @@ def test_train_by_hand_uses_the_methods_arguments_from_params(tmp_path, monkeypa
     params = tmp_path / "params.yaml"
     params.write_text(
         yaml.safe_dump(
-            {"methods": {"viker": {"loss": "viker", "forget_cache": "c", "args": {"lambda": 0.7}}}}
+            {
+                "caches": {"cache_root": "caches"},
+                "methods": {"viker": {"loss": "viker", "forget_teacher": "c", "args": {"lambda": 0.7}}},
+            }
         )
     )
     seen = []
@@ -172,7 +180,8 @@ def test_train_by_hand_uses_the_methods_arguments_from_params(tmp_path, monkeypa
     assert CliRunner().invoke(main, common).exit_code == 0
     assert CliRunner().invoke(main, [*common, "--arg", "lambda=0.2", "--arg", "no_ga=true"]).exit_code == 0
     (_, by_hand), (_, overridden) = seen
-    assert by_hand.loss == "viker" and by_hand.arguments == {"lambda_": 0.7} and by_hand.forget_cache == "c"
+    assert by_hand.loss == "viker" and by_hand.arguments == {"lambda_": 0.7}
+    assert by_hand.forget_teacher == "c" and by_hand.forget_cache == "caches/c"  # <cache_root>/<entry>
     assert overridden.arguments == {"lambda_": 0.2, "no_ga": True}
 
 

@@ -32,7 +32,7 @@ SMALL_PARAMS = {
         "batch_size": 16,
         "people_per_split": 2,
     },
-    "precompute": {"k": 2, "batch_size": 4},
+    "precompute": {"batch_size": 4},
     "train": {"epochs": 1, "batch_size": 4},
     "relearn": {"epochs": 1},
     "evaluate": {"limit": 1, "max_new_tokens": 6, "batch_size": 16},
@@ -78,6 +78,7 @@ def repo(tmp_path_factory) -> Path:
     params = yaml.safe_load((root / "params.yaml").read_text())
     for section, values in SMALL_PARAMS.items():
         params[section].update(values)
+    params["teachers"]["viker"]["args"]["k"] = 2
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], root)
     _dvc("repro", cwd=root)
@@ -108,6 +109,67 @@ def test_every_stage_depends_on_the_code_it_runs():
     assert any(
         "pipeline/unlearning/refusals.txt".startswith(dep) for dep in stages["train"]["do"]["deps"]
     )  # IdkPO's refusal sentences: data, not code
+
+
+def dvc_stages(root: Path) -> dict:
+    """name -> DVC's stage of the project's dvc.yaml, interpolated with its params.yaml (nothing runs)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as dvc_repo:
+        return {stage.name: stage for stage in dvc_repo.index.stages}
+
+
+def rerun_by_a_change_of(stages: dict, key: str) -> set[str]:
+    """The stages `dvc repro` reruns when params.yaml's `key` changes: those that read it, and every stage
+    that depends on what one of them writes, transitively."""
+
+    def reads(stage) -> bool:
+        params = [name for dep in stage.deps if hasattr(dep, "params") for name in dep.params]
+        return any(key == name or key.startswith(name + ".") for name in params)
+
+    def writes_into(upstream, stage) -> bool:
+        outs = [str(out.def_path) for out in upstream.outs]
+        deps = [str(dep.def_path) for dep in stage.deps if not hasattr(dep, "params")]
+        return any(
+            dep == out or out.startswith(dep + "/") or dep.startswith(out + "/")
+            for dep in deps
+            for out in outs
+        )
+
+    rerun = {name for name, stage in stages.items() if reads(stage)}
+    while True:
+        more = {
+            name for name, stage in stages.items() if name not in rerun
+            if any(writes_into(stages[upstream], stage) for upstream in rerun)
+        }  # fmt: skip
+        if not more:
+            return rerun
+        rerun |= more
+
+
+def test_a_teachers_argument_reruns_only_its_precompute_and_what_reads_its_cache():
+    """Vgid's sigma: precompute@vgid-* and the methods that read work/cache/vgid, never ViKeR's precompute."""
+    stages = dvc_stages(REPO)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert set(params["teachers"]) == {"viker", "vgid", "original", "base"}
+    assert {name for name in stages if name.startswith("precompute@")} == {
+        f"precompute@{teacher}-{shard}" for teacher in params["teachers"] for shard in (0, 1)
+    }
+    readers = [name for name, entry in params["methods"].items() if entry["forget_teacher"] == "vgid"]
+    assert readers == ["vgid"]
+    expected = {"precompute@vgid-0", "precompute@vgid-1", "report"} | {
+        f"{stage}@{method}" for stage in ("train", "relearn", "evaluate") for method in readers
+    }
+    assert rerun_by_a_change_of(stages, "teachers.vgid.args.sigma") == expected
+    # A method depends only on the caches its teacher slots name.
+    cache_deps = {
+        name: {str(dep.def_path) for dep in stage.deps if str(dep.def_path).startswith("work/cache/")}
+        for name, stage in stages.items()
+        if name.startswith("train@")
+    }
+    assert cache_deps["train@viker"] == {"work/cache/viker", "work/cache/none"}
+    assert cache_deps["train@ga"] == {"work/cache/none"} and (REPO / "work/cache/none").is_file()
+    assert cache_deps["train@vgid"] == {"work/cache/vgid", "work/cache/base"}
 
 
 @pytest.mark.slow
@@ -153,6 +215,23 @@ def test_second_repro_is_up_to_date_and_lambda_reruns_only_training(repo):
     assert "train@viker" in changed
     assert not any(stage.startswith(("precompute", "prepare")) for stage in changed)
     assert "train@viker_no_ga" not in changed
+
+
+@pytest.mark.slow
+def test_a_changed_sigma_makes_only_vgids_precompute_stale(repo):
+    """dvc status on the built pipeline after Vgid's sigma changes: its two precompute stages only (what
+    reads their outputs follows when they rerun: test_a_teachers_argument_reruns_only_...)."""
+    params_path = repo / "params.yaml"
+    before = params_path.read_text()
+    stale_before = set(json.loads(_dvc("status", "--json", cwd=repo).stdout))  # e.g. an earlier test's lambda
+    params = yaml.safe_load(before)
+    params["teachers"]["vgid"]["args"]["sigma"] = 0.25
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        changed = set(json.loads(_dvc("status", "--json", cwd=repo).stdout))
+    finally:
+        params_path.write_text(before)
+    assert changed - stale_before == {"precompute@vgid-0", "precompute@vgid-1"}
 
 
 @pytest.mark.slow

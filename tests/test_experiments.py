@@ -9,16 +9,19 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from pipeline.config import ConfigError
 from pipeline.experiments import (
     ExperimentError,
     experiment_names,
     experiment_values,
     fetch,
+    for_params,
     merged,
     params_text,
 )
 from pipeline.models import FAMILIES
-from pipeline.unlearning.methods import resolve_method
+from pipeline.unlearning.methods import NO_TEACHER, TEACHER_SLOTS, resolve_method
+from pipeline.unlearning.teachers import TeacherError
 from stages.cli import check_params, load_sections, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,3 +113,34 @@ def test_fetch_skips_what_is_present_and_names_the_manual_download_when_offline(
     with pytest.raises(ExperimentError, match=r"huggingface-cli download therem/llava-1.5-7b-CLEAR-finetune"):
         fetch(tmp_path, values, said.append)
     assert "work/hub/CLEAR: present, not downloaded again" in said or said[0].startswith("work/hub/llava")
+
+
+def test_params_hold_only_the_teachers_some_method_reads_and_every_methods_slots():
+    """A ViKeR experiment computes no Vgid cache: dvc.yaml makes one precompute stage per teacher entry."""
+    mini = experiment_values(REPO, "mini")
+    assert for_params(mini) == mini  # params.yaml is mini.yaml verbatim: already in the written form
+    for name in experiment_names(REPO):
+        values = yaml.safe_load(params_text(REPO, name).split("\n", 2)[2])
+        read = {entry[slot] for entry in values["methods"].values() for slot in TEACHER_SLOTS}
+        assert all(set(entry) >= set(TEACHER_SLOTS) for entry in values["methods"].values()), name
+        assert set(values["teachers"]) == read - {NO_TEACHER}, name
+    viker = yaml.safe_load(params_text(REPO, "llava-mllmu-10-viker").split("\n", 2)[2])
+    assert set(viker["teachers"]) == {"viker", "original"}
+    assert viker["teachers"]["viker"] == {"teacher": "viker", "args": {"k": 5, "reference_kind": "people"}}
+    vgid = yaml.safe_load(params_text(REPO, "llava-mllmu-5-vgid").split("\n", 2)[2])
+    assert vgid["teachers"]["vgid"]["args"]["sigma"] == 0.4  # an overlay's entry merges into mini's
+    assert set(vgid["teachers"]) == {"vgid", "base"} and vgid["methods"]["ga"] == {
+        "loss": "ga", "forget_teacher": "none", "retain_teacher": "none"
+    }  # fmt: skip
+
+
+def test_a_method_reading_a_teacher_entry_the_file_lacks_is_refused(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "teachers: {viker: {teacher: viker}}\nmethods: {vgid: {loss: vgid, forget_teacher: vgid}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"method 'vgid' reads teacher entry 'vgid', which `teachers`"):
+        check_params(params)
+    params.write_text("teachers: {viker: {teacher: viker, args: {sigma: 0.4}}}\n")
+    with pytest.raises(TeacherError, match=r"teacher 'viker' takes no argument 'sigma'; it accepts: k,"):
+        check_params(params)

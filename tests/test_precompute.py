@@ -7,6 +7,7 @@ import io
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,6 @@ from PIL import Image
 from cache import IncompatibleCacheError, iter_cache, read_manifest, verify_cache
 from pipeline.benchmarks import DataError, load_reference_pool
 from pipeline.benchmarks.mllmu import load_unlearning_samples
-from pipeline.config import schema
 from pipeline.mini_world.config import TinyLlavaConfig, WorldConfig
 from pipeline.mini_world.world import write_world
 from pipeline.models import PromptedSample, VisionFeatureCache, answer_logits, encode_answers
@@ -28,7 +28,7 @@ from pipeline.runtime import keep_freed_memory
 from pipeline.samples import QASample
 from pipeline.unlearning.extractor import TeacherExtractor
 from pipeline.unlearning.perturbations import PERTURBATIONS
-from pipeline.unlearning.teachers import ICU_PROMPTS, TEACHERS, TeacherContext
+from pipeline.unlearning.teachers import ICU_PROMPTS, TEACHERS, TeacherContext, TeacherError, resolve_teacher
 from stages.cli import main
 from stages.config import PrecomputeConfig
 from stages.precompute import PrecomputeError, checked, run
@@ -44,10 +44,15 @@ def world(tmp_path_factory) -> Path:
     return Path(info.data_dir)
 
 
-def config(world: Path, model_dir: Path, out: Path, **overrides) -> PrecomputeConfig:
-    options = {"teacher": "viker", "k": 3, "max_support": 16, "top_p": 0.9, "batch_size": 3}
-    options.update(overrides)
-    return PrecomputeConfig(model=str(model_dir), data=str(world), out=str(out), **options)
+def config(
+    world: Path, model_dir: Path, out: Path, teacher: str = "viker", args: dict | None = None, **overrides
+) -> PrecomputeConfig:
+    """The shared options, and the teacher's own arguments (ViKeR's k = 3 unless given)."""
+    options = {"max_support": 16, "top_p": 0.9, "batch_size": 3, **overrides}
+    arguments = {"k": 3} if teacher == "viker" and args is None else args or {}
+    return PrecomputeConfig(
+        model=str(model_dir), data=str(world), out=str(out), teacher=teacher, args=arguments, **options
+    )
 
 
 @pytest.fixture(scope="module")
@@ -115,23 +120,21 @@ def test_viker_rows_are_the_mean_of_k_reference_softmaxes(world, tiny_model, vik
     assert manifest.header["tokenizer_fingerprint"] == tiny_model.tokenizer_fingerprint
 
 
-def teacher_arguments(**overrides) -> dict:
-    """Every teacher's arguments at their schema defaults (stages.config.PrecomputeConfig), some overridden."""
-    defaults = {option.name: option.default for option in schema(PrecomputeConfig)}
-    names = {name for teacher in TEACHERS.names() for name in TEACHERS[teacher].parameters}
-    return {**{name: defaults[name] for name in names}, **overrides}
+def teacher_arguments(teacher: str, **overrides) -> dict:
+    """A teacher's arguments at their declared defaults, some overridden."""
+    return {**TEACHERS[teacher].defaults(), **overrides}
 
 
 def test_reference_draws_are_deterministic_per_sample_and_avoid_the_own_image(world, tiny_model):
     samples = load_unlearning_samples(world, "forget_10")
     pool = load_reference_pool(world, "retain_90")  # a pool that holds real people's images
     pool.append(("own", samples[0].image))
-    context = TeacherContext(tiny_model.family, teacher_arguments(k=4), pool, "retain")
+    context = TeacherContext(tiny_model.family, teacher_arguments("viker", k=4), pool, "retain")
     first = TEACHERS["viker"](samples[0], context)
     again = TEACHERS["viker"](samples[0], context)
     assert first.image_sources == again.image_sources
     assert "retain/own" not in first.image_sources
-    other_seed = TeacherContext(tiny_model.family, teacher_arguments(k=4, seed=1), pool, "retain")
+    other_seed = TeacherContext(tiny_model.family, teacher_arguments("viker", k=4, seed=1), pool, "retain")
     draws = {tuple(TEACHERS["viker"](s, other_seed).image_sources) for s in samples}
     assert len(draws) > 1
 
@@ -139,7 +142,7 @@ def test_reference_draws_are_deterministic_per_sample_and_avoid_the_own_image(wo
 def test_vgid_perturbs_the_image_and_prepends_the_exact_icu_text(world, tiny_model):
     sample = load_unlearning_samples(world, "forget_10")[0]
     context = TeacherContext(
-        tiny_model.family, teacher_arguments(perturbation="random-noise", icu_prompt="strict")
+        tiny_model.family, teacher_arguments("vgid", perturbation="random-noise", icu_prompt="strict")
     )
     teacher_input = TEACHERS["vgid"](sample, context)
     (variant,) = teacher_input.variants
@@ -150,10 +153,10 @@ def test_vgid_perturbs_the_image_and_prepends_the_exact_icu_text(world, tiny_mod
     rebuilt = PERTURBATIONS["random-noise"](sample.pil_image(), np.random.default_rng(seed), 0.0)
     assert np.array_equal(np.asarray(rebuilt), np.asarray(variant.image))
     assert not np.array_equal(np.asarray(variant.image), np.asarray(sample.pil_image()))
-    icu_input = TEACHERS["icu"](sample, context)
+    icu_input = TEACHERS["icu"](sample, replace(context, arguments=teacher_arguments("icu")))
     assert np.array_equal(np.asarray(icu_input.variants[0].image), np.asarray(sample.pil_image()))
     assert icu_input.variants[0].prompt == variant.prompt
-    noise_input = TEACHERS["noise"](sample, context)
+    noise_input = TEACHERS["noise"](sample, replace(context, arguments=teacher_arguments("noise")))
     assert noise_input.variants[0].prompt == tiny_model.family.build_prompt(sample.question, True)
 
 
@@ -163,7 +166,7 @@ def test_vgid_draws_hold_one_row_per_sample_and_draw_with_its_own_noise(world, t
     one = tmp_path / "one"
     run(config(world, tiny_model_dir, one, teacher="vgid", limit=3))
     three = tmp_path / "three"
-    run(config(world, tiny_model_dir, three, teacher="vgid", limit=3, draws=3))
+    run(config(world, tiny_model_dir, three, teacher="vgid", limit=3, args={"draws": 3}))
     assert read_manifest(three).header["teacher_params"]["draws"] == 3
     rows = list(iter_cache(three))
     assert sorted((row.sample_id, row.draw) for row in rows) == sorted(
@@ -242,7 +245,8 @@ def test_original_teacher_stores_the_reference_log_probs(world, tiny_model, tiny
 
 def test_base_teacher_defaults_to_the_retain_split(world, tiny_model_dir, tmp_path):
     cfg = config(world, tiny_model_dir, tmp_path / "base", teacher="base", limit=2)
-    assert cfg.split is None and checked(cfg)[0].split == "retain_90"  # the teacher's declared split role
+    chosen = checked(cfg, resolve_teacher("base", {}))[0]
+    assert cfg.split is None and chosen.split == "retain_90"  # the teacher's declared split role
     run(cfg)
     assert all(
         record["sample_id"].startswith("retain_90/") for record in read_manifest(tmp_path / "base").samples
@@ -252,7 +256,7 @@ def test_base_teacher_defaults_to_the_retain_split(world, tiny_model_dir, tmp_pa
 def test_vision_feature_cache_changes_no_logit(world, tiny_model):
     samples = load_unlearning_samples(world, "forget_10")[:2]
     pool = load_reference_pool(world.parent, "people")
-    context = TeacherContext(tiny_model.family, teacher_arguments(k=3), pool, "people")
+    context = TeacherContext(tiny_model.family, teacher_arguments("viker", k=3), pool, "people")
     inputs = [TEACHERS["viker"](sample, context) for sample in samples]
     extractor = TeacherExtractor(tiny_model, 0.9, 16)
     assert extractor.vision_features.enabled
@@ -416,8 +420,8 @@ def test_answer_beyond_the_model_limit_names_the_sample(world, tiny_model_dir, t
 
 
 def test_reference_pool_smaller_than_k(world, tiny_model_dir, tmp_path):
-    with pytest.raises(PrecomputeError, match=r"pool 'pets' .* 3 images, fewer than --k 5"):
-        run(config(world, tiny_model_dir, tmp_path / "out", reference_kind="pets", k=5))
+    with pytest.raises(PrecomputeError, match=r"pool 'pets' .* 3 images, fewer than k=5"):
+        run(config(world, tiny_model_dir, tmp_path / "out", args={"reference_kind": "pets", "k": 5}))
 
 
 def test_unreadable_reference_image_is_named(world, tiny_model_dir, tmp_path):
@@ -432,23 +436,49 @@ def test_unreadable_reference_image_is_named(world, tiny_model_dir, tmp_path):
 
 
 def test_unknown_names_are_refused(world, tiny_model_dir, tmp_path):
-    for option, value in [
-        ("teacher", "nope"),
-        ("perturbation", "blur"),
-        ("icu_prompt", "rude"),
-        ("reference_kind", "cars"),
-    ]:
-        with pytest.raises(PrecomputeError, match=value):  # before any model or data is loaded
-            checked(config(world, tiny_model_dir, tmp_path, **{option: value}))
+    for teacher, args, message in [
+        ("nope", {}, "unknown teacher 'nope'; known: base, icu, noise, original, vgid, viker"),
+        ("vgid", {"perturbation": "blur"}, "perturbation 'blur' is not one of gaussian, random-noise, white"),
+        ("vgid", {"icu_prompt": "rude"}, "icu_prompt 'rude' is not one of"),
+        ("viker", {"reference_kind": "cars"}, "reference_kind 'cars' is not one of people"),
+        (
+            "viker",
+            {"sigma": 0.4},
+            "teacher 'viker' takes no argument 'sigma'; it accepts: k, reference_kind, seed",
+        ),
+        ("vgid", {"draws": 0}, r"draws 0 is out of range \(must be >= 1\)"),
+    ]:  # before any model or data is loaded
+        with pytest.raises(TeacherError, match=message):
+            run(config(world, tiny_model_dir, tmp_path, teacher=teacher, args=args))
+    with pytest.raises(PrecomputeError, match="--shard-index 2 is outside 0..1"):
+        checked(
+            config(world, tiny_model_dir, tmp_path, shard_index=2, num_shards=2), resolve_teacher("base", {})
+        )
+
+
+def test_a_teacher_entry_sets_its_own_arguments_in_the_declared_order():
+    """params.yaml's `teachers` entry: its args over the teacher's defaults, then the command line's; the
+    header's teacher_params keep the order the teacher declares (the cache format's)."""
+    teachers = {"noisy": {"teacher": "vgid", "args": {"sigma": 0, "draws": 2}}}
+    entry = resolve_teacher("noisy", teachers, {"icu_prompt": "polite"})
+    assert (entry.name, entry.teacher) == ("noisy", "vgid")
+    assert list(entry.arguments.items()) == [
+        ("perturbation", "random-noise"), ("sigma", 0.0), ("icu_prompt", "polite"), ("seed", 0), ("draws", 2)
+    ]  # fmt: skip
+    assert isinstance(entry.arguments["sigma"], float)  # as the command line reads a number
+    assert resolve_teacher("viker", {}).arguments == {"k": 5, "reference_kind": "people", "seed": 0}
+    assert resolve_teacher("original", {}).arguments == {}
+    with pytest.raises(TeacherError, match=r"teachers.bad must be a mapping with teacher, args only"):
+        resolve_teacher("bad", {"bad": {"teacher": "viker", "k": 5}})
 
 
 def test_text_only_samples_keep_the_unmodified_input_for_visual_teachers(tiny_model):
     sample = QASample("s/1", "p", "What does she do?", "She is a nurse.")
-    context = TeacherContext(tiny_model.family, teacher_arguments())
     for name in ("viker", "noise"):
+        context = TeacherContext(tiny_model.family, teacher_arguments(name))
         teacher_input = TEACHERS[name](sample, context)
         assert teacher_input.variants[0].image is None and "text-only" in teacher_input.intervention
-    vgid_input = TEACHERS["vgid"](sample, context)
+    vgid_input = TEACHERS["vgid"](sample, TeacherContext(tiny_model.family, teacher_arguments("vgid")))
     assert ICU_PROMPTS["strict"] in vgid_input.variants[0].prompt
 
 
@@ -470,8 +500,8 @@ def test_cli_precompute_and_measure(world, tiny_model_dir, tmp_path):
         str(out),
         "--teacher",
         "noise",
-        "--perturbation",
-        "white",
+        "--arg",
+        "perturbation=white",
         "--limit",
         "3",
         "--no-progress",
@@ -486,8 +516,8 @@ def test_cli_precompute_and_measure(world, tiny_model_dir, tmp_path):
     summary = json.loads(result.output[result.output.index("{") :])
     assert summary["measured_tokens"] == summary["tokens"] > 0
     assert 0 <= summary["kl_error"] < 0.1
-    result = runner.invoke(main, [*args[:9], "--teacher", "viker", "--k", "50", "--no-progress"])
-    assert result.exit_code != 0 and "fewer than --k 50" in result.output
+    result = runner.invoke(main, [*args[:9], "--teacher", "viker", "--arg", "k=50", "--no-progress"])
+    assert result.exit_code != 0 and "fewer than k=50" in result.output
 
 
 def test_keep_freed_memory_stops_page_faulting_reused_buffers():
@@ -505,3 +535,26 @@ def test_keep_freed_memory_stops_page_faulting_reused_buffers():
 
     faults_of_a_few_large_allocations()  # the first one grows the heap
     assert faults_of_a_few_large_allocations() < 1000  # 5 x 16 MiB fresh would be ~20 000 faults
+
+
+def test_cli_runs_a_params_teacher_entry_into_its_cache_folder(tmp_path, monkeypatch):
+    """`pipeline precompute --teacher ENTRY`: the entry's teacher and args (--arg over them), written to
+    <cache_root>/<entry> unless --out is given."""
+    import stages.precompute
+
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "caches: {cache_root: caches}\n"
+        "teachers: {soft: {teacher: vgid, args: {sigma: 0.2, perturbation: gaussian}}}\n"
+    )
+    seen = []
+    monkeypatch.setattr(stages.precompute, "run", lambda config, entry: seen.append((config, entry)))
+    common = ["--params", str(params), "precompute", "--model", "m", "--data", "d", "--teacher", "soft"]
+    assert CliRunner().invoke(main, [*common, "--arg", "draws=2"]).exit_code == 0
+    ((config, entry),) = seen
+    assert entry.teacher == "vgid" and entry.arguments["sigma"] == 0.2 and entry.arguments["draws"] == 2
+    assert config.out is None and checked(replace(config, split="forget_10"), entry)[0].out == str(
+        Path("caches") / "soft"
+    )
+    refused = CliRunner().invoke(main, [*common, "--arg", "k=5"])
+    assert refused.exit_code == 1 and "teacher 'vgid' takes no argument 'k'" in refused.output

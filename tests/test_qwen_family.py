@@ -289,7 +289,9 @@ def test_precompute_train_evaluate_run_on_qwen(qwen, qwen_dir, tmp_path):
 
     write_world(tmp_path / "world", reduced_config())
     data, model = str(tmp_path / "world" / "data"), str(qwen_dir)
-    precompute(PrecomputeConfig(model=model, data=data, out=str(tmp_path / "cache"), k=2, batch_size=4))
+    precompute(
+        PrecomputeConfig(model=model, data=data, out=str(tmp_path / "cache"), args={"k": 2}, batch_size=4)
+    )
     manifest = read_manifest(tmp_path / "cache")
     assert manifest.header["model_family"] == qwen.family.name
     samples = {s.sample_id: s for s in load_unlearning_samples(data, "forget_10", ("qa",))}
@@ -351,7 +353,15 @@ def test_cli_loading_options_reach_load_model(qwen_dir, tmp_path, monkeypatch):
         return loaded
 
     monkeypatch.setattr(stages.precompute, "load_model", recording_load_model)
-    common = ["precompute", "--model", str(qwen_dir), "--data", str(tmp_path / "world" / "data"), "--k", "1"]
+    common = [
+        "precompute",
+        "--model",
+        str(qwen_dir),
+        "--data",
+        str(tmp_path / "world" / "data"),
+        "--arg",
+        "k=1",
+    ]
     common += ["--limit", "2", "--dtype", "bf16", "--no-progress"]
     for options in (["--attn-implementation", "eager", "--trust-remote-code"], []):
         result = CliRunner().invoke(

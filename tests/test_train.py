@@ -548,3 +548,42 @@ def test_a_cache_made_for_another_prompt_template_is_refused_naming_both(
         )
     )
     assert accepted["steps"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss-input providers (pipeline.training.inputs)
+
+
+def test_every_declared_loss_input_has_a_provider_or_comes_from_the_forward_pass():
+    from pipeline.training.inputs import PROVIDERS, providers_for
+    from pipeline.unlearning.losses import LOSSES, loss_inputs
+
+    forward_pass = {"forget", "forget_reference_hidden", "retain_reference_hidden"}
+    for loss in LOSSES.names():
+        unprovided = [
+            name for name in loss_inputs(loss) if name not in PROVIDERS and name not in forward_pass
+        ]
+        assert not unprovided, (loss, unprovided)
+
+    def kinds(loss: str) -> list[str]:
+        return [type(provider).__name__ for provider in providers_for(loss_inputs(loss))]
+
+    # Registration order: setups as before (caches, then the frozen model's log-probs, then refusals),
+    # roles in the forward pass forget, refusal, retain.
+    assert kinds("po") == ["ForgetReference", "Refusal"]
+    assert kinds("vgid") == ["ForgetTeacher", "RetainTeacher", "Retain"]
+    assert kinds("mmunlearner") == ["Retain", "Saliency"]
+    assert kinds("ga") == []
+
+
+def test_a_methods_cache_is_opened_once_whoever_reads_it(monkeypatch):
+    from pipeline.training import inputs
+    from pipeline.training.processes import Processes
+    from pipeline.unlearning.methods import Method
+
+    opened = []
+    monkeypatch.setattr(inputs.Cache, "open", classmethod(lambda cls, *args: opened.append(args) or object()))
+    method = Method("npo", "npo", forget_cache="c/original")
+    setup = inputs.Setup(None, method, Processes(), [], [])
+    assert setup.cache("forget") is setup.cache("forget") and len(opened) == 1
+    assert opened[0][0] == "c/original" and opened[0][3] == "forget"

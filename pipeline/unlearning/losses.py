@@ -39,27 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cache.distributions import SPARSE_DIVERGENCES, TruncatedDistributions, malformed_rows
+from pipeline.arguments import Range, declared_arguments
 from pipeline.hashing import stable_int
 from pipeline.registry import Registry
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a loss argument accepts (checked when a method is resolved: pipeline.unlearning.methods)."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-
-    def holds(self, value: float) -> bool:
-        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        return above and (self.high is None or value <= self.high)
-
-    def __str__(self) -> str:
-        low = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low}"
-        high = "" if self.high is None else f"<= {self.high}"
-        return " and ".join(part for part in (low, high) if part)
-
 
 Weight = Annotated[float, Range(low=0.0)]  # a term's weight: 0 switches the term off
 Layer = Annotated[int, Range(low=0)]  # an index into the model's hidden states (0: the embeddings)
@@ -423,8 +405,7 @@ def loss_inputs(method: str) -> list[str]:
 
 def loss_arguments(method: str) -> dict[str, object]:
     """A loss's own arguments (its keyword-only parameters) with their paper defaults."""
-    parameters = inspect.signature(LOSSES[method]).parameters.values()
-    return {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return declared_arguments(LOSSES[method])
 
 
 def compute_loss(method: str, inputs: dict[str, object], arguments: dict[str, object]) -> LossTerms:

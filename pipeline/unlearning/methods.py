@@ -1,8 +1,14 @@
-"""Unlearning methods: a named loss with its own arguments and the caches it reads (params.yaml `methods`).
+"""Unlearning methods: a named loss with its own arguments and the teacher entries whose caches it reads
+(params.yaml `methods`).
 
     methods:
-      viker: {loss: viker, forget_cache: work/cache/viker, args: {lambda: 1.0}}
-      viker_no_ga: {loss: viker, forget_cache: work/cache/viker, args: {lambda: 1.0, no_ga: true}}
+      viker: {loss: viker, forget_teacher: viker, retain_teacher: none, args: {lambda: 1.0}}
+      vgid: {loss: vgid, forget_teacher: vgid, retain_teacher: base, args: {alpha: 1.0, beta: 1.0}}
+
+`forget_teacher` and `retain_teacher` name entries of params.yaml's `teachers`; the cache of entry E is
+<cache_root>/E (params.yaml `caches`), written by `precompute@E-*`. `none` (or leaving the key out) reads
+no cache; the params.yaml that `pipeline experiment use` writes spells out both slots of every method,
+because dvc.yaml makes each slot a dependency of the method's training (pipeline.experiments).
 
 A method owns its arguments: they are checked against the keyword-only parameters of its loss
 (pipeline.unlearning.losses), so a misspelt or foreign argument is refused with the list the loss accepts, and a
@@ -12,11 +18,15 @@ keyword carries a trailing underscore in the loss (`lambda` -> `lambda_`).
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-ENTRY_KEYS = ("loss", "args", "forget_cache", "retain_cache")
+from pipeline.arguments import checked_arguments
+
+ENTRY_KEYS = ("loss", "args", "forget_teacher", "retain_teacher")
+TEACHER_SLOTS = ("forget_teacher", "retain_teacher")
+NO_TEACHER = "none"  # a slot that reads no cache
 
 
 class MethodError(ValueError):
@@ -25,18 +35,15 @@ class MethodError(ValueError):
 
 @dataclass(frozen=True)
 class Method:
-    """One method: its loss, the loss's arguments (parameter names) and its caches."""
+    """One method: its loss, the loss's arguments (parameter names), its teacher entries and their caches."""
 
     name: str
     loss: str
     arguments: dict[str, Any] = field(default_factory=dict)
-    forget_cache: str | None = None
+    forget_teacher: str | None = None  # an entry of params.yaml `teachers`
+    retain_teacher: str | None = None
+    forget_cache: str | None = None  # the directories read: <cache_root>/<entry>, or the override given
     retain_cache: str | None = None
-
-
-def public_name(parameter: str) -> str:
-    """The argument's name in params.yaml and on the command line (`lambda_` -> `lambda`)."""
-    return parameter.rstrip("_")
 
 
 def check_entry(name: str, entry: Any, where: str) -> dict[str, Any]:
@@ -55,46 +62,18 @@ def check_entry(name: str, entry: Any, where: str) -> dict[str, Any]:
 
 def loss_arguments_checked(loss: str, arguments: dict[str, Any], where: str) -> dict[str, Any]:
     """`arguments` keyed by the loss's parameter names; an argument the loss lacks is an error."""
-    from pipeline.unlearning.losses import LOSSES, loss_arguments
+    from pipeline.unlearning.losses import LOSSES
 
     if loss not in LOSSES:
         raise MethodError(f"{where}: unknown loss {loss!r}; known: {', '.join(LOSSES.names())}")
-    accepted = {public_name(parameter): parameter for parameter in loss_arguments(loss)}
-    unknown = sorted(key for key in arguments if public_name(key) not in accepted)
-    if unknown:
-        raise MethodError(
-            f"{where}: loss {loss!r} takes no argument {', '.join(map(repr, unknown))}; "
-            f"it accepts: {', '.join(sorted(accepted)) or 'none'}"
-        )
-    checked = {accepted[public_name(key)]: value for key, value in arguments.items()}
-    for parameter, value in checked.items():
-        check_value(loss, parameter, value, where)
-    return checked
+    return checked_arguments(LOSSES[loss], arguments, f"loss {loss!r}", where, MethodError)
 
 
-def check_value(loss: str, parameter: str, value: Any, where: str) -> None:
-    """The value fits the parameter's declared type, choices (Literal) and range (Annotated Range)."""
-    from pipeline.unlearning.losses import LOSSES, Range
-
-    annotation = typing.get_type_hints(LOSSES[loss], include_extras=True)[parameter]
-    ranges = [extra for extra in getattr(annotation, "__metadata__", ()) if isinstance(extra, Range)]
-    base = typing.get_args(annotation)[0] if ranges else annotation
-    name = public_name(parameter)
-    if typing.get_origin(base) is typing.Literal:
-        if value not in typing.get_args(base):
-            raise MethodError(
-                f"{where}: {name} {value!r} is not one of {', '.join(map(str, typing.get_args(base)))}"
-            )
-        return
-    if base is bool and not isinstance(value, bool):
-        raise MethodError(f"{where}: {name} must be true or false, got {value!r}")
-    if base is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise MethodError(f"{where}: {name} must be a number, got {value!r}")
-    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise MethodError(f"{where}: {name} must be a whole number, got {value!r}")
-    for allowed in ranges:
-        if not allowed.holds(value):
-            raise MethodError(f"{where}: {name} {value!r} is out of range (must be {allowed})")
+def teacher_slots(entry: dict[str, Any]) -> dict[str, str | None]:
+    """The entry's teacher per slot (forget_teacher, retain_teacher); None where it reads none."""
+    return {
+        slot: None if entry.get(slot) in (None, NO_TEACHER) else str(entry[slot]) for slot in TEACHER_SLOTS
+    }
 
 
 def resolve_method(
@@ -105,15 +84,24 @@ def resolve_method(
     forget_cache: str | None = None,
     retain_cache: str | None = None,
     where: str = "params.yaml",
+    cache_root: str = "work/cache",
 ) -> Method:
-    """The method `name` of params.yaml's `methods` (or the loss of that name), with overrides given."""
+    """The method `name` of params.yaml's `methods` (or the loss of that name), with overrides given;
+    its caches are <cache_root>/<teacher entry> unless a cache directory is given."""
     entry = check_entry(name, methods[name], where) if name in methods else {"loss": name}
     chosen_loss = loss or entry.get("loss") or name
     merged = {**(entry.get("args") or {}), **(arguments or {})}
+    teachers = teacher_slots(entry)
+
+    def cache_of(slot: str) -> str | None:
+        return str(Path(cache_root) / teachers[slot]) if teachers[slot] else None
+
     return Method(
         name=name,
         loss=chosen_loss,
         arguments=loss_arguments_checked(chosen_loss, merged, f"{where}: method {name!r}"),
-        forget_cache=forget_cache or entry.get("forget_cache"),
-        retain_cache=retain_cache or entry.get("retain_cache"),
+        forget_teacher=teachers["forget_teacher"],
+        retain_teacher=teachers["retain_teacher"],
+        forget_cache=forget_cache or cache_of("forget_teacher"),
+        retain_cache=retain_cache or cache_of("retain_teacher"),
     )
