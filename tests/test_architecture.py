@@ -29,6 +29,9 @@ FLOORS: dict[str, set[str]] = {
     "benchmarks": {"core"},
     # losses, methods, teachers, perturbations and the teacher forward pass (writes the cache)
     "unlearning": {"core", "cache", "models", "benchmarks"},
+    # pipeline/experiments.py, a core file with a floor of its own: it writes params.yaml from experiment
+    # files, spelling out each method's teacher slots (pipeline.unlearning.methods)
+    "experiments": {"core", "unlearning"},
     # the train recipe's pieces (reads the cache, runs the losses)
     "training": {"core", "cache", "models", "benchmarks", "unlearning"},
     # scores any model on any benchmark, whatever trained it: no training, no unlearning
@@ -44,6 +47,7 @@ FLOORS: dict[str, set[str]] = {
         "models",
         "benchmarks",
         "unlearning",
+        "experiments",
         "training",
         "evaluation",
         "reporting",
@@ -70,7 +74,7 @@ def floor(module: str) -> str:
     parts = module.split(".")
     if parts[0] != "pipeline":
         return parts[0]
-    if len(parts) > 1 and (REPO / "pipeline" / parts[1] / "__init__.py").is_file():
+    if len(parts) > 1 and ((REPO / "pipeline" / parts[1] / "__init__.py").is_file() or parts[1] in FLOORS):
         return parts[1]
     return "core"
 
@@ -83,6 +87,7 @@ def test_floor_names_the_folder_of_a_module():
     assert floor("pipeline.models.loading") == "models"
     assert floor("pipeline.models") == "models"
     assert floor("pipeline.hashing") == "core"
+    assert floor("pipeline.experiments") == "experiments"
     assert floor("pipeline") == "core"
     assert floor("cache.reader") == "cache"
     assert floor("stages.train") == "stages"

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.arguments import Range, checked_arguments, declared_arguments
-from pipeline.benchmarks.data import REFERENCE_KINDS
+from pipeline.benchmarks import REFERENCE_KINDS
 from pipeline.hashing import sha256_hex, stable_int
 from pipeline.models import ModelFamily, PromptedSample
 from pipeline.registry import Registry
@@ -70,7 +70,7 @@ ICU_PROMPTS = {
 # The types of the teachers' arguments: what params.yaml may set them to.
 Count = Annotated[int, Range(low=1)]
 Sigma = Annotated[float, Range(low=0.0)]
-ReferenceKind = Literal[REFERENCE_KINDS]  # ViKeR Fig. 7's pools (pipeline.benchmarks.data)
+ReferenceKind = Literal[REFERENCE_KINDS]  # ViKeR Fig. 7's pools (pipeline.benchmarks.references)
 Perturbation = Literal[tuple(PERTURBATIONS.names())]
 IcuPrompt = Literal[tuple(ICU_PROMPTS)]
 
