@@ -104,6 +104,8 @@ def test_a_teacher_is_one_function_and_one_params_entry(monkeypatch, toy_world, 
         resolve_teacher("poster", teachers, {"bits": 9})
     with pytest.raises(TeacherError, match="it accepts: bits"):
         resolve_teacher("poster", teachers, {"sigma": 0.1})
+    with pytest.raises(TeacherError, match="cannot be called 'none'"):  # the name of an empty method slot
+        resolve_teacher("none", {"none": {"teacher": "posterize"}})
 
     out = tmp_path / "cache" / "poster"
     config = PrecomputeConfig(

@@ -44,6 +44,7 @@ from pipeline.hashing import sha256_hex, stable_int
 from pipeline.models import ModelFamily, PromptedSample
 from pipeline.registry import Registry
 from pipeline.samples import QASample, decode_image
+from pipeline.unlearning.methods import NO_TEACHER
 from pipeline.unlearning.perturbations import PERTURBATIONS
 
 # Vgid Appendix A.1, verbatim.
@@ -341,6 +342,10 @@ def resolve_teacher(
 ) -> TeacherEntry:
     """The entry `name` of params.yaml's `teachers` (or the registered teacher of that name with its
     defaults), its arguments overridden by `arguments`, checked against what the teacher declares."""
+    if name == NO_TEACHER:
+        raise TeacherError(
+            f"{where}: a teacher entry cannot be called {NO_TEACHER!r}: a method slot names no cache so"
+        )
     entry = teachers.get(name) if name in teachers else {"teacher": name}
     if not isinstance(entry, dict) or set(entry) - set(ENTRY_KEYS):
         raise TeacherError(f"{where}: teachers.{name} must be a mapping with {', '.join(ENTRY_KEYS)} only")
