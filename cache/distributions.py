@@ -127,18 +127,23 @@ def truncate_probabilities(
 ) -> TruncatedDistributions:
     """Truncate full-vocabulary distributions (N, V), e.g. ViKeR's mean of k softmaxes.
 
-    Keeps, per row, the most probable tokens up to and including the one whose cumulative mass first
-    reaches top_p (so at least one), capped at max_support; top_p >= 1 keeps every token (up to the cap).
+    Keeps, per row, the top-p set: the most probable tokens up to and including the one whose cumulative
+    mass first reaches top_p (so at least one); top_p >= 1 keeps every token. A top-p set larger than
+    max_support keeps its max_support most probable members.
     include (N,) optional token ids that must be in the support as well (precompute passes the
     ground-truth answer token: its teacher probability, and the gradient there, stay exact); when the
-    cap is reached it takes the place of the least probable kept token.
+    cap is reached it takes the place of the last kept token (the least probable one of a full top-p set).
 
     student (N, V), with tail_cost > 0: the distributions the KL will compare R with (the student at step
-    0, the frozen model on the unmodified input). Candidates are then ranked by R + Q, and each row also
-    keeps the first k of them that minimise error_k + tail_cost * k, error_k the tail bucket's exact
-    error against the student (tail_bucket_errors): an entry is added where it buys at least tail_cost
-    nats, so a flat teacher whose tail the student's does not resemble gets the entries it needs, and a
-    row whose tails agree gets none beyond the top-p set. Both sets share the max_support cap.
+    0, the frozen model on the unmodified input). Candidates (the top max_support) are then ranked by
+    R + Q, and the row also keeps those outside the top-p set among the first k that minimise
+    error_k + tail_cost * k, error_k the tail bucket's exact error against the student
+    (tail_bucket_errors): an entry is added where it buys at least tail_cost nats, so a flat teacher whose
+    tail the student's does not resemble gets the entries it needs, and a row whose tails agree gets none
+    beyond the top-p set. The top-p set (and the included token) comes first within the max_support cap;
+    the extras fill what room it leaves, in R + Q order (a top-p member ranked below the cap by R + Q
+    is kept all the same). Where nothing is lost to the cap, the support is the top-p set plus the
+    prefix's members.
     Runs on the tensors' device with no per-row Python loop.
     """
     if probs.dim() != 2:
@@ -165,7 +170,8 @@ def truncate_probabilities(
     if include is not None:
         include = include.to(top_ids.device).long()[:, None]
         missing = ~(keep & (top_ids == include)).any(dim=-1)
-        # Full rows give up their least probable kept entry (keep is a prefix of the sorted top-k).
+        # Full rows give up their last kept entry (keep is a prefix: the least probable of the top-p
+        # set, or the last of the student-aware extras).
         full = missing & (keep.sum(dim=-1) == width)
         last_kept = keep.sum(dim=-1, keepdim=True) - 1
         keep = keep & ~(full[:, None] & (torch.arange(width, device=keep.device) == last_kept))
@@ -197,18 +203,27 @@ def truncate_probabilities(
 def _student_aware(
     probs: Tensor, student: Tensor, top_ids: Tensor, keep: Tensor, width: int, tail_cost: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Candidates ranked by R + Q; keep the top-p set plus the error-minimising prefix (see above)."""
+    """The top-p set first, then the other candidates by R + Q; keep the top-p set plus the error-minimising
+    prefix's other members, as many as the cap leaves room for (see truncate_probabilities)."""
     student = _at_least_float32(student).to(probs.device)
     _, order = torch.topk(probs + student, width, dim=-1, sorted=True)
     errors = tail_bucket_errors(probs, student, order)
     prefix = torch.argmin(errors + tail_cost * torch.arange(1, width + 1, device=probs.device), dim=-1)
-    kept_by_error = torch.arange(width, device=probs.device)[None, :] <= prefix[:, None]
+    positions = torch.arange(width, device=probs.device)
     # The top-p set marked over the vocabulary (a spare column V takes the slots it does not keep).
     vocab_size = probs.shape[-1]
     marked = torch.zeros(probs.shape[0], vocab_size + 1, dtype=torch.bool, device=probs.device)
     marked.scatter_(1, torch.where(keep, top_ids, torch.full_like(top_ids, vocab_size)), True)
-    in_top_p = marked[:, :vocab_size].gather(1, order)
-    return order, probs.gather(1, order), kept_by_error | in_top_p
+    outside_top_p = ~marked[:, :vocab_size].gather(1, order)
+    extras = (outside_top_p & (positions[None, :] <= prefix[:, None])).sum(dim=-1)
+    # Candidates: the top-p slots of top_ids (most probable first), then order's other slots (by R + Q);
+    # the top-p set has at most `width` members, so the first `width` chosen slots hold no repeated id.
+    chosen = torch.cat([keep, outside_top_p], dim=1)
+    slots = torch.arange(2 * width, device=probs.device).expand_as(chosen)
+    _, first = torch.sort(torch.where(chosen, slots, slots + 2 * width), dim=-1)
+    candidates = torch.cat([top_ids, order], dim=1).gather(1, first[:, :width])
+    kept = positions[None, :] < (keep.sum(dim=-1) + extras).clamp(max=width)[:, None]
+    return candidates, probs.gather(1, candidates), kept
 
 
 def quantize_probabilities(
