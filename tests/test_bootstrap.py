@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.evaluation.bootstrap import PeopleAndSeeds, PersonTotals, person_totals
+from pipeline.evaluation.bootstrap import PeopleAndSeeds, PersonTotals, person_totals, student_t_quantile
 from pipeline.reporting.claims import findings
 from pipeline.reporting.markdown import report_markdown
 from pipeline.reporting.runs import Run, resample_runs, summarize
@@ -80,14 +80,30 @@ def test_cells_show_intervals_and_a_finding_must_hold_in_the_resamples(tmp_path)
     steady = write_run(tmp_path, "viker-s0", {str(p): [0.35, 0.35] for p in range(6)})
     runs = [full, steady]
     text = report_markdown(runs, draws=400)
-    assert "| ViKeR | 35.0 [35.0, 35.0]" in text and "95% bootstrap interval" in text
-    assert "reproduced: ViKeR forgets" in text and "holds in 100% of resamples" in text
+    assert "| ViKeR | 35.0 [35.0, 35.0]" in text and "95% interval over the people and the seeds" in text
+    assert "paired bootstrap (400 resamples of the people" in text and "Student t quantile" in text
+    assert "reproduced: ViKeR forgets" in text
+    assert "margins' 95% lower limits +0.050, +0.250; rests on people only (one seed))" in text
     (tmp_path / "viker-s0").rename(tmp_path / "steady")
     lumpy = write_run(tmp_path, "viker-s0", {"0": [1, 1], **{str(p): [0.22, 0.22] for p in range(1, 6)}})
     summary = summarize([full, lumpy])
     assert summary["viker"]["forget"]["mc_acc"][0] == pytest.approx(0.35)
     checked = findings(summary, resample_runs([full, lumpy], 400))
     holds, measured = next((f.holds, f.measured) for f in checked if f.claim.startswith("ViKeR forgets"))
-    assert (
-        not holds and "of resamples" in measured
-    )  # the mean passes, about a quarter of the resamples do not
+    assert not holds and "rests on people only (one seed)" in measured  # the mean passes, the people do not
+
+
+def test_a_finding_true_of_every_seed_is_not_reproduced_when_the_seeds_disagree(tmp_path):
+    """Issue 30, defect 1 on the report: ViKeR's forget MC at 0.12 / 0.38 / 0.25 over three seeds (the
+    same for every person) is within 0.15 of chance for each seed, so the percentile bootstrap over seeds
+    said 'holds in 100% of resamples'; the t quantile with 2 degrees of freedom puts the mean's 95% upper
+    limit at 0.25 + 2.92 * 0.075 = 0.47, more than 0.15 above chance."""
+    runs = [write_run(tmp_path, "full", {str(p): [1, 1] for p in range(6)})]
+    for seed, level in enumerate((0.12, 0.38, 0.25)):
+        runs.append(write_run(tmp_path, f"viker-s{seed}", {str(p): [level, level] for p in range(6)}))
+    text = report_markdown(runs, draws=400)
+    line = next(line for line in text.splitlines() if "ViKeR forgets" in line)
+    assert line.startswith("- **not reproduced**: ViKeR forgets"), line
+    upper = 0.25 + student_t_quantile(0.95, 2) * 0.13 / math.sqrt(3)
+    assert f"lower limits {0.15 - (upper - 0.25):+.3f}" in line  # |MC - 0.25| <= 0.15: two margins
+    assert "rests on people and seeds (viker 3)" in line

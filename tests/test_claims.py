@@ -3,6 +3,8 @@ numbers it reads, and listed as not checked (never dropped) when its run is miss
 
 from __future__ import annotations
 
+import pytest
+
 from pipeline.reporting.claims import PAPER_CLAIMS, Claim, Comparison, Value, finding_lines, findings
 
 
@@ -96,3 +98,25 @@ def test_a_claim_names_the_runs_it_needs_and_shows_what_it_compared():
     )
     assert [f.measured for f in findings({"a": summary["a"]}, claims=[claim])] == ["run b missing"]
     assert [f.measured for f in findings({}, claims=[claim])] == ["runs b, a missing"]
+
+
+def test_each_comparison_gives_margins_positive_where_it_holds():
+    """The verdict reads margins (issue 30): a ≥ k·b gives a - k·b; |x - c| ≤ d gives d - (x - c) and
+    d + (x - c); |a - c| ≤ |b - c| + d gives one margin per sign of a - c, |b - c| kept whole."""
+    summary = _summary(_paper_like())
+
+    def m(method, split, metric):
+        return summary[method][split][metric][0]
+
+    keeps = next(claim for claim in PAPER_CLAIMS if claim.text.startswith("ViKeR keeps"))
+    assert keeps.margins(m) == pytest.approx((0.9 - 0.8 * 1.0, 0.95 - 0.9 * 1.0))
+    forgets = next(claim for claim in PAPER_CLAIMS if claim.text.startswith("ViKeR forgets"))
+    assert forgets.margins(m) == pytest.approx((0.15 - 0.05, 0.15 + 0.05))  # forget MC 0.3
+    beats = next(claim for claim in PAPER_CLAIMS if claim.text.startswith("ViKeR beats GA"))
+    # retain: 0.9 - 0.2; forgetting: |0.1 - 0.25| + 0.15 - (±(0.3 - 0.25))
+    assert beats.margins(m) == pytest.approx((0.7, 0.3 - 0.05, 0.3 + 0.05))
+    vgid = next(claim for claim in PAPER_CLAIMS if claim.text.startswith("Vgid"))
+    assert vgid.margins(m) == pytest.approx((0.4 - 0.3, 0.06 - 0.05))
+    # Every paper claim: all margins positive exactly where the comparisons hold on the means.
+    for claim in PAPER_CLAIMS:
+        assert claim.holds(m) == all(margin > 0 for margin in claim.margins(m)), claim.text

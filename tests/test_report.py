@@ -110,6 +110,7 @@ def test_report_leads_with_the_papers_tables_then_the_findings_and_an_appendix(r
     assert "| 100.0 |" in rows[0]  # one run: no ±
     assert "Coherence (GIB) scorer: ngram-fluency" in text and "Warning" not in text
     assert "Text-only questions" not in text  # the runs have no text_ measure: no empty table
+    assert "judged on the means over seeds)" in text and "Intervals and verdicts" not in text  # no responses
     # Claims on runs that are missing are listed, not dropped.
     assert (
         "- not checked: ViKeR w/o GA forgets less: higher forget MC than ViKeR (run viker_no_ga missing)"

@@ -1,10 +1,10 @@
 """The papers' claims on MLLMU-Bench as data: each a list of comparisons between measured cells, checked on
-the means over seeds and, with resamples over people and seeds, in at least HOLDS_SHARE of them. A claim
-whose run was not evaluated is listed as not checked, naming the run."""
+the means over seeds and, with resamples over people and seeds, by its margins' 95% lower limits
+(`PeopleAndSeeds.verdict`: a paired bootstrap over people, a t quantile over seeds; docs/evaluation.md,
+"Intervals"). A claim whose run was not evaluated is listed as not checked, naming the run."""
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ from pipeline.evaluation.bootstrap import PeopleAndSeeds
 from pipeline.reporting.runs import Summary, display_name
 
 CHANCE_MC = 0.25  # four options
-HOLDS_SHARE = 0.95  # of the resamples over people and seeds in which a finding must hold
+CONFIDENCE = 0.95  # each margin's one-sided lower limit at this confidence must be above 0
 
 Measured = Callable[[str, str, str], float]  # m(method, split, metric)
 OPERATORS = {
@@ -42,14 +42,25 @@ class Value:
     def methods(self) -> tuple[str, ...]:
         return (self.method,) if self.minus is None else (self.method, self.minus)
 
-    def raw(self, m: Measured) -> float:
+    def signed(self, m: Measured) -> float:
+        """x (less `minus`'s cell), before any distance from a level is taken."""
         x = m(self.method, self.split, self.metric)
-        if self.minus is not None:
-            x = x - m(self.minus, self.split, self.metric)
+        return x if self.minus is None else x - m(self.minus, self.split, self.metric)
+
+    def raw(self, m: Measured) -> float:
+        x = self.signed(m)
         return x if self.from_level is None else abs(x - self.from_level)
 
     def of(self, m: Measured) -> float:
         return self.raw(m) * self.scale + self.plus
+
+    def branches(self, m: Measured) -> tuple[float, ...]:
+        """The value as the largest of smooth terms: itself, or for |x - level| the two signed distances
+        scale × ±(x - level) + plus, so that 'this ≤ y' is one margin y - term per term (each must hold)."""
+        if self.from_level is None:
+            return (self.of(m),)
+        distance = self.signed(m) - self.from_level
+        return tuple(self.scale * sign * distance + self.plus for sign in (1.0, -1.0))
 
     def describe(self, m: Measured) -> str:
         """e.g. `0.5 × Full retain ROUGE-L 0.982` or `|ViKeR forget MC − 0.25| 0.099 + 0.15`."""
@@ -73,6 +84,14 @@ class Comparison:
     def sides(self, m: Measured) -> tuple[float, float]:
         right = self.right.of(m) if isinstance(self.right, Value) else self.right
         return self.left.of(m), right
+
+    def margins(self, m: Measured) -> tuple[float, ...]:
+        """Each > 0 where the comparison holds: larger side - smaller side, one per smooth term of the
+        side that must be smaller (|x - c| ≤ d is x - c ≤ d and c - x ≤ d)."""
+        larger, smaller = (self.left, self.right) if self.op in (">=", ">") else (self.right, self.left)
+        big = larger.of(m) if isinstance(larger, Value) else larger
+        terms = smaller.branches(m) if isinstance(smaller, Value) else (smaller,)
+        return tuple(big - term for term in terms)
 
     def describe(self, m: Measured) -> str:
         right = self.right.describe(m) if isinstance(self.right, Value) else f"{self.right:g}"
@@ -104,6 +123,10 @@ class Claim:
         return all(
             OPERATORS[c.op][0](left, right) for c, (left, right) in zip(self.comparisons, sides, strict=True)
         )
+
+    def margins(self, m: Measured) -> tuple[float, ...]:
+        """Every comparison's margins, each > 0 where it holds: the claim holds when all do."""
+        return tuple(margin for comparison in self.comparisons for margin in comparison.margins(m))
 
     def describe(self, m: Measured) -> str:
         return ", ".join(comparison.describe(m) for comparison in self.comparisons)
@@ -190,7 +213,8 @@ class Finding:
 
 
 def check_claim(claim: Claim, summary: Summary, resamples: PeopleAndSeeds | None = None) -> Finding:
-    """The claim on the means over seeds and, with resamples, in at least HOLDS_SHARE of them."""
+    """The claim on the means over seeds and, with resamples, by its margins' lower limits over people and
+    seeds (PeopleAndSeeds.verdict): it holds when both do; the finding says what the verdict rests on."""
     missing = [method for method in claim.runs if method not in summary]
     if missing:
         return Finding(claim.text, None, f"run{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing")
@@ -202,10 +226,15 @@ def check_claim(claim: Claim, summary: Summary, resamples: PeopleAndSeeds | None
         return summary[method][split][metric][0]  # the mean over seeds
 
     holds, measured = claim.holds(point), claim.describe(point)
-    share = resamples.share_holding(claim.holds) if resamples else math.nan
-    if not math.isnan(share):
-        holds = holds and share >= HOLDS_SHARE
-        measured = f"{measured}; holds in {100 * share:.0f}% of resamples"
+    verdict = resamples.verdict(claim.margins, CONFIDENCE) if resamples else None  # None: not resampled
+    if verdict is not None:
+        holds = holds and verdict.holds
+        lows = ", ".join(f"{margin.lower(CONFIDENCE):+.3f}" for margin in verdict.margins)
+        limits = "limit" if len(verdict.margins) == 1 else "limits"
+        measured = (
+            f"{measured}; margin{'s' if len(verdict.margins) > 1 else ''}' {CONFIDENCE:.0%} lower {limits} "
+            f"{lows}; rests on {verdict.basis()}"
+        )
     return Finding(claim.text, holds, measured)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.evaluation.bootstrap import PeopleAndSeeds
-from pipeline.reporting.claims import HOLDS_SHARE, finding_lines, findings
+from pipeline.reporting.claims import CONFIDENCE, finding_lines, findings
 from pipeline.reporting.robustness import knowledge_section
 from pipeline.reporting.runs import Run, Summary, display_name, method_order, resample_runs, summarize
 from pipeline.reporting.tables import (
@@ -53,7 +53,7 @@ def _header(runs: Sequence[Run], methods: Sequence[str], resamples: PeopleAndSee
     mc_scorings = sorted({str(run.metrics.get("meta", {}).get("mc_scoring", "generate")) for run in runs})
     seeds = {method: sum(1 for run in runs if run.method == method) for method in methods}
     spread = (
-        "[95% bootstrap interval over the people and the seeds]"
+        "[95% interval over the people and the seeds]"
         if resamples
         else "± sample standard deviation over seed runs"
     )
@@ -69,10 +69,21 @@ def _header(runs: Sequence[Run], methods: Sequence[str], resamples: PeopleAndSee
         "Forget and Generalization (the forget people through other images and paraphrases): lower ACC, "
         "Cloze, ROUGE-L and BLEU mean more forgetting. Retain and Real: higher is better. GIB: higher is "
         "more fluent. REC: the person's name appears in answers to questions asking for it.",
+        *([_intervals_note(resamples)] if resamples else []),
     ]
     if len(protocols) > 1 or len(scorers) > 1 or len(mc_scorings) > 1:
         lines.append("\n**Warning: the runs were scored differently; their numbers do not compare.**")
     return lines
+
+
+def _intervals_note(resamples: PeopleAndSeeds) -> str:
+    """How the report's intervals and verdicts are computed (docs/evaluation.md, "Intervals")."""
+    return (
+        f"Intervals and verdicts: the people by a paired bootstrap ({resamples.num_draws} resamples of the "
+        "people, the same draw for every method), the seeds by a Student t quantile on the between-seed "
+        "standard error (seeds - 1 degrees of freedom; 3 seeds are too few for a bootstrap); the two "
+        "parts' limits are added in quadrature. A method with one seed rests on the people alone."
+    )
 
 
 def _paper_table(
@@ -95,7 +106,12 @@ def _paper_table(
 
 
 def _findings_section(summary: Summary, resamples: PeopleAndSeeds | None) -> list[str]:
-    judged = "means over seeds" + (f", and in ≥ {HOLDS_SHARE:.0%} of the resamples" if resamples else "")
+    judged = "means over seeds" + (
+        f", and each margin's one-sided {CONFIDENCE:.0%} lower limit over people and seeds above 0; each "
+        "finding says how many seeds it rests on"
+        if resamples
+        else ""
+    )
     return [
         "",
         f"## The papers' findings on these runs (judged on the {judged})",

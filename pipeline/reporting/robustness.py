@@ -4,14 +4,11 @@ table beside the membership-inference AUCs, and the section of the report that s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-
-import numpy as np
+from dataclasses import dataclass, replace
 
 from pipeline.evaluation.bootstrap import PeopleAndSeeds
-from pipeline.evaluation.relearning import recovery
+from pipeline.evaluation.relearning import MIN_FORGOTTEN, recovery
 from pipeline.reporting.runs import Summary, display_name, method_order
 from pipeline.reporting.tables import MIA_COLUMNS, cell, markdown_table
 
@@ -20,13 +17,19 @@ RELEARN_COLUMNS = (("cloze_acc", "Cloze"), ("mc_acc", "ACC"), ("rougeL", "ROUGE-
 
 @dataclass
 class Relearning:
-    """One method's forget measure on the held-out people: before and after the relearning attack
-    (means over seeds), and the recovery with its 95% interval over people and seeds (None: unlearning
-    lowered the measure by too little; NaN bounds: most resamples did)."""
+    """One method's forget measure on the held-out people before and after the relearning attack (means
+    over seeds); the recovery ratio (None: unlearning lowered the measure by under MIN_FORGOTTEN) with its
+    95% interval over people and seeds (None: no resamples, or the gap full - before not surely above
+    MIN_FORGOTTEN); whether the knowledge came back (after - before's one-sided 95% lower limit above 0
+    over every paired resample; on the means without resamples) and what that verdict rests on."""
 
     before: float
     after: float
-    recovery: tuple[float, float, float] | None
+    recovery: float | None
+    interval: tuple[float, float] | None = None
+    came_back: bool = False
+    basis: str = "the means only (no resamples)"
+    lower: float | None = None  # after - before's 95% lower limit
 
 
 def relearning_results(
@@ -46,51 +49,52 @@ def relearning_results(
             after = splits["forget_relearned"].get(measure)
             if before is None or after is None:
                 continue
-            interval = None
+            point = None
             if method != "full" and measure in full:
-                interval = recovery_with_interval(method, measure, summary, resamples)
-            results[method][measure] = Relearning(before[0], after[0], interval)
+                point = recovery(before[0], after[0], full[measure][0])
+            entry = Relearning(before[0], after[0], point, came_back=after[0] > before[0])
+            if resamples is not None:
+                entry = judged_on_resamples(entry, method, measure, resamples)
+            results[method][measure] = entry
     return results
 
 
-def recovery_with_interval(
-    method: str, measure: str, summary: Summary, resamples: PeopleAndSeeds | None
-) -> tuple[float, float, float] | None:
-    """The recovery of the means over seeds, with its interval over the resamples (NaN without them)."""
-
-    def mean(who: str, split: str) -> float:
-        return summary[who][split][measure][0]
-
-    point = recovery(
-        mean(method, "forget_heldout"), mean(method, "forget_relearned"), mean("full", "forget_heldout")
+def judged_on_resamples(
+    entry: Relearning, method: str, measure: str, resamples: PeopleAndSeeds
+) -> Relearning:
+    """'Came back' from after - before on ALL paired resamples (keeping only those where unlearning forgot
+    enough would keep those where little came back out: both share `before`, issue 30), and the ratio's
+    interval only where the gap full - before has its 95% lower limit above MIN_FORGOTTEN."""
+    verdict = resamples.verdict(
+        lambda m: m(method, "forget_relearned", measure) - m(method, "forget_heldout", measure)
     )
-    if point is None:
-        return None
-    if resamples is None:
-        return float(point), math.nan, math.nan
-    try:
-        before, after, full = (
-            resamples.values[(who, split, measure)]
-            for who, split in (
-                (method, "forget_heldout"),
-                (method, "forget_relearned"),
-                ("full", "forget_heldout"),
-            )
+    if verdict is None:  # a cell was not resampled: the means' answer stands
+        return entry
+    entry = replace(entry, came_back=verdict.holds, basis=verdict.basis(), lower=verdict.margins[0].lower())
+    if entry.recovery is None:
+        return entry
+    gap = resamples.margins(
+        lambda m: m("full", "forget_heldout", measure) - m(method, "forget_heldout", measure)
+    )
+    if gap is None or not gap[0].lower() > MIN_FORGOTTEN:
+        return entry
+    ratio = resamples.margins(
+        lambda m: recovery(
+            m(method, "forget_heldout", measure),
+            m(method, "forget_relearned", measure),
+            m("full", "forget_heldout", measure),
+            min_forgotten=0.0,
         )
-    except KeyError:
-        return float(point), math.nan, math.nan
-    draws = recovery(before, after, full)
-    if np.isnan(draws).mean() > 0.5:  # most resamples forgot too little: no interval worth the name
-        return float(point), math.nan, math.nan
-    low, high = np.nanquantile(draws, [0.025, 0.975])
-    return float(point), float(low), float(high)
+    )
+    return entry if ratio is None else replace(entry, interval=ratio[0].interval())
 
 
 def _recovery_cell(entry: Relearning) -> str:
     if entry.recovery is None:
         return "-"
-    point, low, high = entry.recovery
-    return f"{point:.2f}" if math.isnan(low) else f"{point:.2f} [{low:.2f}, {high:.2f}]"
+    if entry.interval is not None:
+        return f"{entry.recovery:.2f} [{entry.interval[0]:.2f}, {entry.interval[1]:.2f}]"
+    return f"{entry.recovery:.2f}" + (" (gap too small for a ratio)" if entry.lower is not None else "")
 
 
 def robustness_table(results: dict[str, dict[str, Relearning]], summary: Summary) -> str:
@@ -118,22 +122,27 @@ def robustness_table(results: dict[str, dict[str, Relearning]], summary: Summary
 
 
 def relearning_finding(results: dict[str, dict[str, Relearning]]) -> str:
-    """Which methods' forgotten facts come back under the attack, on the first of RELEARN_COLUMNS."""
+    """Which methods' forgotten facts come back under the attack, on the first of RELEARN_COLUMNS: judged
+    on after - before over all paired resamples, each method with the seeds its verdict rests on."""
     measure, name = RELEARN_COLUMNS[0]
     back, gone, unforgotten = [], [], []
     for method, measures in results.items():
         entry, label = measures.get(measure), display_name(method)
         if method == "full" or entry is None:
             continue
-        if entry.recovery is None or math.isnan(entry.recovery[1]):
+        if entry.recovery is None:
             unforgotten.append(label)
-        elif entry.recovery[1] > 0:
-            back.append(f"{label} {_recovery_cell(entry)}")
-        else:
-            gone.append(f"{label} {_recovery_cell(entry)}")
+            continue
+        lower = "" if entry.lower is None else f", lower limit {entry.lower:+.3f}"
+        described = (
+            f"{label} recovery {_recovery_cell(entry)} (after - before {entry.after - entry.before:+.3f}"
+            f"{lower}; rests on {entry.basis})"
+        )
+        (back if entry.came_back else gone).append(described)
     lines = [
-        f"- Knowledge came back ({name} recovery interval above 0): {', '.join(back) or 'none'}.",
-        f"- No recovery detected (interval reaches 0): {', '.join(gone) or 'none'}.",
+        f"- Knowledge came back ({name} after - before, 95% lower limit over people and seeds above 0): "
+        f"{', '.join(back) or 'none'}.",
+        f"- No recovery detected (the lower limit reaches 0): {', '.join(gone) or 'none'}.",
     ]
     if unforgotten:
         lines.append(f"- Forgot too little of {name} to measure a recovery: {', '.join(unforgotten)}.")
@@ -153,9 +162,11 @@ def knowledge_section(
             "Each adapter was fine-tuned on the QA of part of the forget people (`pipeline relearn`), then "
             "asked about the other forget people, whose facts it never saw again (docs/evaluation.md). "
             "Before → after: the forget measure on those held-out people (%, mean over seeds). Recovery: "
-            "(after - before) / (Full - before), 1 = back to the full model, 0 = nothing back, with a 95% "
-            "bootstrap interval over seeds and held-out people; '-' where unlearning lowered the measure by "
-            "under 5 points. Full's row is the control: the same attack on the model that never unlearned. "
+            "(after - before) / (Full - before), 1 = back to the full model, 0 = nothing back, with its 95% "
+            "interval over held-out people and seeds where the gap Full - before is surely (95% lower limit) "
+            "over 5 points; '-' where unlearning lowered the mean by under 5 points. Whether knowledge came "
+            "back is judged on after - before in every paired resample, not on the ratio. Full's row is "
+            "the control: the same attack on the model that never unlearned. "
             "MIA: the AUC of each attack telling the forget split's QA answers from those of people no "
             "model was trained on (pipeline/evaluation/membership.py); 50 = indistinguishable, the full model's row "
             "is the starting point.",
