@@ -56,7 +56,7 @@ class Value:
 
     def branches(self, m: Measured) -> tuple[float, ...]:
         """The value as the largest of smooth terms: itself, or for |x - level| the two signed distances
-        scale × ±(x - level) + plus, so that 'this ≤ y' is one margin y - term per term (each must hold)."""
+        scale × ±(x - level) + plus; 'this ≤ y' is then one margin y - term per term, each must hold."""
         if self.from_level is None:
             return (self.of(m),)
         distance = self.signed(m) - self.from_level
@@ -230,11 +230,10 @@ def check_claim(claim: Claim, summary: Summary, resamples: PeopleAndSeeds | None
     if verdict is not None:
         holds = holds and verdict.holds
         lows = ", ".join(f"{margin.lower(CONFIDENCE):+.3f}" for margin in verdict.margins)
-        limits = "limit" if len(verdict.margins) == 1 else "limits"
-        measured = (
-            f"{measured}; margin{'s' if len(verdict.margins) > 1 else ''}' {CONFIDENCE:.0%} lower {limits} "
-            f"{lows}; rests on {verdict.basis()}"
+        limits = (
+            "margin's {:.0%} lower limit" if len(verdict.margins) == 1 else "margins' {:.0%} lower limits"
         )
+        measured = f"{measured}; {limits.format(CONFIDENCE)} {lows}; rests on {verdict.basis()}"
     return Finding(claim.text, holds, measured)
 
 

@@ -1,6 +1,6 @@
 """The report's tables: each paper's own layout as data (split, metric, header), and the full tables of
 every measure of every split (the appendix). Values are percentages of the means over seeds, with the
-spread over seeds or the bootstrap interval over people and seeds."""
+spread over seeds or the 95% interval over people (paired bootstrap) and seeds (t quantile)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ MIA_COLUMNS = (("loss_auc", "LOSS AUC"), ("min_k_auc", "Min-K% AUC"), ("zlib_auc
 def cell(
     summary: Summary, method: str, split: str, metric: str, resamples: PeopleAndSeeds | None = None
 ) -> str:
-    """A mean in %, with its bootstrap interval when resampled, else ± the std over seeds; '-' if absent."""
+    """A mean in %, with its interval over people and seeds when resampled, else ± the std over seeds; '-'
+    if absent."""
     entry = summary.get(method, {}).get(split, {}).get(metric)
     if entry is None:
         return "-"
