@@ -23,7 +23,7 @@ from cache.schema import (
     RowLayout,
     shard_name,
 )
-from pipeline.hashing import file_sha256
+from pipeline.hashing import file_sha256, sha256_hex
 
 
 @dataclass
@@ -72,6 +72,12 @@ class CacheManifest:
     @property
     def num_tokens(self) -> int:
         return sum(shard.num_tokens for shard in self.shards)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the header and every shard's checksum: equal exactly when the cache holds the same rows."""
+        shards = [[shard.parquet_file, shard.sha256] for shard in self.shards]
+        return sha256_hex(json.dumps({"header": self.header, "shards": shards}, sort_keys=True).encode())
 
     @property
     def model_fingerprint(self) -> str:
