@@ -555,6 +555,36 @@ def test_an_interrupted_evaluation_resumes_without_redoing_finished_batches(
     assert (tmp_path / "run" / "token_probs.json").read_text() == tokens
 
 
+def test_a_completed_evaluation_is_not_reused_for_another_tokenizer_at_the_same_path(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """The resume key names the tokenizer beside the weights: the same weights with another tokenizer at the
+    same path are evaluated again, not handed the old metrics."""
+    import shutil
+
+    from pipeline.journal import Journal
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = EvaluateConfig(
+        model=str(model), data=str(FIXTURE), out=str(tmp_path / "run" / "metrics.json"),
+        forget_split="forget_5", max_new_tokens=2, progress=False,
+    )  # fmt: skip
+    run(config)
+    original_record, recorded = Journal.record, []
+    monkeypatch.setattr(
+        Journal,
+        "record",
+        lambda self, unit, value: recorded.append(unit) or original_record(self, unit, value),
+    )
+    run(config)
+    assert not recorded  # nothing changed: the completed run is reused
+    tokenizer = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**tokenizer, "pad_token": "<unk>"}))
+    run(config)
+    assert recorded  # another tokenizer: every batch generated again
+
+
 def test_a_journal_of_other_settings_is_not_reused_and_a_cut_line_is_ignored(tmp_path):
     from pipeline.journal import Journal
 
