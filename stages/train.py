@@ -483,6 +483,7 @@ def training_meta(
         "model": config.model,
         "model_fingerprint": setup.loaded.model_fingerprint,
         "tokenizer_fingerprint": setup.loaded.tokenizer_fingerprint,
+        "model_parts": setup.loaded.model_parts,  # an adapter refused on another model names the file
         "method": method.name,
         "loss": method.loss,
         "arguments": {public_name(name): value for name, value in method.arguments.items()},

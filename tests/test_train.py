@@ -60,6 +60,7 @@ def write_cache(
         "prompt_template": "test",
         "model_fingerprint": model_fingerprint or loaded.model_fingerprint,
         "tokenizer_fingerprint": tokenizer_fingerprint or loaded.tokenizer_fingerprint,
+        "model_parts": loaded.model_parts,
         "dataset_fingerprint": "test",
         "vocab_size": loaded.model.config.text_config.vocab_size,
         **({"dtype": dtype} if dtype else {}),
@@ -495,6 +496,20 @@ def test_a_cache_from_another_model_or_tokenizer_is_refused(tiny_model, tiny_mod
     with pytest.raises(IncompatibleCacheError) as error:
         run(config(tiny_model_dir, tmp_path / "b", "vgid", caches, retain_cache=str(other_tokenizer)))
     assert "e" * 64 in str(error.value) and tiny_model.tokenizer_fingerprint in str(error.value)
+
+
+def test_a_cache_of_other_image_preprocessing_is_refused_naming_the_file(tiny_model_dir, caches, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    processor = json.loads((model / "processor_config.json").read_text())
+    processor["image_processor"]["image_mean"] = [0.1, 0.2, 0.3]
+    (model / "processor_config.json").write_text(json.dumps(processor))
+    with pytest.raises(
+        IncompatibleCacheError, match=r"what differs: preprocessing \(processor_config\.json\)"
+    ):
+        run(config(model, tmp_path / "out", "viker", caches))
 
 
 def test_cached_answer_tokens_must_equal_the_students(tiny_model, tiny_model_dir, caches, tmp_path):
