@@ -33,7 +33,7 @@ from typing import Any
 from PIL import Image
 
 from pipeline.benchmarks import DataError, EvalItems, Layout
-from pipeline.evaluation.answering import AnswerSettings, answer_questions
+from pipeline.evaluation.answering import AnswerSettings, answer_questions, check_option_tokenization
 from pipeline.evaluation.few_shot import FewShotPlan, few_shot_plan
 from pipeline.evaluation.generation_journal import GenerationJournals, reply_inputs
 from pipeline.evaluation.membership import membership_aucs, scored_answers
@@ -98,6 +98,7 @@ def run(config: EvaluateConfig, base: SharedBase | None = None) -> dict[str, Any
     shared = base or SharedBase()
     loaded, model = shared.model_for(config.model, config.loading(), config.adapter)
     asked = ask(config, inputs, protocol, loaded.family)
+    check_option_tokenization(loaded, asked.questions + asked.relearned, config.mc_scoring)
     journals = generation_journals(config, inputs, loaded)
     if config.shard_index is not None:
         return answer_shard(config, shared, protocol, journals, asked)
