@@ -23,7 +23,7 @@ from cache.schema import (
     RowLayout,
     shard_name,
 )
-from pipeline.hashing import file_sha256
+from pipeline.hashing import differing_parts, file_sha256, sha256_hex
 
 
 @dataclass
@@ -72,6 +72,12 @@ class CacheManifest:
     @property
     def num_tokens(self) -> int:
         return sum(shard.num_tokens for shard in self.shards)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the header and every shard's checksum: equal exactly when the cache holds the same rows."""
+        shards = [[shard.parquet_file, shard.sha256] for shard in self.shards]
+        return sha256_hex(json.dumps({"header": self.header, "shards": shards}, sort_keys=True).encode())
 
     @property
     def model_fingerprint(self) -> str:
@@ -189,8 +195,10 @@ def check_compatible(
     manifest: CacheManifest | dict[str, Any],
     model_fingerprint: str | None,
     tokenizer_fingerprint: str,
+    model_parts: dict[str, dict[str, str]] | None = None,
 ) -> None:
-    """Refuse a cache written by another model or tokenizer, naming both fingerprints.
+    """Refuse a cache written by another model or tokenizer, naming both fingerprints and, where the header
+    records the model's parts (pipeline.models.loading.fingerprinted_model), the part and files that differ.
 
     model_fingerprint=None checks the tokenizer only (e.g. a student that is not the cached model).
     """
@@ -204,8 +212,17 @@ def check_compatible(
     if model_fingerprint is not None and header["model_fingerprint"] != model_fingerprint:
         raise IncompatibleCacheError(
             f"{where} was written by model {header['model_fingerprint']} but the model given is "
-            f"{model_fingerprint}: recompute the cache with this model"
+            f"{model_fingerprint}{_what_differs(header.get('model_parts'), model_parts)}: recompute the cache "
+            "with this model"
         )
+
+
+def _what_differs(cached: dict[str, dict[str, str]] | None, given: dict[str, dict[str, str]] | None) -> str:
+    """'; what differs: part (files)' when both records of the model's parts are at hand (an older cache
+    has none)."""
+    if not cached or not given:
+        return " (the cache does not record its model's files, so what differs is not known)"
+    return "; what differs: " + "; ".join(differing_parts(cached, given))
 
 
 def completed_shard(

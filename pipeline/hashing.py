@@ -30,6 +30,33 @@ def files_sha256(paths: Iterable[Path], with_names: bool = False) -> str:
     return digest.hexdigest()
 
 
+def files_sha256_each(paths: Iterable[Path], with_names: bool = False) -> tuple[str, dict[str, str]]:
+    """files_sha256 of the files together, and each file's own sha256 by name, from one read of each."""
+    together, each = hashlib.sha256(), {}
+    for path in paths:
+        own = hashlib.sha256()
+        if with_names:
+            together.update(path.name.encode())
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                together.update(chunk)
+                own.update(chunk)
+        each[path.name] = own.hexdigest()
+    return together.hexdigest(), each
+
+
+def differing_parts(theirs: dict[str, dict[str, str]], ours: dict[str, dict[str, str]]) -> list[str]:
+    """'part (file, ...)' for each part (e.g. weights, preprocessing) of two {part: {file: sha256}} records
+    whose files differ in content or presence, so a refusal can say what differs and where."""
+    lines = []
+    for part in sorted(set(theirs) | set(ours)):
+        mine, other = ours.get(part, {}), theirs.get(part, {})
+        files = sorted(name for name in set(mine) | set(other) if mine.get(name) != other.get(name))
+        if files:
+            lines.append(f"{part} ({', '.join(files)})")
+    return lines
+
+
 def file_sha256(path: Path) -> str:
     """The hex sha256 of one file, read in chunks."""
     return files_sha256([Path(path)])

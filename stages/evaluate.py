@@ -33,7 +33,7 @@ from typing import Any
 from PIL import Image
 
 from pipeline.benchmarks import DataError, EvalItems, Layout
-from pipeline.evaluation.answering import AnswerSettings, answer_questions
+from pipeline.evaluation.answering import AnswerSettings, answer_questions, check_option_tokenization
 from pipeline.evaluation.few_shot import FewShotPlan, few_shot_plan
 from pipeline.evaluation.generation_journal import GenerationJournals, reply_inputs
 from pipeline.evaluation.membership import membership_aucs, scored_answers
@@ -98,7 +98,8 @@ def run(config: EvaluateConfig, base: SharedBase | None = None) -> dict[str, Any
     shared = base or SharedBase()
     loaded, model = shared.model_for(config.model, config.loading(), config.adapter)
     asked = ask(config, inputs, protocol, loaded.family)
-    journals = generation_journals(config, inputs, loaded.model_fingerprint)
+    check_option_tokenization(loaded, asked.questions + asked.relearned, config.mc_scoring)
+    journals = generation_journals(config, inputs, loaded)
     if config.shard_index is not None:
         return answer_shard(config, shared, protocol, journals, asked)
     finished = finished_metrics(Path(config.out), journals.key(asked.questions))
@@ -106,6 +107,7 @@ def run(config: EvaluateConfig, base: SharedBase | None = None) -> dict[str, Any
         journals.path("generation").unlink(missing_ok=True)
         write_token_probs_of(config, inputs, loaded, model)
         return finished
+    journals.check_shards({"generation": asked.questions, "relearned": asked.relearned})
     journal = answer(config, loaded, model, protocol, journals, asked.questions, "generation")
     metrics: dict[str, Any] = {}
     if inputs.membership is not None:  # before --relearned's adapter joins the model
@@ -266,14 +268,20 @@ def ask(config: EvaluateConfig, inputs: Inputs, protocol: EvalProtocol, family) 
     return Asked(questions, relearned, [*splits, *HELDOUT_SPLITS], plan)
 
 
-def generation_journals(config: EvaluateConfig, inputs: Inputs, model_fingerprint: str) -> GenerationJournals:
-    """The journals beside --out, keyed by the settings the replies depend on, the model, the adapters and
-    every data file the evaluation reads."""
+def generation_journals(config: EvaluateConfig, inputs: Inputs, loaded) -> GenerationJournals:
+    """The journals beside --out, keyed by the settings the replies depend on, the model and its tokenizer,
+    the adapters, every data file the evaluation reads (membership inference's from --train-data) and the
+    coherence scorer's files."""
     read = [inputs.names[role] for role in config.splits] + [config.forget_split]
-    read += [config.mia_nonmembers] if config.mia_nonmembers else []
-    files = sorted({file for split in read for file in inputs.data.split_files(split)})
+    files = {file for split in read for file in inputs.data.split_files(split)}
+    training = config.training_layout() if config.train_data else inputs.data
+    membership = [config.forget_split, config.mia_nonmembers] if config.mia_nonmembers else []
+    files |= {file for split in membership for file in training.split_files(split)}
+    if config.gib_model and Path(config.gib_model).is_dir():
+        files |= {file for file in Path(config.gib_model).rglob("*") if file.is_file()}
     settings = {key: value for key, value in asdict(config).items() if key not in UNKEYED_OPTIONS}
-    keyed = reply_inputs(settings, model_fingerprint, config.adapter, config.relearned, files)
+    models = {"model": loaded.model_fingerprint, "tokenizer": loaded.tokenizer_fingerprint}
+    keyed = reply_inputs(settings, models, config.adapter, config.relearned, sorted(files))
     return GenerationJournals(Path(config.out).parent, keyed, config.num_shards)
 
 

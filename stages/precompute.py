@@ -197,6 +197,7 @@ def cache_header(
         "model_family": loaded.family.name,
         "model_fingerprint": loaded.model_fingerprint,
         "tokenizer_fingerprint": loaded.tokenizer_fingerprint,
+        "model_parts": loaded.model_parts,  # so a refusal can name the file that differs
         "vocab_size": int(loaded.model.get_output_embeddings().weight.shape[0]),
         "dtype": config.dtype,
         "close_answers": config.close_answers,
@@ -261,7 +262,7 @@ def measure_cache_kl(
         model_path, dtype=header["dtype"], device=device, close_answers=close_answers,
         prompt_template=header.get("template"),
     )  # fmt: skip
-    check_compatible(manifest, loaded.model_fingerprint, loaded.tokenizer_fingerprint)
+    check_compatible(manifest, loaded.model_fingerprint, loaded.tokenizer_fingerprint, loaded.model_parts)
     entry = TeacherEntry(header["teacher"], header["teacher"], header["teacher_params"])
     config = PrecomputeConfig(
         model=model_path,

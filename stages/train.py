@@ -26,6 +26,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -38,6 +39,8 @@ import torch
 
 from cache import CachedSample
 from pipeline.arguments import public_name
+from pipeline.benchmarks import samples_fingerprint
+from pipeline.hashing import files_sha256
 from pipeline.models import (
     EncodedSamples,
     VisionFeatureCache,
@@ -305,9 +308,10 @@ def optimizer_step(
 def train_loop(
     config: TrainConfig, setup: Setup, opt: Optimization, loss_step: LossStep, position: Position,
     processes: Processes, forget_source: ForgetSource | None, on_step: Callable[[int], None] | None,
+    read: dict[str, Any],
 ) -> None:  # fmt: skip
     out, log_dir = Path(config.out), Path(config.log_dir or config.out)
-    signature = run_signature(config, loss_step.method)
+    signature = run_signature(config, loss_step.method, read)
     plan = StepPlan(config, len(setup.forget_samples), processes)
     paired_retain = (
         PairedRetain(setup.retain_samples, setup.retain_cache, config.seed) if setup.retain_samples else None
@@ -387,10 +391,13 @@ def run(
     if processes.main:
         out.mkdir(parents=True, exist_ok=True)
     finished = finished_meta(out, config, method)
-    if finished is not None:  # e.g. the seeds a killed `--seeds 0,1,2` run had completed
-        return finished
-
     setup, providers = load_setup(config, method, device, processes)
+    read = run_inputs(config, setup)
+    if finished is not None and finished.get("inputs") == read:  # e.g. a killed `--seeds 0,1,2`'s seeds
+        return finished
+    if finished is not None and processes.main:
+        changed = sorted(key for key in read if (finished.get("inputs") or {}).get(key) != read[key])
+        print(f"{out}: its completed run read other {', '.join(changed)}: training again", file=sys.stderr)
     opt = optimization(config, method, setup, device, processes)
     loss_step = LossStep(
         config, method, setup, providers, opt, device
@@ -401,17 +408,19 @@ def run(
     checkpoint = latest_checkpoint(out)
     if checkpoint is not None:
         position = load_checkpoint(
-            checkpoint, opt.peft_model, opt.optimizer, opt.scheduler, run_signature(config, method), processes
-        )
+            checkpoint, opt.peft_model, opt.optimizer, opt.scheduler, run_signature(config, method, read),
+            processes,
+        )  # fmt: skip
         if processes.main:
             print(
                 f"resuming from {checkpoint} (step {position.global_step} of {opt.total_steps})", flush=True
             )
 
     started = time.perf_counter()
-    train_loop(config, setup, opt, loss_step, position, processes, forget_source, on_step)
+    train_loop(config, setup, opt, loss_step, position, processes, forget_source, on_step, read)
 
     meta = training_meta(config, method, setup, position, processes, time.perf_counter() - started)
+    meta["inputs"] = read
     processes.barrier()
     if processes.main:
         opt.peft_model.save_pretrained(out)
@@ -423,7 +432,8 @@ def run(
 
 
 def finished_meta(out: Path, config: TrainConfig, method: Method) -> dict[str, Any] | None:
-    """training_meta of a completed run with the same settings at `out` (adapter written), or None."""
+    """training_meta of a completed run with the same settings at `out` (adapter written), or None; the
+    caller compares what it read (its "inputs") before handing its adapter back."""
     meta_path = out / META
     if not (meta_path.is_file() and (out / "adapter_model.safetensors").is_file()):
         return None
@@ -434,12 +444,26 @@ def finished_meta(out: Path, config: TrainConfig, method: Method) -> dict[str, A
     return meta if meta.get("params") == json.loads(json.dumps(run_signature(config, method))) else None
 
 
-def run_signature(config: TrainConfig, method: Method) -> dict[str, Any]:
-    """What a resumed run must share with the one that wrote the checkpoint: the config and the method."""
-    resolved = {
-        name: value for name, value in asdict(method).items() if name != "name"
-    }  # config.method has it
-    return {**config.signature(), "method_resolved": resolved}
+def run_signature(config: TrainConfig, method: Method, read: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a resumed run must share with the one that wrote the checkpoint: the config, the method and
+    (given) what it read."""
+    resolved = {name: value for name, value in asdict(method).items() if name != "name"}  # config has it
+    inputs = {"inputs": read} if read is not None else {}
+    return json.loads(json.dumps({**config.signature(), "method_resolved": resolved, **inputs}))
+
+
+def run_inputs(config: TrainConfig, setup: Setup) -> dict[str, Any]:
+    """What the run read, by content: the same options on another forget split, model, cache or initial
+    adapter at the same paths must train again, not hand back the adapter of the old ones."""
+    initial = sorted(Path(config.init_adapter).glob("adapter_model.*")) if config.init_adapter else []
+    return {
+        "model": setup.loaded.model_fingerprint,
+        "tokenizer": setup.loaded.tokenizer_fingerprint,
+        "forget_samples": samples_fingerprint(setup.forget_samples),
+        "retain_samples": samples_fingerprint(setup.retain_samples),
+        "caches": {role: cache.manifest.fingerprint for role, cache in sorted(setup.opened.items())},
+        "init_adapter": files_sha256(initial) if initial else None,
+    }
 
 
 def training_meta(
@@ -459,6 +483,7 @@ def training_meta(
         "model": config.model,
         "model_fingerprint": setup.loaded.model_fingerprint,
         "tokenizer_fingerprint": setup.loaded.tokenizer_fingerprint,
+        "model_parts": setup.loaded.model_parts,  # an adapter refused on another model names the file
         "method": method.name,
         "loss": method.loss,
         "arguments": {public_name(name): value for name, value in method.arguments.items()},

@@ -350,6 +350,35 @@ def test_check_compatible_names_both_fingerprints(cache_dir):
     assert "model-aaa" in str(error.value) and "model-xyz" in str(error.value)
 
 
+def test_a_cache_of_other_image_preprocessing_names_the_part_and_file(tiny_model_dir, tmp_path):
+    """The same weights with another image_mean: the refusal says the preprocessing differs, and in which
+    file; a header without the model's parts (an older cache) is still read and refused by fingerprint."""
+    import shutil
+
+    from pipeline.models.loading import fingerprinted_model
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    config_path = copy / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    config["image_processor"]["image_mean"] = [0.1, 0.2, 0.3]
+    config_path.write_text(json.dumps(config))
+    (cached, cached_parts), (given, given_parts) = (
+        fingerprinted_model(tiny_model_dir),
+        fingerprinted_model(copy),
+    )
+    header = {"model_fingerprint": cached, "tokenizer_fingerprint": "tok", "model_parts": cached_parts}
+    check_compatible(header, cached, "tok", cached_parts)
+    with pytest.raises(
+        IncompatibleCacheError, match=r"what differs: preprocessing \(processor_config\.json\)"
+    ):
+        check_compatible(header, given, "tok", given_parts)
+    old_header = {key: value for key, value in header.items() if key != "model_parts"}
+    check_compatible(old_header, cached, "tok", cached_parts)
+    with pytest.raises(IncompatibleCacheError, match=f"{cached} but the model given is {given}"):
+        check_compatible(old_header, given, "tok", given_parts)
+
+
 # ---------------------------------------------------------------- inspection and CLI
 
 

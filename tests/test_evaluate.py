@@ -153,6 +153,50 @@ def test_likelihood_multiple_choice_picks_the_most_likely_option_without_generat
         assert record["scores"]["correct"] == float(record["reply"] == item.correct_letter)
 
 
+def test_likelihood_multiple_choice_refuses_options_tokenized_otherwise_after_the_question(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Options are teacher-forced apart from their question: a tokenizer that splits an option differently
+    after the question (a legacy SentencePiece "▁") is refused before anything is asked, naming both."""
+    from dataclasses import replace as with_fields
+
+    import pipeline.evaluation.shared_base as shared_base
+    from pipeline.models import TokenizationError
+
+    class Legacy:
+        """The tokenizer, with a spurious token 7 before a text tokenized alone (not a whole prompt)."""
+
+        def __init__(self, tokenizer) -> None:
+            self.tokenizer = tokenizer
+
+        def __getattr__(self, name):
+            return getattr(self.tokenizer, name)
+
+        def __call__(self, text, *args, **kwargs):
+            encoded = self.tokenizer(text, *args, **kwargs)
+            if isinstance(text, str) and not text.startswith("USER"):
+                encoded["input_ids"] = [7, *encoded["input_ids"]]
+            return encoded
+
+    original = shared_base.load_model
+
+    def legacy_model(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        loaded.processor.tokenizer = Legacy(loaded.processor.tokenizer)
+        return with_fields(loaded)
+
+    monkeypatch.setattr(shared_base, "load_model", legacy_model)
+    config = EvaluateConfig(
+        model=str(tiny_model_dir), data=str(FIXTURE), out=str(tmp_path / "m" / "metrics.json"),
+        forget_split="forget_5", max_new_tokens=2, progress=False, mc_scoring="likelihood",
+    )  # fmt: skip
+    with pytest.raises(
+        TokenizationError, match=r"question \S+ \(forget\), option A: the answer .* tokenizes"
+    ):
+        run(config)
+    assert not (tmp_path / "m").exists()  # refused before a journal or a result was written
+
+
 def test_fixed_protocol_uses_the_family_chat_format(fixed_run):
     out, _ = fixed_run
     for record in read_responses(out):
@@ -553,6 +597,36 @@ def test_an_interrupted_evaluation_resumes_without_redoing_finished_batches(
     recorded.clear()
     assert run(config) == json.loads(out.read_text()) and not recorded
     assert (tmp_path / "run" / "token_probs.json").read_text() == tokens
+
+
+def test_a_completed_evaluation_is_not_reused_for_another_tokenizer_at_the_same_path(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """The resume key names the tokenizer beside the weights: the same weights with another tokenizer at the
+    same path are evaluated again, not handed the old metrics."""
+    import shutil
+
+    from pipeline.journal import Journal
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = EvaluateConfig(
+        model=str(model), data=str(FIXTURE), out=str(tmp_path / "run" / "metrics.json"),
+        forget_split="forget_5", max_new_tokens=2, progress=False,
+    )  # fmt: skip
+    run(config)
+    original_record, recorded = Journal.record, []
+    monkeypatch.setattr(
+        Journal,
+        "record",
+        lambda self, unit, value: recorded.append(unit) or original_record(self, unit, value),
+    )
+    run(config)
+    assert not recorded  # nothing changed: the completed run is reused
+    tokenizer = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**tokenizer, "pad_token": "<unk>"}))
+    run(config)
+    assert recorded  # another tokenizer: every batch generated again
 
 
 def test_a_journal_of_other_settings_is_not_reused_and_a_cut_line_is_ignored(tmp_path):

@@ -123,3 +123,30 @@ def test_runs_sharing_one_loaded_model_score_as_runs_that_load_their_own(
     ]
     assert shared == separate and separate[0] != separate[1]
     assert len(loads) == 1 and list(base.model.peft_config) == ["evaluated-2"]
+
+
+def test_a_merge_without_the_shards_journals_is_refused_before_generating(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """--num-shards 2 with no shard run (or one of two) names each missing shard and its journal, instead of
+    generating every batch in one process."""
+    from transformers import LlavaForConditionalGeneration
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the merging run generated before refusing")
+
+    out = tmp_path / "sharded" / "metrics.json"
+    monkeypatch.setattr(LlavaForConditionalGeneration, "generate", no_generation)
+    with pytest.raises(ValueError, match=r"shard 0: no journal .*\.generation-journal\.shard-00000-of-00002"):
+        run(EvaluateConfig(**options(tiny_model_dir, out), num_shards=2))
+    monkeypatch.undo()
+
+    run(EvaluateConfig(**options(tiny_model_dir, out), shard_index=0, num_shards=2))
+    monkeypatch.setattr(LlavaForConditionalGeneration, "generate", no_generation)
+    with pytest.raises(
+        ValueError, match=r"missing:\n  shard 1: no journal [^\n]*shard-00001-of-00002\.jsonl\nrun"
+    ):
+        run(EvaluateConfig(**options(tiny_model_dir, out), num_shards=2))
+    with pytest.raises(ValueError, match=r"shard 0: .* was written for other inputs"):
+        run(EvaluateConfig(**{**options(tiny_model_dir, out), "max_new_tokens": 5}, num_shards=2))
+    assert not out.exists()

@@ -118,6 +118,8 @@ def test_viker_rows_are_the_mean_of_k_reference_softmaxes(world, tiny_model, vik
         )
     assert manifest.header["teacher_params"] == {"k": 3, "reference_kind": "people", "seed": 0}
     assert manifest.header["tokenizer_fingerprint"] == tiny_model.tokenizer_fingerprint
+    assert manifest.header["model_parts"] == tiny_model.model_parts  # a refusal names the file that differs
+    assert set(tiny_model.model_parts) == {"config", "weights", "preprocessing"}
 
 
 def teacher_arguments(teacher: str, **overrides) -> dict:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import pipeline.evaluation.shared_base as shared_base
 import stages.evaluate as evaluate
@@ -22,6 +22,7 @@ from pipeline.reporting.robustness import relearning_finding, relearning_results
 from pipeline.reporting.runs import Run, resample_runs, summarize
 from stages.config import EvaluateConfig, RelearnConfig, TrainConfig
 from stages.relearn import run as relearn
+from stages.relearn import train_config
 
 FORGET = "forget_10"
 
@@ -145,6 +146,24 @@ def test_training_on_from_an_adapter_starts_at_its_weights(world, tiny_model_dir
     assert any(float(value.abs().max()) > 0 for key, value in start.items() if "lora_B" in key)  # GA moved B
     for key in start:
         torch.testing.assert_close(end[key], start[key], atol=1e-8, rtol=0)
+
+
+def test_a_relearned_run_is_redone_when_its_unlearned_adapter_changed(
+    world, tiny_model_dir, unlearned, tmp_path
+):
+    """relearn skips a completed attack only while the adapter it trained on from is the same by content:
+    an unlearned adapter retrained at the same path is attacked again, not handed the old result."""
+    import shutil
+
+    start, out = tmp_path / "unlearned", tmp_path / "relearned"
+    shutil.copytree(unlearned, start)
+    config, steps = relearn_config(world, tiny_model_dir, start, out), []
+    first = relearn(config)
+    assert train.run(train_config(config), on_step=steps.append) == first and not steps  # unchanged: skipped
+    weights = load_file(str(start / "adapter_model.safetensors"))
+    save_file({key: value * 2 for key, value in weights.items()}, str(start / "adapter_model.safetensors"))
+    again = train.run(train_config(config), on_step=steps.append)
+    assert steps and again["inputs"]["init_adapter"] != first["inputs"]["init_adapter"]
 
 
 def test_an_unknown_person_to_train_on_is_named(world, tiny_model_dir, tmp_path):

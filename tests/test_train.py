@@ -60,6 +60,7 @@ def write_cache(
         "prompt_template": "test",
         "model_fingerprint": model_fingerprint or loaded.model_fingerprint,
         "tokenizer_fingerprint": tokenizer_fingerprint or loaded.tokenizer_fingerprint,
+        "model_parts": loaded.model_parts,
         "dataset_fingerprint": "test",
         "vocab_size": loaded.model.config.text_config.vocab_size,
         **({"dtype": dtype} if dtype else {}),
@@ -352,6 +353,58 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir, caches, 
     assert [row["loss"] for row in resumed_log] == pytest.approx([row["loss"] for row in whole_log], rel=1e-6)
 
 
+def edit_forget_answer(data: Path, old: str, new: str) -> None:
+    """Rewrite one answer of the forget split's parquet file in place."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = data / FORGET / "train-00000-of-00001.parquet"
+    table = pq.read_table(path)
+    metadata = [text.replace(old, new) for text in table.column("metadata").to_pylist()]
+    assert metadata != table.column("metadata").to_pylist()
+    index = table.schema.get_field_index("metadata")
+    pq.write_table(table.set_column(index, "metadata", pa.array(metadata)), path)
+
+
+def test_a_completed_run_is_handed_back_only_when_it_read_the_same_data_model_and_caches(
+    tiny_model, tiny_model_dir, caches, tmp_path
+):
+    """A rerun with the same options skips a completed run (its adapter untouched) only while the forget
+    samples, the model and the caches are the ones it read; otherwise it trains again."""
+    import shutil
+
+    from builders import build_random_tiny_llava
+
+    data, model, cache = tmp_path / "data", tmp_path / "model", tmp_path / "cache"
+    shutil.copytree(DATA, data)
+    shutil.copytree(tiny_model_dir, model)
+    shutil.copytree(caches["teacher"], cache)
+    out, steps = tmp_path / "viker", []
+    viker = config(tiny_model_dir, out, "viker", caches, forget_cache=str(cache))
+    first = run(viker)
+    adapter_bytes = (out / "adapter_model.safetensors").read_bytes()
+    assert run(viker, on_step=steps.append) == first and not steps  # nothing changed: skipped
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter_bytes
+
+    shutil.rmtree(cache)
+    write_cache(cache, tiny_model, FORGET, "viker", blank_image=False)  # other rows, same model and data
+    recached = run(viker, on_step=steps.append)
+    assert steps and recached["inputs"]["caches"] != first["inputs"]["caches"]
+
+    ga = config(model, tmp_path / "ga", "ga", caches, data=str(data))
+    first = run(ga)
+    steps.clear()
+    edit_forget_answer(data, "Tallinn", "Tartu")
+    edited = run(ga, on_step=steps.append)
+    assert steps and edited["inputs"]["forget_samples"] != first["inputs"]["forget_samples"]
+
+    steps.clear()
+    shutil.rmtree(model)
+    build_random_tiny_llava(model, seed=1)  # another model at the same path
+    replaced = run(ga, on_step=steps.append)
+    assert steps and replaced["inputs"]["model"] != edited["inputs"]["model"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Several processes
 
@@ -443,6 +496,20 @@ def test_a_cache_from_another_model_or_tokenizer_is_refused(tiny_model, tiny_mod
     with pytest.raises(IncompatibleCacheError) as error:
         run(config(tiny_model_dir, tmp_path / "b", "vgid", caches, retain_cache=str(other_tokenizer)))
     assert "e" * 64 in str(error.value) and tiny_model.tokenizer_fingerprint in str(error.value)
+
+
+def test_a_cache_of_other_image_preprocessing_is_refused_naming_the_file(tiny_model_dir, caches, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    processor = json.loads((model / "processor_config.json").read_text())
+    processor["image_processor"]["image_mean"] = [0.1, 0.2, 0.3]
+    (model / "processor_config.json").write_text(json.dumps(processor))
+    with pytest.raises(
+        IncompatibleCacheError, match=r"what differs: preprocessing \(processor_config\.json\)"
+    ):
+        run(config(model, tmp_path / "out", "viker", caches))
 
 
 def test_cached_answer_tokens_must_equal_the_students(tiny_model, tiny_model_dir, caches, tmp_path):

@@ -9,7 +9,7 @@ from pipeline.evaluation.protocols import EvalProtocol
 from pipeline.evaluation.questions import Question
 from pipeline.evaluation.scoring import score_question
 from pipeline.journal import Journal
-from pipeline.models import PromptedSample, answer_token_log_probs, generate
+from pipeline.models import PromptedSample, answer_token_log_probs, check_joint_tokenization, generate
 
 
 @dataclass(frozen=True)
@@ -83,3 +83,18 @@ def choose_options(loaded, model, questions: list[Question], batch_size: int) ->
         totals = [float(next(log_probs).sum()) for _ in letters]
         question.reply = letters[max(range(len(letters)), key=totals.__getitem__)]
         question.scores["option_log_probs"] = dict(zip(letters, totals, strict=True))
+
+
+def check_option_tokenization(loaded, questions: list[Question], mc_scoring: str) -> None:
+    """Likelihood multiple choice teacher-forces each option after its question, tokenized apart (as
+    training does its answers): refuse, before anything is asked, a tokenizer that splits an option
+    differently after the question than alone (its log P(y | x) would be of other tokens), naming the
+    question and the option."""
+    if mc_scoring != "likelihood":
+        return
+    for question in questions:
+        if question.item.task != "classification":
+            continue
+        for letter, text in (question.item.options or {}).items():
+            where = f"{question.item.item_id} ({question.split}), option {letter}"
+            check_joint_tokenization(loaded, where, question.prompt, text, what="question")

@@ -11,6 +11,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.hashing import differing_parts
+
 
 class AdapterMismatchError(ValueError):
     """The adapter was trained on another base model (or tokenizer) than the one given."""
@@ -40,9 +42,14 @@ def check_adapter(loaded, adapter_dir: str | Path) -> str:
                           ("tokenizer_fingerprint", loaded.tokenizer_fingerprint)):  # fmt: skip
             theirs = meta.get(key)
             if theirs and theirs != ours:
+                recorded, given = meta.get("model_parts"), getattr(loaded, "model_parts", None)
+                parts = differing_parts(recorded, given) if recorded and given else []  # older metas lack it
+                differs = (
+                    f"; what differs: {'; '.join(parts)}" if key == "model_fingerprint" and parts else ""
+                )
                 raise AdapterMismatchError(
                     f"adapter {adapter_dir} was trained on base model {meta.get('model', base_name)} "
-                    f"({key} {theirs[:12]}), but --model {loaded.path} has {key} {ours[:12]}"
+                    f"({key} {theirs[:12]}), but --model {loaded.path} has {key} {ours[:12]}{differs}"
                 )
     elif Path(base_name).resolve() != Path(loaded.path).resolve():
         print(

@@ -215,10 +215,13 @@ class TokenizationError(ValueError):
     """The answer's tokens differ when the prompt and answer are tokenized together and apart."""
 
 
-def check_joint_tokenization(loaded: LoadedModel, sample_id: str, prompt: str, answer: str) -> None:
+def check_joint_tokenization(
+    loaded: LoadedModel, sample_id: str, prompt: str, answer: str, what: str = "sample"
+) -> None:
     """Teacher forcing tokenizes the answer apart from the prompt; refuse a tokenizer for which the answer's
     tokens then differ from those of the joint text (a legacy SentencePiece tokenizer inserts a spurious
-    "▁" at the start of a separately tokenized text), naming the sample and both token lists."""
+    "▁" at the start of a separately tokenized text), naming the sample (or `what` it is) and both token
+    lists."""
     tokenizer = loaded.tokenizer
     answer_ids = tokenizer(loaded.family.answer_text(answer), add_special_tokens=False)["input_ids"]
     joint_ids = tokenizer(prompt + loaded.family.answer_text(answer), add_special_tokens=False)["input_ids"]
@@ -226,7 +229,7 @@ def check_joint_tokenization(loaded: LoadedModel, sample_id: str, prompt: str, a
     if list(joint_ids) != list(prompt_ids) + list(answer_ids):
         joint_answer = list(joint_ids[len(prompt_ids) :])
         raise TokenizationError(
-            f"sample {sample_id}: the answer {answer[:40]!r} tokenizes as {list(answer_ids)[:8]} on its own but "
+            f"{what} {sample_id}: the answer {answer[:40]!r} tokenizes as {list(answer_ids)[:8]} on its own but "
             f"as {joint_answer[:8]} after the prompt: this tokenizer does not split prompt and answer cleanly "
             "(a legacy SentencePiece tokenizer? load it with legacy=False)"
         )

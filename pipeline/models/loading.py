@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.hashing import files_sha256, sha256_hex
+from pipeline.hashing import files_sha256_each, sha256_hex
 from pipeline.models.family import FAMILIES, ModelFamily
 from pipeline.models.llava import LlavaFamily
 from pipeline.models.qwen2_vl import Qwen2VLFamily
@@ -28,6 +28,7 @@ class LoadedModel:
     tokenizer_fingerprint: str
     path: str
     close_answers: bool = True  # teacher forcing appends the family's closing token to every answer
+    model_parts: dict[str, dict[str, str]] = field(default_factory=dict)  # fingerprinted_model's parts
 
     @property
     def tokenizer(self):
@@ -46,6 +47,12 @@ PREPROCESSING_FILES = ("preprocessor_config.json", "processor_config.json", "vid
 def model_fingerprint(path: str | Path) -> str:
     """sha256 over config.json, the weight files and the image preprocessing configs, so a cache can name
     the exact model (and preprocessing) it came from."""
+    return fingerprinted_model(path)[0]
+
+
+def fingerprinted_model(path: str | Path) -> tuple[str, dict[str, dict[str, str]]]:
+    """model_fingerprint, and its parts: {"config" | "weights" | "preprocessing": {file name: sha256}}, so a
+    refusal can name what differs (the fingerprint itself is unchanged: old caches still match)."""
     path = Path(path)
     weights = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"} and p.is_file())
     preprocessing = [path / name for name in PREPROCESSING_FILES if (path / name).is_file()]
@@ -53,7 +60,11 @@ def model_fingerprint(path: str | Path) -> str:
     for file in files:
         if not file.exists():
             raise FileNotFoundError(f"model directory {path} has no {file.name}")
-    return files_sha256(files, with_names=True)
+    fingerprint, each = files_sha256_each(files, with_names=True)
+    groups = {"config": files[:1], "weights": weights, "preprocessing": preprocessing}
+    return fingerprint, {
+        part: {file.name: each[file.name] for file in group} for part, group in groups.items()
+    }
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -121,12 +132,14 @@ def load_model(
     model.requires_grad_(False)
     processor = family.load_processor(local_dir, trust_remote_code=trust_remote_code)
     processor.tokenizer.padding_side = "left"
+    fingerprint, parts = fingerprinted_model(local_dir)
     return LoadedModel(
         model=model,
         processor=processor,
         family=family,
-        model_fingerprint=model_fingerprint(local_dir),
+        model_fingerprint=fingerprint,
         tokenizer_fingerprint=tokenizer_fingerprint(processor.tokenizer),
         path=str(path),
         close_answers=close_answers,
+        model_parts=parts,
     )

@@ -40,7 +40,12 @@ class Cache:
         # Every shard's checksum, before the first step: a corrupt shard must not end a run hours in.
         manifest = read_manifest(directory, checksums=True)
         # Refuses a cache written by another model or tokenizer, naming both fingerprints.
-        check_compatible(manifest, loaded.model_fingerprint, loaded.tokenizer_fingerprint)
+        check_compatible(
+            manifest,
+            loaded.model_fingerprint,
+            loaded.tokenizer_fingerprint,
+            getattr(loaded, "model_parts", None),
+        )
         cached_ids = [record["sample_id"] for record in manifest.samples]
         unknown = [sample_id for sample_id in cached_ids if sample_id not in samples]
         if unknown:
