@@ -66,6 +66,7 @@ from pipeline.unlearning.losses import (
     AnswerPredictions,
     LossTerms,
     MaskedTerm,
+    check_layer,
     compute_loss,
     loss_inputs,
 )
@@ -110,12 +111,21 @@ def load_setup(
     )
     first = forget_samples[0]  # once per run: the tokenizer splits prompt and answer cleanly
     check_joint_tokenization(loaded, first.sample_id, prompted(loaded, first).prompt, first.answer)
+    if needs & set(REFERENCE_HIDDEN) and "layer" in method.arguments:  # RMU: refused before any training
+        check_layer(method.arguments["layer"], decoder_layers(loaded.model))
     setup = Setup(loaded, method, processes, forget_samples, retain_samples)
     providers = providers_for(needs)
     for provider in providers:
         provider.setup(setup, config)
     warn_unread_caches(setup, needs, processes.main)
     return setup, providers
+
+
+def decoder_layers(model: Any) -> int:
+    """The language model's number of decoder layers, from its config."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return text_config.num_hidden_layers
 
 
 @dataclass

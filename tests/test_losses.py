@@ -516,15 +516,16 @@ def dense_rmu(forget, retain, forget_reference, retain_reference, layer, steerin
         for length in predictions.answer_lengths:
             total = 0.0
             for _ in range(length):
-                total = total + ((predictions.hidden_states[layer][token] - targets_of(token)) ** 2).sum()
+                state = predictions.hidden_states[layer + 1][token]  # the output of decoder layer `layer`
+                total = total + ((state - targets_of(token)) ** 2).sum()
                 token += 1
             per_sample.append(total)
         return torch.stack(per_sample).mean()
 
     forget_term = mean_over_samples(
-        forget, lambda t: steering * forget_reference[layer][t].norm() * direction
+        forget, lambda t: steering * forget_reference[layer + 1][t].norm() * direction
     )
-    retain_term = mean_over_samples(retain, lambda t: retain_reference[layer][t])
+    retain_term = mean_over_samples(retain, lambda t: retain_reference[layer + 1][t])
     return forget_term + gamma * retain_term
 
 
@@ -532,16 +533,16 @@ def dense_rmu(forget, retain, forget_reference, retain_reference, layer, steerin
 @given(
     seed=st.integers(0, 2**16),
     lengths=answer_lengths_strategy,
-    layer=st.integers(0, 2),
+    layer=st.integers(0, 1),
     steering=st.floats(0.0, 10.0),
     gamma=st.floats(0.0, 5.0),
 )
 def test_rmu_equals_dense_reference(seed, lengths, layer, steering, gamma):
     generator = torch.Generator().manual_seed(seed)
-    forget = with_hidden(random_predictions(generator, lengths, 5), generator, 2, 6)
-    retain = with_hidden(random_predictions(generator, lengths[::-1], 5), generator, 2, 6)
-    forget_reference = with_hidden(forget, generator, 2, 6).hidden_states
-    retain_reference = with_hidden(retain, generator, 2, 6).hidden_states
+    forget = with_hidden(random_predictions(generator, lengths, 5), generator, 3, 6)
+    retain = with_hidden(random_predictions(generator, lengths[::-1], 5), generator, 3, 6)
+    forget_reference = with_hidden(forget, generator, 3, 6).hidden_states
+    retain_reference = with_hidden(retain, generator, 3, 6).hidden_states
     arguments = dict(layer=layer, steering=steering, gamma=gamma, direction_seed=seed % 7)
     terms = LOSSES["rmu"](forget, retain, forget_reference, retain_reference, **arguments)
     direction = steering_direction(6, seed % 7, forget.logits)
@@ -557,17 +558,31 @@ def test_rmu_direction_is_a_fixed_unit_vector_and_its_minimum_is_the_steered_tar
     assert float(direction.norm()) == pytest.approx(1.0)
     torch.testing.assert_close(direction, steering_direction(16, 5, torch.zeros(1)))
     assert not torch.allclose(direction, steering_direction(16, 6, torch.zeros(1)))
-    forget = with_hidden(random_predictions(generator, [2, 1], 4), generator, 1, 16)
-    reference = with_hidden(forget, generator, 1, 16).hidden_states
+    forget = with_hidden(random_predictions(generator, [2, 1], 4), generator, 2, 16)
+    reference = with_hidden(forget, generator, 2, 16).hidden_states
     steered = tuple(3.0 * h.norm(dim=-1, keepdim=True) * direction for h in reference)
     at_target = AnswerPredictions(forget.logits, forget.targets, forget.answer_lengths, steered)
     terms = LOSSES["rmu"](
-        at_target, forget, reference, forget.hidden_states, layer=1, steering=3.0, direction_seed=5
+        at_target, forget, reference, forget.hidden_states, layer=0, steering=3.0, direction_seed=5
     )
     assert float(terms["forget_mse"]) == pytest.approx(0.0, abs=1e-9)
     assert float(terms["retain_mse"]) == pytest.approx(0.0, abs=1e-9)
-    with pytest.raises(ValueError, match="layer 4 is out of range: the model has 1 decoder layers"):
-        LOSSES["rmu"](forget, forget, reference, reference, layer=4)
+
+
+def test_rmu_layer_is_the_decoder_layer_whose_output_is_read():
+    """WMDP's layer l hooks the output of layers[l], i.e. hidden_states[l + 1] (hidden_states[0]: the
+    embeddings); the last layer's output (after the final norm) and anything beyond are refused."""
+    generator = torch.Generator().manual_seed(8)
+    forget = with_hidden(random_predictions(generator, [2, 1], 4), generator, 3, 8)  # 3 decoder layers
+    reference = list(forget.hidden_states)
+    reference[2] = reference[2] + 1.0  # only the output of decoder layer 1 differs from the student's
+    reference = tuple(reference)
+    for layer, moved in ((0, False), (1, True)):
+        terms = LOSSES["rmu"](forget, forget, reference, reference, layer=layer)
+        assert (float(terms["retain_mse"]) > 0) == moved, layer
+    for layer in (2, 3, 7):
+        with pytest.raises(ValueError, match=rf"`layer` {layer} is out of range: the model has 3 decoder"):
+            LOSSES["rmu"](forget, forget, reference, reference, layer=layer)
 
 
 def test_saliency_mask_keeps_what_the_forget_set_needs_more_than_the_retain_set():

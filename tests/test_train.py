@@ -214,7 +214,7 @@ def test_the_train_bench_times_runs_taking_turns_that_train_as_alone(tiny_model_
         assert all(seconds > 0 for seconds in timed[name].step_cpu + timed[name].step_wall)
 
 
-METHOD_ARGS = {"rmu": {"layer": 1}}  # the tiny model has 2 decoder layers
+METHOD_ARGS = {"rmu": {"layer": 0}}  # the tiny model has 2 decoder layers: 0 is the one RMU may read
 
 
 @pytest.mark.parametrize(
@@ -250,6 +250,14 @@ def test_every_method_trains(method, tiny_model_dir, caches, tmp_path, monkeypat
     if method in ("ga_diff", "kl_min", "vgid", "rmu", "mmunlearner"):
         assert any(key.startswith("retain") for key in log[0])
     assert any(float(v.abs().max()) > 0 for k, v in adapter_weights(out).items() if "lora_B" in k)
+
+
+def test_rmu_refuses_a_layer_the_model_cannot_give_before_training(tiny_model_dir, caches, tmp_path):
+    """The tiny model has 2 decoder layers: layer 1's output comes after the final norm, so only 0 is read."""
+    out = tmp_path / "rmu"
+    with pytest.raises(ValueError, match="rmu argument `layer` 1 is out of range: the model has 2 decoder"):
+        run(config(tiny_model_dir, out, "rmu", caches, args={"layer": 1}))
+    assert not (out / "train_log.json").exists()
 
 
 def test_mmunlearner_keeping_every_parameter_is_ga_diff_and_masking_all_is_not(

@@ -44,7 +44,7 @@ from pipeline.hashing import stable_int
 from pipeline.registry import Registry
 
 Weight = Annotated[float, Range(low=0.0)]  # a term's weight: 0 switches the term off
-Layer = Annotated[int, Range(low=0)]  # an index into the model's hidden states (0: the embeddings)
+Layer = Annotated[int, Range(low=0)]  # a decoder layer (0-based) whose output RMU reads
 Temperature = Annotated[float, Range(low=0.0, low_open=True)]  # NPO / DPO's beta
 LOSSES: Registry[Callable[..., LossTerms]] = Registry("loss")
 
@@ -302,11 +302,25 @@ def vgid(
     return {"loss": alpha * forget_kl + beta * retain_kl, "forget_kl": forget_kl, "retain_kl": retain_kl}
 
 
+def check_layer(layer: int, num_layers: int) -> None:
+    """Refuse an RMU `layer` whose output the loss cannot read: decoder layers 0 .. num_layers - 2.
+
+    transformers returns the last decoder layer's output after the final norm (hidden_states[-1]), which
+    is no residual-stream state, so the last layer is refused too.
+    """
+    if not 0 <= layer <= num_layers - 2:
+        raise ValueError(
+            f"rmu argument `layer` {layer} is out of range: the model has {num_layers} decoder layers, so "
+            f"`layer` reads the output of decoder layer 0 .. {num_layers - 2} (the last one's output comes "
+            "after the final norm)"
+        )
+
+
 def hidden_state(states: tuple[Tensor, ...], layer: int) -> Tensor:
-    """(N, d) the hidden states after `layer` decoder layers (0: the embeddings), with a named error."""
-    if layer >= len(states):
-        raise ValueError(f"layer {layer} is out of range: the model has {len(states) - 1} decoder layers")
-    return states[layer]
+    """(N, d) the output of decoder layer `layer` (0-based, WMDP's hook on layers[layer]): hidden_states[
+    layer + 1], since transformers' hidden_states[0] is the embeddings."""
+    check_layer(layer, len(states) - 1)
+    return states[layer + 1]
 
 
 def steering_direction(dim: int, seed: int, like: Tensor) -> Tensor:
@@ -332,14 +346,18 @@ def rmu(
     *,
     layer: Layer = 7,
     steering: Weight = 1.0,
-    gamma: Weight = 1.0,
-    direction_seed: Layer = 0,
+    gamma: Weight = 1200.0,
+    direction_seed: Annotated[int, Range(low=0)] = 0,
 ) -> LossTerms:
     """L_RMU = E_{D_F} ||h_theta(x_f) - v_f||^2 + gamma E_{D_R} ||h_theta(x_r) - h_ref(x_r)||^2,
     v_f = lambda ||h_ref(x_f)||_2 u  (Vgid Eq. 11-15; Dang et al. 2025).
 
-    `steering` is Eq. 12's lambda; layer 7 is RMU's choice for 7B models (Li et al. 2024, WMDP). The
-    hidden states are those at the answer positions, each token's v_f scaled by its own reference norm.
+    h is the output of decoder layer `layer` (0-based; hidden_states[layer + 1]); layer 7 is WMDP's choice
+    for 7B models (Li et al. 2024 hook the output of layers[7]). `steering` is Eq. 12's lambda. gamma
+    defaults to WMDP's alpha = 1200: WMDP averages both squared distances over the same elements, as both
+    terms here are summed over the same positions, so the ratio of the terms' weights is the same number
+    (Vgid states none). The hidden states are those at the answer positions, each token's v_f scaled by
+    its own reference norm.
     """
     student_forget = hidden_state(forget.hidden_states, layer)
     reference_forget = hidden_state(forget_reference_hidden, layer)
