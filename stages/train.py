@@ -205,7 +205,9 @@ class LossStep:
         self.image_key_of = functools.cache(image_key)
         for provider in providers:
             provider.start(self.teacher_forced, opt)
-        self.masked = any(isinstance(provider, Saliency) for provider in providers)  # two backward passes
+        saliency = [provider for provider in providers if isinstance(provider, Saliency)]
+        self.delta = saliency[0].delta if saliency else None  # a masked term: two backward passes
+        self.masked = self.delta is not None
 
     def teacher_forced(
         self, students: list[tuple[QASample, str]], model, hidden_states: bool = False
@@ -298,7 +300,9 @@ def optimizer_step(
         alone = processes.world_size > 1 and (reduces_by_hand or not last_micro)
         with opt.model.no_sync() if alone else nullcontext():
             terms = loss_step(forget_items, retain_items)
-            backward(terms, own_samples * processes.world_size / (stop - start), opt.trainable)
+            backward(
+                terms, own_samples * processes.world_size / (stop - start), opt.trainable, loss_step.delta
+            )
         for name, value in terms.items():
             value = value.value if isinstance(value, MaskedTerm) else value
             sums[name] = sums.get(name, 0.0) + float(value.detach()) * own_samples

@@ -10,14 +10,15 @@ compute (and which caches to stream) without a table beside the registry:
     forget_reference_hidden,         per layer, (N, d) hidden states of the frozen model at the answer
       retain_reference_hidden        positions (the adapter switched off: no second copy of the model);
                                      the student's are AnswerPredictions.hidden_states (RMU)
-    gradient_saliency                GradientSaliency: per trainable tensor, the squared gradients of
-                                     L_NLL on D_f and on D_r at the frozen model (MMUnlearner)
+    gradient_saliency                GradientSaliency: per weight of the LoRA-adapted layers, the mean
+                                     squared gradients of L_NLL on D_f and on D_r at the frozen model
+                                     (MMUnlearner)
 
 Keyword-only parameters are the loss's own arguments (with the papers' defaults); params.yaml's method
 entries set them (pipeline.unlearning.methods). Every loss returns a dict
 with "loss" (the scalar to minimise) and its terms (for the training log). A term may be a MaskedTerm:
-part of "loss" whose gradient the training step multiplies by a mask before the rest is added
-(MMUnlearner's -m ⊙ L(D_f)).
+part of "loss" whose gradient with respect to each adapted layer's weight update the training step
+multiplies by a mask before the rest is added (MMUnlearner's -m ⊙ L(D_f); pipeline.training.saliency).
 
 Normalisation, the same for every method: ViKeR Eq. 2 and 5 sum over the answer tokens of a sample and
 average over samples (L_NLL = -1/|D| sum_s log p(y|I,x), log p(y|I,x) = sum_i log p(y_i|I,x,i)).
@@ -53,7 +54,7 @@ REFUSALS_FILE = Path(__file__).with_name("refusals.txt")
 
 @dataclass(frozen=True)
 class MaskedTerm:
-    """A part of a loss whose gradient on the i-th trainable tensor is multiplied by masks[i]."""
+    """A part of a loss whose gradient on the i-th LoRA-adapted layer's weight is multiplied by masks[i]."""
 
     value: Tensor
     masks: list[Tensor]
@@ -372,7 +373,7 @@ def rmu(
 
 @dataclass(frozen=True)
 class GradientSaliency:
-    """Per trainable tensor, the mean over batches of the squared gradient of L_NLL on D_f and on D_r."""
+    """Per weight W of the LoRA-adapted layers, the mean over batches of (dL_NLL/dW)^2 on D_f and on D_r."""
 
     forget_fisher: list[Tensor]
     retain_fisher: list[Tensor]
@@ -396,8 +397,10 @@ def mmunlearner(
 ) -> LossTerms:
     """L = -m ⊙ L(D_f) + L(D_r)  (MMUnlearner, Huo et al. 2025; the baselines excerpt).
 
-    m keeps the parameters whose forget saliency is at least `threshold` times their retain saliency
-    (threshold 1 as its mask generator); only the forget term's gradient is masked.
+    m keeps the entries of W whose forget saliency is at least `threshold` times their retain saliency
+    (threshold 1 as its official mask generator, which keeps ratio >= threshold); only the forget term's
+    gradient is masked, on the adapted layers' weight update (pipeline.training.saliency says how that
+    relates to the paper's full-weight update).
     """
     forget_nll, retain_nll = nll(forget), nll(retain)
     masks = gradient_saliency.mask(threshold)
