@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -377,14 +377,17 @@ class GradientSaliency:
 
     forget_fisher: list[Tensor]
     retain_fisher: list[Tensor]
+    masks: dict[float, list[Tensor]] = field(default_factory=dict, compare=False)  # by threshold, made once
 
     def mask(self, threshold: float) -> list[Tensor]:
-        """m = (F_f + 1e-15) / (F_r + 1e-15) >= threshold, elementwise (MMUnlearner's mask; a tensor with
-        no gradient on either set has ratio 1)."""
-        return [
-            ((forget + 1e-15) / (retain + 1e-15) >= threshold).to(forget.dtype)
-            for forget, retain in zip(self.forget_fisher, self.retain_fisher, strict=True)
-        ]
+        """m = (F_f + 1e-15) / (F_r + 1e-15) >= threshold, elementwise, boolean (MMUnlearner's gen_mask; an
+        entry with no gradient on either set has ratio 1)."""
+        if threshold not in self.masks:
+            self.masks[threshold] = [
+                (forget + 1e-15) / (retain + 1e-15) >= threshold
+                for forget, retain in zip(self.forget_fisher, self.retain_fisher, strict=True)
+            ]
+        return self.masks[threshold]
 
 
 @LOSSES.register("mmunlearner")
