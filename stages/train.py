@@ -68,6 +68,7 @@ from pipeline.unlearning.losses import (
     MaskedTerm,
     check_layer,
     compute_loss,
+    loss_arguments,
     loss_inputs,
 )
 from pipeline.unlearning.methods import Method, resolve_method
@@ -111,8 +112,9 @@ def load_setup(
     )
     first = forget_samples[0]  # once per run: the tokenizer splits prompt and answer cleanly
     check_joint_tokenization(loaded, first.sample_id, prompted(loaded, first).prompt, first.answer)
-    if needs & set(REFERENCE_HIDDEN) and "layer" in method.arguments:  # RMU: refused before any training
-        check_layer(method.arguments["layer"], decoder_layers(loaded.model))
+    arguments = {**loss_arguments(method.loss), **method.arguments}  # with the loss's defaults
+    if needs & set(REFERENCE_HIDDEN) and "layer" in arguments:  # RMU: refused before any training
+        check_layer(arguments["layer"], decoder_layers(loaded.model))
     setup = Setup(loaded, method, processes, forget_samples, retain_samples)
     providers = providers_for(needs)
     for provider in providers:

@@ -255,8 +255,11 @@ def test_every_method_trains(method, tiny_model_dir, caches, tmp_path, monkeypat
 def test_rmu_refuses_a_layer_the_model_cannot_give_before_training(tiny_model_dir, caches, tmp_path):
     """The tiny model has 2 decoder layers: layer 1's output comes after the final norm, so only 0 is read."""
     out = tmp_path / "rmu"
-    with pytest.raises(ValueError, match="rmu argument `layer` 1 is out of range: the model has 2 decoder"):
-        run(config(tiny_model_dir, out, "rmu", caches, args={"layer": 1}))
+    for args, layer in (({"layer": 1}, 1), ({}, 7)):  # given, or the loss's default (WMDP's 7)
+        with pytest.raises(
+            ValueError, match=f"rmu argument `layer` {layer} is out of range: the model has 2"
+        ):
+            run(config(tiny_model_dir, out, "rmu", caches, args=args))
     assert not (out / "train_log.json").exists()
 
 
