@@ -69,7 +69,9 @@ from pipeline.unlearning.losses import (
     AnswerPredictions,
     LossTerms,
     MaskedTerm,
+    check_layer,
     compute_loss,
+    loss_arguments,
     loss_inputs,
 )
 from pipeline.unlearning.methods import Method, resolve_method
@@ -113,12 +115,22 @@ def load_setup(
     )
     first = forget_samples[0]  # once per run: the tokenizer splits prompt and answer cleanly
     check_joint_tokenization(loaded, first.sample_id, prompted(loaded, first).prompt, first.answer)
+    arguments = {**loss_arguments(method.loss), **method.arguments}  # with the loss's defaults
+    if needs & set(REFERENCE_HIDDEN) and "layer" in arguments:  # RMU: refused before any training
+        check_layer(arguments["layer"], decoder_layers(loaded.model))
     setup = Setup(loaded, method, processes, forget_samples, retain_samples)
     providers = providers_for(needs)
     for provider in providers:
         provider.setup(setup, config)
     warn_unread_caches(setup, needs, processes.main)
     return setup, providers
+
+
+def decoder_layers(model: Any) -> int:
+    """The language model's number of decoder layers, from its config."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return text_config.num_hidden_layers
 
 
 @dataclass
@@ -198,7 +210,9 @@ class LossStep:
         self.image_key_of = functools.cache(image_key)
         for provider in providers:
             provider.start(self.teacher_forced, opt)
-        self.masked = any(isinstance(provider, Saliency) for provider in providers)  # two backward passes
+        saliency = [provider for provider in providers if isinstance(provider, Saliency)]
+        self.delta = saliency[0].delta if saliency else None  # a masked term: two backward passes
+        self.masked = self.delta is not None
 
     def teacher_forced(
         self, students: list[tuple[QASample, str]], model, hidden_states: bool = False
@@ -291,7 +305,9 @@ def optimizer_step(
         alone = processes.world_size > 1 and (reduces_by_hand or not last_micro)
         with opt.model.no_sync() if alone else nullcontext():
             terms = loss_step(forget_items, retain_items)
-            backward(terms, own_samples * processes.world_size / (stop - start), opt.trainable)
+            backward(
+                terms, own_samples * processes.world_size / (stop - start), opt.trainable, loss_step.delta
+            )
         for name, value in terms.items():
             value = value.value if isinstance(value, MaskedTerm) else value
             sums[name] = sums.get(name, 0.0) + float(value.detach()) * own_samples

@@ -215,7 +215,7 @@ def test_the_train_bench_times_runs_taking_turns_that_train_as_alone(tiny_model_
         assert all(seconds > 0 for seconds in timed[name].step_cpu + timed[name].step_wall)
 
 
-METHOD_ARGS = {"rmu": {"layer": 1}}  # the tiny model has 2 decoder layers
+METHOD_ARGS = {"rmu": {"layer": 0}}  # the tiny model has 2 decoder layers: 0 is the one RMU may read
 
 
 @pytest.mark.parametrize(
@@ -251,6 +251,17 @@ def test_every_method_trains(method, tiny_model_dir, caches, tmp_path, monkeypat
     if method in ("ga_diff", "kl_min", "vgid", "rmu", "mmunlearner"):
         assert any(key.startswith("retain") for key in log[0])
     assert any(float(v.abs().max()) > 0 for k, v in adapter_weights(out).items() if "lora_B" in k)
+
+
+def test_rmu_refuses_a_layer_the_model_cannot_give_before_training(tiny_model_dir, caches, tmp_path):
+    """The tiny model has 2 decoder layers: layer 1's output comes after the final norm, so only 0 is read."""
+    out = tmp_path / "rmu"
+    for args, layer in (({"layer": 1}, 1), ({}, 7)):  # given, or the loss's default (WMDP's 7)
+        with pytest.raises(
+            ValueError, match=f"rmu argument `layer` {layer} is out of range: the model has 2"
+        ):
+            run(config(tiny_model_dir, out, "rmu", caches, args=args))
+    assert not (out / "train_log.json").exists()
 
 
 def test_mmunlearner_keeping_every_parameter_is_ga_diff_and_masking_all_is_not(
@@ -468,8 +479,11 @@ def test_two_torchrun_processes_match_one(method, tiny_model_dir, caches, tmp_pa
     expected, actual = adapter_weights(single), adapter_weights(double)
     moved = sum(float(v.abs().sum()) for k, v in expected.items() if "lora_B" in k)
     assert moved > 0
+    # MMUnlearner's mask leaves a few LoRA entries (of a key projection) a near-zero gradient, which AdamW
+    # divides by its own root: the ranks' float32 partial sums then differ by ~2e-6 there.
+    atol = 1e-5 if method == "mmunlearner" else 1e-6
     for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=atol)
     single_log = json.loads((single / "train_log.json").read_text())
     double_log = json.loads((double / "train_log.json").read_text())
     for name in set(single_log[0]) - {"step_time_s"}:

@@ -24,7 +24,7 @@ from cache import concat_samples
 from pipeline.samples import QASample
 from pipeline.training.processes import Processes
 from pipeline.training.reference import reference_log_probs, reference_log_probs_from_cache
-from pipeline.training.saliency import gradient_saliency
+from pipeline.training.saliency import DeltaGradients, gradient_saliency, lora_layers
 from pipeline.training.streams import Cache, check_answer_tokens
 from pipeline.unlearning.losses import AnswerPredictions, choose_refusal, load_refusals
 from pipeline.unlearning.methods import Method
@@ -210,18 +210,23 @@ class Retain(Provider):
 
 @provides("gradient_saliency")
 class Saliency(Provider):
-    """MMUnlearner's per-parameter saliency of D_f and D_r, at the frozen model before the first step."""
+    """MMUnlearner's per-weight saliency of D_f and D_r over the weights of the layers LoRA adapts, at the
+    frozen model before the first step, the same on every rank; and the recorder the masked term's
+    backward pass reads (pipeline.training.saliency)."""
 
     def setup(self, setup: Setup, config: Any) -> None:
         self.setup_, self.batch_size = setup, config.batch_size
 
     def start(self, teacher_forced: Callable[[Pairs, Any], AnswerPredictions], step: Any) -> None:
+        layers = lora_layers(step.peft_model)
         step.peft_model.eval()  # at the frozen model, without dropout's randomness
         self.saliency = gradient_saliency(
             lambda samples: teacher_forced([(s, s.answer) for s in samples], step.peft_model),
-            self.setup_.forget_samples, self.setup_.retain_samples, self.batch_size, step.trainable,
+            self.setup_.forget_samples, self.setup_.retain_samples, self.batch_size,
+            [layer.base_layer.weight for layer in layers], self.setup_.processes,
         )  # fmt: skip
         step.peft_model.train()
+        self.delta = DeltaGradients(layers)
 
     def add(self, inputs: dict[str, Any], batch: Batch) -> None:
         inputs["gradient_saliency"] = self.saliency

@@ -10,14 +10,15 @@ compute (and which caches to stream) without a table beside the registry:
     forget_reference_hidden,         per layer, (N, d) hidden states of the frozen model at the answer
       retain_reference_hidden        positions (the adapter switched off: no second copy of the model);
                                      the student's are AnswerPredictions.hidden_states (RMU)
-    gradient_saliency                GradientSaliency: per trainable tensor, the squared gradients of
-                                     L_NLL on D_f and on D_r at the frozen model (MMUnlearner)
+    gradient_saliency                GradientSaliency: per weight of the LoRA-adapted layers, the mean
+                                     squared gradients of L_NLL on D_f and on D_r at the frozen model
+                                     (MMUnlearner)
 
 Keyword-only parameters are the loss's own arguments (with the papers' defaults); params.yaml's method
 entries set them (pipeline.unlearning.methods). Every loss returns a dict
 with "loss" (the scalar to minimise) and its terms (for the training log). A term may be a MaskedTerm:
-part of "loss" whose gradient the training step multiplies by a mask before the rest is added
-(MMUnlearner's -m ⊙ L(D_f)).
+part of "loss" whose gradient with respect to each adapted layer's weight update the training step
+multiplies by a mask before the rest is added (MMUnlearner's -m ⊙ L(D_f); pipeline.training.saliency).
 
 Normalisation, the same for every method: ViKeR Eq. 2 and 5 sum over the answer tokens of a sample and
 average over samples (L_NLL = -1/|D| sum_s log p(y|I,x), log p(y|I,x) = sum_i log p(y_i|I,x,i)).
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -44,7 +45,7 @@ from pipeline.hashing import stable_int
 from pipeline.registry import Registry
 
 Weight = Annotated[float, Range(low=0.0)]  # a term's weight: 0 switches the term off
-Layer = Annotated[int, Range(low=0)]  # an index into the model's hidden states (0: the embeddings)
+Layer = Annotated[int, Range(low=0)]  # a decoder layer (0-based) whose output RMU reads
 Temperature = Annotated[float, Range(low=0.0, low_open=True)]  # NPO / DPO's beta
 LOSSES: Registry[Callable[..., LossTerms]] = Registry("loss")
 
@@ -53,7 +54,7 @@ REFUSALS_FILE = Path(__file__).with_name("refusals.txt")
 
 @dataclass(frozen=True)
 class MaskedTerm:
-    """A part of a loss whose gradient on the i-th trainable tensor is multiplied by masks[i]."""
+    """A part of a loss whose gradient on the i-th LoRA-adapted layer's weight is multiplied by masks[i]."""
 
     value: Tensor
     masks: list[Tensor]
@@ -302,11 +303,25 @@ def vgid(
     return {"loss": alpha * forget_kl + beta * retain_kl, "forget_kl": forget_kl, "retain_kl": retain_kl}
 
 
+def check_layer(layer: int, num_layers: int) -> None:
+    """Refuse an RMU `layer` whose output the loss cannot read: decoder layers 0 .. num_layers - 2.
+
+    transformers returns the last decoder layer's output after the final norm (hidden_states[-1]), which
+    is no residual-stream state, so the last layer is refused too.
+    """
+    if not 0 <= layer <= num_layers - 2:
+        raise ValueError(
+            f"rmu argument `layer` {layer} is out of range: the model has {num_layers} decoder layers, so "
+            f"`layer` reads the output of decoder layer 0 .. {num_layers - 2} (the last one's output comes "
+            "after the final norm)"
+        )
+
+
 def hidden_state(states: tuple[Tensor, ...], layer: int) -> Tensor:
-    """(N, d) the hidden states after `layer` decoder layers (0: the embeddings), with a named error."""
-    if layer >= len(states):
-        raise ValueError(f"layer {layer} is out of range: the model has {len(states) - 1} decoder layers")
-    return states[layer]
+    """(N, d) the output of decoder layer `layer` (0-based, WMDP's hook on layers[layer]): hidden_states[
+    layer + 1], since transformers' hidden_states[0] is the embeddings."""
+    check_layer(layer, len(states) - 1)
+    return states[layer + 1]
 
 
 def steering_direction(dim: int, seed: int, like: Tensor) -> Tensor:
@@ -332,14 +347,18 @@ def rmu(
     *,
     layer: Layer = 7,
     steering: Weight = 1.0,
-    gamma: Weight = 1.0,
-    direction_seed: Layer = 0,
+    gamma: Weight = 1200.0,
+    direction_seed: Annotated[int, Range(low=0)] = 0,
 ) -> LossTerms:
     """L_RMU = E_{D_F} ||h_theta(x_f) - v_f||^2 + gamma E_{D_R} ||h_theta(x_r) - h_ref(x_r)||^2,
     v_f = lambda ||h_ref(x_f)||_2 u  (Vgid Eq. 11-15; Dang et al. 2025).
 
-    `steering` is Eq. 12's lambda; layer 7 is RMU's choice for 7B models (Li et al. 2024, WMDP). The
-    hidden states are those at the answer positions, each token's v_f scaled by its own reference norm.
+    h is the output of decoder layer `layer` (0-based; hidden_states[layer + 1]); layer 7 is WMDP's choice
+    for 7B models (Li et al. 2024 hook the output of layers[7]). `steering` is Eq. 12's lambda. gamma
+    defaults to WMDP's alpha = 1200: WMDP averages both squared distances over the same elements, as both
+    terms here are summed over the same positions, so the ratio of the terms' weights is the same number
+    (Vgid states none). The hidden states are those at the answer positions, each token's v_f scaled by
+    its own reference norm.
     """
     student_forget = hidden_state(forget.hidden_states, layer)
     reference_forget = hidden_state(forget_reference_hidden, layer)
@@ -354,18 +373,21 @@ def rmu(
 
 @dataclass(frozen=True)
 class GradientSaliency:
-    """Per trainable tensor, the mean over batches of the squared gradient of L_NLL on D_f and on D_r."""
+    """Per weight W of the LoRA-adapted layers, the mean over batches of (dL_NLL/dW)^2 on D_f and on D_r."""
 
     forget_fisher: list[Tensor]
     retain_fisher: list[Tensor]
+    masks: dict[float, list[Tensor]] = field(default_factory=dict, compare=False)  # by threshold, made once
 
     def mask(self, threshold: float) -> list[Tensor]:
-        """m = (F_f + 1e-15) / (F_r + 1e-15) >= threshold, elementwise (MMUnlearner's mask; a tensor with
-        no gradient on either set has ratio 1)."""
-        return [
-            ((forget + 1e-15) / (retain + 1e-15) >= threshold).to(forget.dtype)
-            for forget, retain in zip(self.forget_fisher, self.retain_fisher, strict=True)
-        ]
+        """m = (F_f + 1e-15) / (F_r + 1e-15) >= threshold, elementwise, boolean (MMUnlearner's gen_mask; an
+        entry with no gradient on either set has ratio 1)."""
+        if threshold not in self.masks:
+            self.masks[threshold] = [
+                (forget + 1e-15) / (retain + 1e-15) >= threshold
+                for forget, retain in zip(self.forget_fisher, self.retain_fisher, strict=True)
+            ]
+        return self.masks[threshold]
 
 
 @LOSSES.register("mmunlearner")
@@ -378,8 +400,10 @@ def mmunlearner(
 ) -> LossTerms:
     """L = -m ⊙ L(D_f) + L(D_r)  (MMUnlearner, Huo et al. 2025; the baselines excerpt).
 
-    m keeps the parameters whose forget saliency is at least `threshold` times their retain saliency
-    (threshold 1 as its mask generator); only the forget term's gradient is masked.
+    m keeps the entries of W whose forget saliency is at least `threshold` times their retain saliency
+    (threshold 1 as its official mask generator, which keeps ratio >= threshold); only the forget term's
+    gradient is masked, on the adapted layers' weight update (pipeline.training.saliency says how that
+    relates to the paper's full-weight update).
     """
     forget_nll, retain_nll = nll(forget), nll(retain)
     masks = gradient_saliency.mask(threshold)
