@@ -168,16 +168,7 @@ def truncate_probabilities(
         top_ids, top_probs, keep = _student_aware(probs, student, top_ids, keep, width, tail_cost)
 
     if include is not None:
-        include = include.to(top_ids.device).long()[:, None]
-        missing = ~(keep & (top_ids == include)).any(dim=-1)
-        # Full rows give up their last kept entry (keep is a prefix: the least probable of the top-p
-        # set, or the last of the student-aware extras).
-        full = missing & (keep.sum(dim=-1) == width)
-        last_kept = keep.sum(dim=-1, keepdim=True) - 1
-        keep = keep & ~(full[:, None] & (torch.arange(width, device=keep.device) == last_kept))
-        top_ids = torch.cat([top_ids, include], dim=1)
-        top_probs = torch.cat([top_probs, probs.gather(1, include)], dim=1)
-        keep = torch.cat([keep, missing[:, None]], dim=1)
+        top_ids, top_probs, keep = _with_included(probs, include, top_ids, top_probs, keep, width)
 
     # The tail is summed directly over the dropped tokens (not 1 - kept, which cancels for peaked rows).
     # Dropped slots scatter into a spare column V (an id may appear twice, kept once and dropped once).
@@ -198,6 +189,22 @@ def truncate_probabilities(
     return TruncatedDistributions(
         support_ids[:, :used], support_probs[:, :used].float(), tail_mass.float(), entropy.float()
     )
+
+
+def _with_included(
+    probs: Tensor, include: Tensor, top_ids: Tensor, top_probs: Tensor, keep: Tensor, width: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The candidates with each row's `include` token appended and kept; a row already at the cap gives
+    up its last kept entry (keep is a prefix: the least probable of the top-p set, or the last of the
+    student-aware extras)."""
+    include = include.to(top_ids.device).long()[:, None]
+    missing = ~(keep & (top_ids == include)).any(dim=-1)
+    full = missing & (keep.sum(dim=-1) == width)
+    last_kept = keep.sum(dim=-1, keepdim=True) - 1
+    keep = keep & ~(full[:, None] & (torch.arange(width, device=keep.device) == last_kept))
+    top_ids = torch.cat([top_ids, include], dim=1)
+    top_probs = torch.cat([top_probs, probs.gather(1, include)], dim=1)
+    return top_ids, top_probs, torch.cat([keep, missing[:, None]], dim=1)
 
 
 def _student_aware(

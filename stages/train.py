@@ -47,6 +47,7 @@ from pipeline.models import (
     answer_outputs,
     check_joint_tokenization,
     check_lengths,
+    decoder_layers,
     load_model,
     prompted,
 )
@@ -63,7 +64,7 @@ from pipeline.training.inputs import Batch, Provider, Saliency, Setup, providers
 from pipeline.training.lora import add_lora, named_trainable
 from pipeline.training.processes import Processes, start_processes
 from pipeline.training.saliency import all_reduce_gradients, backward
-from pipeline.training.streams import Cache, PairedRetain, sample_stream
+from pipeline.training.streams import Cache, PairedRetain, StepPlan, sample_stream
 from pipeline.training.train_log import write_log
 from pipeline.unlearning.losses import (
     AnswerPredictions,
@@ -124,13 +125,6 @@ def load_setup(
         provider.setup(setup, config)
     warn_unread_caches(setup, needs, processes.main)
     return setup, providers
-
-
-def decoder_layers(model: Any) -> int:
-    """The language model's number of decoder layers, from its config."""
-    config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return text_config.num_hidden_layers
 
 
 @dataclass
@@ -258,24 +252,6 @@ class LossStep:
 # ---------------------------------------------------------------- 3. the loop
 
 
-class StepPlan:
-    """Which global forget-stream positions each optimizer step and micro-batch covers, and this rank's."""
-
-    def __init__(self, config: TrainConfig, num_forget: int, processes: Processes) -> None:
-        self.batch_size, self.grad_accum, self.num_forget = config.batch_size, config.grad_accum, num_forget
-        self.processes = processes
-
-    def step(self, step_in_epoch: int) -> tuple[int, int]:
-        """Global [start, stop) of the positions an optimizer step covers."""
-        start = step_in_epoch * self.grad_accum * self.batch_size
-        return start, min(start + self.grad_accum * self.batch_size, self.num_forget)
-
-    def rank_positions(self, start: int, stop: int) -> list[int]:
-        """The positions start..stop-1 this rank holds (p mod W == rank)."""
-        world_size, rank = self.processes.world_size, self.processes.rank
-        return list(range(start + (rank - start) % world_size, stop, world_size))
-
-
 def optimizer_step(
     config: TrainConfig, opt: Optimization, plan: StepPlan, loss_step: LossStep, forget_stream, paired_retain,
     epoch: int, step_in_epoch: int, previous: list,
@@ -328,7 +304,7 @@ def train_loop(
 ) -> None:  # fmt: skip
     out, log_dir = Path(config.out), Path(config.log_dir or config.out)
     signature = run_signature(config, loss_step.method, read)
-    plan = StepPlan(config, len(setup.forget_samples), processes)
+    plan = StepPlan(config.batch_size, config.grad_accum, len(setup.forget_samples), processes)
     paired_retain = (
         PairedRetain(setup.retain_samples, setup.retain_cache, config.seed) if setup.retain_samples else None
     )

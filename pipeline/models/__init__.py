@@ -24,6 +24,7 @@ from pipeline.models.llava import LlavaFamily
 from pipeline.models.loading import (
     DTYPES,
     LoadedModel,
+    decoder_layers,
     load_model,
     model_fingerprint,
     resolve_model_dir,
@@ -34,6 +35,7 @@ from pipeline.models.vision_features import VisionFeatureCache
 
 __all__ = [
     "DTYPES",
+    "decoder_layers",
     "FAMILIES",
     "EncodedSamples",
     "LlavaFamily",

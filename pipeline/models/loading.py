@@ -143,3 +143,10 @@ def load_model(
         close_answers=close_answers,
         model_parts=parts,
     )
+
+
+def decoder_layers(model) -> int:
+    """The language model's number of decoder layers, from its config."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return text_config.num_hidden_layers

@@ -172,3 +172,21 @@ class PairedRetain:
             taken.append(next(islice(self.items, position - self.cursor, None)))
             self.cursor = position + 1
         return taken
+
+
+class StepPlan:
+    """Which global forget-stream positions each optimizer step and micro-batch covers, and this rank's."""
+
+    def __init__(self, batch_size: int, grad_accum: int, num_forget: int, processes: Processes) -> None:
+        self.batch_size, self.grad_accum, self.num_forget = batch_size, grad_accum, num_forget
+        self.processes = processes
+
+    def step(self, step_in_epoch: int) -> tuple[int, int]:
+        """Global [start, stop) of the positions an optimizer step covers."""
+        start = step_in_epoch * self.grad_accum * self.batch_size
+        return start, min(start + self.grad_accum * self.batch_size, self.num_forget)
+
+    def rank_positions(self, start: int, stop: int) -> list[int]:
+        """The positions start..stop-1 this rank holds (p mod W == rank)."""
+        world_size, rank = self.processes.world_size, self.processes.rank
+        return list(range(start + (rank - start) % world_size, stop, world_size))
