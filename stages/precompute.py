@@ -164,11 +164,11 @@ def teacher_context(config: PrecomputeConfig, entry: TeacherEntry, loaded: Loade
     drawn = TEACHERS[entry.teacher].pool(entry.arguments)
     if drawn is not None:
         kind, k = drawn
-        pool = load_reference_pool(references_root(config, kind), kind, forget_ratio(config.split))
+        root = reference_root(config.references, config.data, kind)
+        pool = load_reference_pool(root, kind, forget_ratio(config.split))
         if len(pool) < k:
             raise PrecomputeError(
-                f"reference pool {kind!r} under {references_root(config, kind)} has {len(pool)} "
-                f"images, fewer than k={k}"
+                f"reference pool {kind!r} under {root} has {len(pool)} images, fewer than k={k}"
             )
     return TeacherContext(
         family=loaded.family, arguments=entry.arguments, reference_pool=pool, reference_kind=kind
@@ -322,10 +322,6 @@ def measure_cache_kl(
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def references_root(config: PrecomputeConfig, kind: str) -> Path:
-    return reference_root(config.references, config.data, kind)
 
 
 def _batched(items: Sequence, size: int) -> Iterator[list]:

@@ -114,8 +114,9 @@ def relearning_plot(runs: Sequence[Run], out_path: str | Path) -> Path | None:
 
 
 @dataclass
-class TokenProbabilities:
-    """Per answer token of one sample: its text, H(R_i) and p(y_i) under each model."""
+class TokenProbabilityTable:
+    """The token plot's table: one sample's tokens, H(R_i), and p(y_i) under each run's model (the runs'
+    token_probs.json files, each written by pipeline.evaluation.token_probabilities for one model)."""
 
     sample_id: str
     question: str
@@ -125,7 +126,7 @@ class TokenProbabilities:
     probabilities: dict[str, list[float]]  # model label -> p(y_i)
 
 
-def token_probabilities_of_runs(runs: Sequence[Run]) -> TokenProbabilities | None:
+def token_probabilities_of_runs(runs: Sequence[Run]) -> TokenProbabilityTable | None:
     """The runs' token_probs.json together: the `full` run's as Full, then per method its first seed's
     run (sorted names) under the method's display name; H(R_i) from the first that has it. None when no
     run has the file."""
@@ -138,7 +139,7 @@ def token_probabilities_of_runs(runs: Sequence[Run]) -> TokenProbabilities | Non
         entry = _read_token_probs(first_runs[method])
         if table is None:
             table, first = (
-                TokenProbabilities(*(entry[k] for k in TOKEN_KEYS[:4]), None, {}),
+                TokenProbabilityTable(*(entry[k] for k in TOKEN_KEYS[:4]), None, {}),
                 first_runs[method],
             )
         elif (entry["sample_id"], entry["tokens"]) != (table.sample_id, table.tokens):
@@ -161,7 +162,7 @@ def _read_token_probs(path: Path) -> dict:
     return entry
 
 
-def token_probability_plot(table: TokenProbabilities, out_path: str | Path, epsilon: float) -> Path:
+def token_probability_plot(table: TokenProbabilityTable, out_path: str | Path, epsilon: float) -> Path:
     """Bars of p(y_i) per model; red bars are key tokens (H(R_i) >= epsilon), gray bars normal ones."""
     plt = _pyplot()
     labels = list(table.probabilities)
