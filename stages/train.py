@@ -52,6 +52,7 @@ from pipeline.models import (
     prompted,
 )
 from pipeline.models.adapters import load_adapter
+from pipeline.models.masked_delta import save_adapter
 from pipeline.samples import QASample
 from pipeline.training.checkpoints import (
     CHECKPOINTS,
@@ -139,15 +140,19 @@ class Optimization:
 
 
 def optimization(
-    config: TrainConfig, method: Method, setup: Setup, device: torch.device, processes: Processes
-) -> Optimization:
-    """LoRA (fresh, or --init-adapter's), AdamW on the adapter only, the learning-rate schedule, DDP."""
+    config: TrainConfig, method: Method, setup: Setup, providers: list[Provider], device: torch.device,
+    processes: Processes,
+) -> Optimization:  # fmt: skip
+    """LoRA (fresh, or --init-adapter's) and what the loss's inputs train beside it, AdamW on those only,
+    the learning-rate schedule, DDP."""
     if config.init_adapter:
         peft_model = load_adapter(setup.loaded, config.init_adapter, trainable=True)
     else:
         peft_model = add_lora(
             setup.loaded, config.lora_rank, config.lora_alpha, config.lora_dropout, config.seed
         )
+    for provider in providers:
+        provider.adapt(peft_model)
     peft_model.train()
     trainable = [parameter for _, parameter in named_trainable(peft_model)]
     # The fused kernel updates every LoRA tensor in one call (CPU and CUDA).
@@ -205,8 +210,8 @@ class LossStep:
         for provider in providers:
             provider.start(self.teacher_forced, opt)
         saliency = [provider for provider in providers if isinstance(provider, Saliency)]
-        self.delta = saliency[0].delta if saliency else None  # a masked term: two backward passes
-        self.masked = self.delta is not None
+        self.deltas = saliency[0].deltas if saliency else None  # a masked term: two backward passes
+        self.masked = self.deltas is not None
 
     def teacher_forced(
         self, students: list[tuple[QASample, str]], model, hidden_states: bool = False
@@ -282,7 +287,7 @@ def optimizer_step(
         with opt.model.no_sync() if alone else nullcontext():
             terms = loss_step(forget_items, retain_items)
             backward(
-                terms, own_samples * processes.world_size / (stop - start), opt.trainable, loss_step.delta
+                terms, own_samples * processes.world_size / (stop - start), opt.trainable, loss_step.deltas
             )
         for name, value in terms.items():
             value = value.value if isinstance(value, MaskedTerm) else value
@@ -390,7 +395,7 @@ def run(
     if finished is not None and processes.main:
         changed = sorted(key for key in read if (finished.get("inputs") or {}).get(key) != read[key])
         print(f"{out}: its completed run read other {', '.join(changed)}: training again", file=sys.stderr)
-    opt = optimization(config, method, setup, device, processes)
+    opt = optimization(config, method, setup, providers, device, processes)
     loss_step = LossStep(
         config, method, setup, providers, opt, device
     )  # before a checkpoint moves the adapter
@@ -415,7 +420,7 @@ def run(
     meta["inputs"] = read
     processes.barrier()
     if processes.main:
-        opt.peft_model.save_pretrained(out)
+        save_adapter(opt.peft_model, out)
         write_log(Path(config.log_dir or config.out), position.log)
         (out / META).write_text(json.dumps(meta, indent=2) + "\n")
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)

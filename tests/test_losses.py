@@ -668,57 +668,99 @@ def test_saliency_sums_are_added_over_ranks_so_every_rank_has_one_process_mask()
         torch.testing.assert_close(actual, expected)
 
 
-def test_a_masked_term_is_masked_on_the_weight_update_and_pulled_back_to_a_and_b():
-    """backward(): B.grad += s (m ⊙ G) A^T and A.grad += s B^T (m ⊙ G), G = d(masked)/dΔW, ΔW = s B A;
-    the rest of the loss adds its ordinary gradient; an all-ones mask is the plain backward pass."""
-    from pipeline.training.saliency import DeltaGradients, backward, lora_layers
+def masked_setup(seed: int = 1):
+    """tiny_lora with B random, masked deltas on its layers, random masks, and the terms of a loss whose
+    masked part is -NLL and whose rest is a second, unmasked term."""
+    from pipeline.models.masked_delta import add_masked_deltas
+    from pipeline.training.saliency import lora_layers
 
     model = tiny_lora(init_b=True)
-    layers = lora_layers(model)
+    deltas = add_masked_deltas(model)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    delta = DeltaGradients(layers)
-    masks = [(torch.rand(layer.base_layer.weight.shape, generator=torch.Generator().manual_seed(1)) > 0.5).float()
-             for layer in layers]  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    masks = [
+        torch.rand(layer.base_layer.weight.shape, generator=generator) > 0.5 for layer in lora_layers(model)
+    ]
 
     def terms():
         predictions = lora_predictions(model, LORA_SAMPLES)
         masked, rest = -nll(predictions), predictions.logits.pow(2).mean()
         return {"loss": masked + rest, "part": MaskedTerm(masked, masks)}, masked, rest
 
-    for parameter in trainable:
-        parameter.grad = None
-    backward(terms()[0], 2.0, trainable, delta)
-    actual = [parameter.grad.clone() for parameter in trainable]
+    return model, deltas, trainable, masks, terms
 
+
+def test_a_masked_term_reaches_only_the_deltas_times_its_mask_and_the_rest_only_the_lora_weights():
+    """backward(): D.grad = m ⊙ d(masked)/dD (= m ⊙ d(masked)/dW, D x being added to W x), and A, B get
+    the gradient of the rest of the loss alone."""
+    from pipeline.training.saliency import backward, lora_layers
+
+    model, deltas, trainable, masks, terms = masked_setup()
+    backward(terms()[0], 2.0, trainable, deltas)
+    actual = {id(parameter): parameter.grad.clone() for parameter in trainable}
     for parameter in trainable:
         parameter.grad = None
-    for layer in layers:
-        layer.base_layer.weight.requires_grad_(True)
+    weights = [layer.base_layer.weight for layer in lora_layers(model)]
+    for weight in weights:
+        weight.requires_grad_(True)
     _, masked, rest = terms()
-    weights = [layer.base_layer.weight for layer in layers]
-    delta_gradients = torch.autograd.grad(2.0 * masked, weights, retain_graph=True)  # dL/dΔW = dL/dW
-    (2.0 * rest).backward()
-    for layer in layers:
-        layer.base_layer.weight.requires_grad_(False)
-    expected = {id(p): p.grad.clone() for p in trainable}
-    for layer, gradient, mask in zip(layers, delta_gradients, masks, strict=True):
-        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        expected[id(b)] += 2.0 * (mask * gradient) @ a.detach().T
-        expected[id(a)] += 2.0 * b.detach().T @ (mask * gradient)
-    for parameter, gradient in zip(trainable, actual, strict=True):
-        torch.testing.assert_close(gradient, expected[id(parameter)])
-    delta.clear()
+    weight_gradients = torch.autograd.grad(2.0 * masked, weights, retain_graph=True)
+    lora = [parameter for parameter in trainable if not any(parameter is delta for delta in deltas)]
+    rest_gradients = torch.autograd.grad(2.0 * rest, lora)
+    for weight in weights:
+        weight.requires_grad_(False)
+    for delta, gradient, mask in zip(deltas, weight_gradients, masks, strict=True):
+        torch.testing.assert_close(actual[id(delta)], mask * gradient)
+    for parameter, gradient in zip(lora, rest_gradients, strict=True):
+        torch.testing.assert_close(actual[id(parameter)], gradient)
 
-    masks[:] = [torch.ones_like(mask) for mask in masks]
-    for parameter in trainable:
-        parameter.grad = None
-    backward(terms()[0], 2.0, trainable, delta)
-    with_ones = [parameter.grad.clone() for parameter in trainable]
-    for parameter in trainable:
-        parameter.grad = None
-    (2.0 * terms()[0]["loss"]).backward()
-    for gradient, parameter in zip(with_ones, trainable, strict=True):
-        torch.testing.assert_close(gradient, parameter.grad)
+
+def test_after_n_steps_the_masked_term_has_moved_nothing_outside_its_mask():
+    """Issue 30 defect 3: AdamW with weight decay for 5 steps on masked term + rest; the weight update the
+    masked term makes (the deltas) is exactly zero outside the mask and not inside it."""
+    from pipeline.training.saliency import backward
+
+    model, deltas, trainable, masks, terms = masked_setup(seed=2)
+    optimizer = torch.optim.AdamW(trainable, lr=0.05, weight_decay=0.1)
+    for _ in range(5):
+        backward(terms()[0], 1.0, trainable, deltas)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for delta, mask in zip(deltas, masks, strict=True):
+        assert torch.count_nonzero(delta.detach()[~mask]) == 0
+        assert torch.count_nonzero(delta.detach()[mask]) == int(mask.sum())
+
+
+def test_the_masked_deltas_are_in_the_forward_pass_only_while_their_adapter_is_on(tmp_path):
+    """W0 x + s B A x + D x with the adapter on; W0 x with it disabled; saved beside the PEFT files and loaded
+    with them, a delta of another shape refused naming the layer."""
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.models.masked_delta import MASKED_DELTA_FILE, load_masked_deltas, save_adapter
+    from pipeline.training.saliency import lora_layers
+
+    model, deltas, _, _, _ = masked_setup()
+    inputs = torch.stack([x for x, _ in LORA_SAMPLES])
+    before = model(inputs).detach()
+    with torch.no_grad():
+        for delta in deltas:
+            delta.normal_()
+    after = model(inputs).detach()
+    assert not torch.allclose(before, after)
+    with model.disable_adapter():
+        bare = model(inputs).detach()
+    first, second = (layer.base_layer for layer in lora_layers(model))
+    torch.testing.assert_close(bare, second(torch.tanh(first(inputs))).detach())
+    save_adapter(model, tmp_path / "adapter")
+    fresh = tiny_lora(init_b=True)
+    fresh.load_state_dict(model.state_dict(), strict=False)  # the LoRA weights; no deltas yet
+    assert load_masked_deltas(fresh, tmp_path / "adapter", "default")
+    torch.testing.assert_close(fresh(inputs).detach(), after)
+    saved = load_file(str(tmp_path / "adapter" / MASKED_DELTA_FILE))
+    name = next(iter(saved))
+    save_file({**saved, name: torch.zeros(2, 2)}, str(tmp_path / "adapter" / MASKED_DELTA_FILE))
+    with pytest.raises(ValueError, match=name):
+        load_masked_deltas(tiny_lora(init_b=True), tmp_path / "adapter", "default")
 
 
 def test_mmunlearner_is_ga_diff_with_its_forget_term_masked():

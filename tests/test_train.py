@@ -115,7 +115,10 @@ def config(model_dir: Path, out: Path, method: str, caches: dict[str, Path], **o
 
 
 def adapter_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "adapter_model.safetensors"))
+    """The PEFT weights and, where the method trains them, the masked deltas (MMUnlearner)."""
+    deltas = out / "masked_delta.safetensors"
+    extra = {f"delta:{k}": v for k, v in load_file(str(deltas)).items()} if deltas.is_file() else {}
+    return {**load_file(str(out / "adapter_model.safetensors")), **extra}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -264,33 +267,36 @@ def test_rmu_refuses_a_layer_the_model_cannot_give_before_training(tiny_model_di
     assert not (out / "train_log.json").exists()
 
 
-def test_mmunlearner_keeping_every_parameter_is_ga_diff_and_masking_all_is_not(
+def test_mmunlearner_trains_its_forget_update_in_masked_deltas_that_evaluation_loads(
     tiny_model_dir, caches, tmp_path
 ):
-    ga_diff = run(config(tiny_model_dir, tmp_path / "ga_diff", "ga_diff", caches, lora_dropout=0.0))
-    kept = run(
-        config(
-            tiny_model_dir, tmp_path / "all", "mmunlearner", caches, lora_dropout=0.0, args={"threshold": 0.0}
-        )
-    )
-    assert kept["steps"] == ga_diff["steps"]
-    expected, actual = adapter_weights(tmp_path / "ga_diff"), adapter_weights(tmp_path / "all")
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key])
-    # A threshold no ratio reaches masks the whole forget term: the adapter moves by the retain term only.
-    run(
-        config(
-            tiny_model_dir,
-            tmp_path / "none",
-            "mmunlearner",
-            caches,
-            lora_dropout=0.0,
-            args={"threshold": 1e30},
-        )
-    )
-    masked = adapter_weights(tmp_path / "none")
-    differs = [key for key in expected if "lora_B" in key and not torch.allclose(masked[key], expected[key])]
-    assert differs
+    """Threshold 0 keeps every entry: the forget term moves the deltas; a threshold no ratio reaches keeps
+    none: the deltas stay zero and only the retain term moves the LoRA weights. The saved deltas are part
+    of the model evaluation loads."""
+    from safetensors.torch import load_file
+
+    from pipeline.models import load_model
+    from pipeline.models.adapters import load_adapter
+    from pipeline.models.masked_delta import MASKED_DELTA_FILE
+
+    for name, threshold in (("all", 0.0), ("none", 1e30)):
+        run(config(tiny_model_dir, tmp_path / name, "mmunlearner", caches, lora_dropout=0.0,
+                   args={"threshold": threshold}))  # fmt: skip
+    kept = load_file(str(tmp_path / "all" / MASKED_DELTA_FILE))
+    masked = load_file(str(tmp_path / "none" / MASKED_DELTA_FILE))
+    assert kept.keys() == masked.keys() and kept
+    assert all(torch.count_nonzero(delta) > 0 for delta in kept.values())
+    assert all(torch.count_nonzero(delta) == 0 for delta in masked.values())
+    loaded = load_model(str(tiny_model_dir))
+    model = load_adapter(loaded, tmp_path / "all")
+    inputs = torch.arange(3, 9).unsqueeze(0)
+    with torch.no_grad():
+        with_deltas = model(input_ids=inputs).logits
+        for layer in model.modules():
+            if hasattr(layer, "masked_deltas"):
+                layer.masked_deltas["default"].zero_()
+        without = model(input_ids=inputs).logits
+    assert not torch.allclose(with_deltas, without)
 
 
 def test_epoch_e_reads_draw_e_of_a_cache_of_several_noise_draws(tiny_model, tiny_model_dir, tmp_path):
@@ -334,11 +340,15 @@ class Interrupt(Exception):
     pass
 
 
-def test_an_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir, caches, tmp_path):
-    """vgid streams both caches and pairs retain samples; LoRA dropout draws from the saved RNG."""
-    settings = dict(batch_size=1, epochs=2, checkpoint_every=2, lora_dropout=0.1)
+@pytest.mark.parametrize("method", ["vgid", "mmunlearner"])
+def test_an_interrupted_run_resumes_to_the_same_adapter(method, tiny_model_dir, caches, tmp_path):
+    """vgid streams both caches and pairs retain samples; LoRA dropout draws from the saved RNG;
+    mmunlearner's checkpoint holds its masked deltas and their optimizer state."""
+    settings = dict(
+        batch_size=1, epochs=2, checkpoint_every=2, lora_dropout=0.1, args=METHOD_ARGS.get(method, {})
+    )
     whole = tmp_path / "whole"
-    run(config(tiny_model_dir, whole, "vgid", caches, **settings))
+    run(config(tiny_model_dir, whole, method, caches, **settings))
 
     resumed = tmp_path / "resumed"
 
@@ -347,11 +357,11 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir, caches, 
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        run(config(tiny_model_dir, resumed, "vgid", caches, **settings), on_step=crash_after_step_3)
+        run(config(tiny_model_dir, resumed, method, caches, **settings), on_step=crash_after_step_3)
     assert [p.name for p in (resumed / "checkpoints").iterdir()] == ["step-00000002"]
     with pytest.raises(ValueError, match="other settings \\(lr\\)"):
-        run(config(tiny_model_dir, resumed, "vgid", caches, **{**settings, "lr": 1e-4}))
-    run(config(tiny_model_dir, resumed, "vgid", caches, **settings))
+        run(config(tiny_model_dir, resumed, method, caches, **{**settings, "lr": 1e-4}))
+    run(config(tiny_model_dir, resumed, method, caches, **settings))
 
     expected, actual = adapter_weights(whole), adapter_weights(resumed)
     assert expected.keys() == actual.keys()

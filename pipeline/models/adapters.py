@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.hashing import differing_parts
+from pipeline.models.masked_delta import drop_masked_deltas, load_masked_deltas
 
 
 class AdapterMismatchError(ValueError):
@@ -68,6 +69,7 @@ def load_adapter(loaded, adapter_dir: str | Path, trainable: bool = False):
     base_name = check_adapter(loaded, adapter_dir)
     with fitting(loaded, adapter_dir, base_name):
         model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), is_trainable=trainable)
+        load_masked_deltas(model, adapter_dir, model.active_adapter)
     return model if trainable else model.eval()
 
 
@@ -90,8 +92,10 @@ def switch_adapter(loaded, model, adapter_dir: str | Path, name: str):
     base_name = check_adapter(loaded, adapter_dir)
     with fitting(loaded, adapter_dir, base_name):
         if not isinstance(model, PeftModel):
-            return PeftModel.from_pretrained(loaded.model, str(adapter_dir), adapter_name=name).eval()
-        model.load_adapter(str(adapter_dir), adapter_name=name)
+            model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), adapter_name=name)
+        else:
+            model.load_adapter(str(adapter_dir), adapter_name=name)
+        load_masked_deltas(model, adapter_dir, name)
     model.set_adapter(name)
     return model.eval()
 
@@ -102,4 +106,5 @@ def replace_adapter(loaded, model, adapter_dir: str | Path, name: str):
     model = switch_adapter(loaded, model, adapter_dir, name)
     for other in [other for other in model.peft_config if other != name]:
         model.delete_adapter(other)
+    drop_masked_deltas(model, keep=name)
     return model

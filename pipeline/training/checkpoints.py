@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from pipeline.models.masked_delta import restore_masked_deltas, save_adapter
 from pipeline.training.processes import Processes
 
 CHECKPOINTS = "checkpoints"
@@ -70,7 +71,7 @@ def save_checkpoint(
         temporary / f"rank-{processes.rank:03d}.pt",
     )
     if processes.main:
-        peft_model.save_pretrained(temporary / "adapter")
+        save_adapter(peft_model, temporary / "adapter")
         torch.save(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
             temporary / "optimizer.pt",
@@ -121,6 +122,7 @@ def load_checkpoint(
         )
     weights = load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
     set_peft_model_state_dict(peft_model, weights)
+    restore_masked_deltas(peft_model, checkpoint / "adapter")
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])

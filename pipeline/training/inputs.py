@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from cache import concat_samples
+from pipeline.models.masked_delta import add_masked_deltas
 from pipeline.samples import QASample
 from pipeline.training.processes import Processes
 from pipeline.training.reference import reference_log_probs, reference_log_probs_from_cache
-from pipeline.training.saliency import DeltaGradients, gradient_saliency, lora_layers
+from pipeline.training.saliency import gradient_saliency, lora_layers
 from pipeline.training.streams import Cache, check_answer_tokens
 from pipeline.unlearning.losses import AnswerPredictions, choose_refusal, load_refusals
 from pipeline.unlearning.methods import Method
@@ -76,6 +77,9 @@ class Provider:
 
     def setup(self, setup: Setup, config: Any) -> None:
         """Once, before LoRA is added: what the inputs are computed from."""
+
+    def adapt(self, peft_model: Any) -> None:
+        """Add to the model what this input trains beside LoRA, before the optimizer is built."""
 
     def start(self, teacher_forced: Callable[[Pairs, Any], AnswerPredictions], step: Any) -> None:
         """Once, after LoRA is added and before the first step."""
@@ -211,11 +215,14 @@ class Retain(Provider):
 @provides("gradient_saliency")
 class Saliency(Provider):
     """MMUnlearner's per-weight saliency of D_f and D_r over the weights of the layers LoRA adapts, at the
-    frozen model before the first step, the same on every rank; and the recorder the masked term's
-    backward pass reads (pipeline.training.saliency)."""
+    frozen model before the first step, the same on every rank; and the masked deltas its forget term
+    trains (pipeline.models.masked_delta), added before the optimizer is built."""
 
     def setup(self, setup: Setup, config: Any) -> None:
         self.setup_, self.batch_size = setup, config.batch_size
+
+    def adapt(self, peft_model: Any) -> None:
+        self.deltas = add_masked_deltas(peft_model, peft_model.active_adapter)
 
     def start(self, teacher_forced: Callable[[Pairs, Any], AnswerPredictions], step: Any) -> None:
         layers = lora_layers(step.peft_model)
@@ -226,7 +233,6 @@ class Saliency(Provider):
             [layer.base_layer.weight for layer in layers], self.setup_.processes,
         )  # fmt: skip
         step.peft_model.train()
-        self.delta = DeltaGradients(layers)
 
     def add(self, inputs: dict[str, Any], batch: Batch) -> None:
         inputs["gradient_saliency"] = self.saliency
