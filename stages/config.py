@@ -264,6 +264,12 @@ class EvaluateConfig(ModelOptions, DataOptions):
     few_shot_questions: int | None = param(
         None, "At most this many exemplar questions, 0 = all (none: the protocol's).", low=0
     )
+    max_exemplar_images: int | None = param(
+        None,
+        "At most this many exemplar images per prompt, the first ones (none: the protocol's; official: 4, "
+        "so its prompts fit LLaVA-1.5's 4,096 positions).",
+        low=0,
+    )
     instruction: str | None = param(None, "In-context unlearning prefix for every question (ICU).")
     splits: tuple[str, ...] = param(
         (), "Comma list of split roles (none: the layout's, e.g. forget,test,retain,real for MLLMU-Bench)."

@@ -39,6 +39,7 @@ from pipeline.evaluation.generation_journal import GenerationJournals, reply_inp
 from pipeline.evaluation.membership import membership_aucs, scored_answers
 from pipeline.evaluation.metrics import build_coherence_scorer
 from pipeline.evaluation.outputs import finished_metrics, write_outputs, write_token_probs
+from pipeline.evaluation.prompt_length import check_prompt_lengths
 from pipeline.evaluation.protocols import PROTOCOLS, REVERSE_PROMPT, EvalProtocol
 from pipeline.evaluation.questions import ImageCache, Question, QuestionOptions, build_questions
 from pipeline.evaluation.relearning import heldout_people
@@ -98,6 +99,10 @@ def run(config: EvaluateConfig, base: SharedBase | None = None) -> dict[str, Any
     shared = base or SharedBase()
     loaded, model = shared.model_for(config.model, config.loading(), config.adapter)
     asked = ask(config, inputs, protocol, loaded.family)
+    # every prompt fits the model's context before anything is asked or written
+    longest = check_prompt_lengths(
+        loaded, asked.questions + asked.relearned, config.max_new_tokens, config.mc_scoring
+    )
     check_option_tokenization(loaded, asked.questions + asked.relearned, config.mc_scoring)
     journals = generation_journals(config, inputs, loaded)
     if config.shard_index is not None:
@@ -127,6 +132,7 @@ def run(config: EvaluateConfig, base: SharedBase | None = None) -> dict[str, Any
     }
     meta = run_meta(config, inputs, loaded, protocol.name, scorer_name, asked.plan, counts)
     meta.update(seconds=round(time.time() - started, 1), resume_key=journal.key)
+    meta["longest_prompt"] = asdict(longest) if longest is not None else None
     write_outputs(Path(config.out), metrics, meta, questions, tokens)
     journal.remove()
     for name in ("generation", "relearned"):
@@ -244,7 +250,7 @@ def ask(config: EvaluateConfig, inputs: Inputs, protocol: EvalProtocol, family) 
     plan = few_shot_plan(
         protocol, family.name, inputs.data, inputs.items, inputs.names,
         mc_profiles=config.mc_few_shot_profiles, cloze_profiles=config.cloze_few_shot_profiles,
-        questions=config.few_shot_questions, seed=config.seed,
+        questions=config.few_shot_questions, seed=config.seed, images=config.max_exemplar_images,
     )  # fmt: skip
     options = QuestionOptions(protocol, family, config.limit, config.instruction, config.mc_scoring)
     images = ImageCache()
@@ -348,5 +354,6 @@ def run_meta(
         "few_shot_profiles": plan.profiles,
         "few_shot_ids": plan.ids,
         "few_shot_questions": plan.questions,
+        "max_exemplar_images": plan.images,
         "counts": counts,
     }

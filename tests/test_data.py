@@ -21,6 +21,7 @@ from pipeline.benchmarks.mllmu import (
     load_eval_items,
     load_split_rows,
     load_unlearning_samples,
+    split_eval_items,
 )
 from pipeline.benchmarks.rows import SPLIT_FILE
 from pipeline.mini_world.world import build_world, write_world
@@ -144,7 +145,8 @@ def test_official_schema_fixture_loads(tmp_path):
     bench = FIXTURES / "mllmu_bench"
     forget = load_eval_items(bench, "forget_5")
     assert forget.person_ids() == ["001"]
-    assert [item.person_name for item in forget.all()] == [""] * len(forget)  # no biography in real rows
+    # the hub's biography is a JSON string: the name REC looks for comes from it
+    assert {item.person_name for item in forget.all()} == {"Mara Holt"}
     assert [item.ground_truth for item in forget.cloze] == ["Tallinn", "baker"]
     test = load_eval_items(bench, "test_5")
     assert test.person_ids() == ["001"] and test.classification[0].question.startswith("In which city")
@@ -197,3 +199,22 @@ def test_local_format(tmp_path):
     with pytest.raises(DataError) as error:
         load_local_samples(bad)
     assert str(bad) in str(error.value) and "line 1" in str(error.value) and "'answer'" in str(error.value)
+
+
+def test_biography_is_read_from_a_json_string_or_a_struct_and_refused_otherwise(tmp_path):
+    """The hub's `biography` is a JSON string, the mini world's a struct: both name the person; anything
+    else fails naming the file and the row."""
+    table = pq.read_table(FIXTURES / "mllmu_bench" / "forget_5" / SPLIT_FILE)
+    rows = table.to_pylist()
+    as_struct = [{**row, "biography": json.loads(row["biography"])} for row in rows]
+    assert {item.person_name for item in split_eval_items(as_struct, "forget_5").all()} == {"Mara Holt"}
+    for bad, message in (("not json", "is not JSON"), ("[1, 2]", "is a list")):
+        folder = tmp_path / bad.replace(" ", "_").strip("[]").replace(",", "") / "forget_5"
+        folder.mkdir(parents=True)
+        pq.write_table(
+            table.set_column(table.schema.get_field_index("biography"), "biography", pa.array([bad])),
+            folder / SPLIT_FILE,
+        )
+        with pytest.raises(DataError, match=message) as error:
+            load_eval_items(folder.parent, "forget_5")
+        assert str(folder / SPLIT_FILE) in str(error.value) and "ID='001'" in str(error.value)

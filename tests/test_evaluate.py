@@ -61,7 +61,8 @@ def test_metrics_json_has_every_split_and_fraction(fixed_run):
         "mc_scoring": "generate",
     }
     for split in SPLITS:
-        assert set(metrics[split]) == IMAGE_METRICS | TEXT_METRICS, split  # the fixture names nobody: no rec
+        # REC: the image generation question asks for the name, which the biography (a JSON string) gives
+        assert set(metrics[split]) == IMAGE_METRICS | TEXT_METRICS | {"rec"}, split
         for name, value in metrics[split].items():
             assert 0.0 <= value <= 1.0, (split, name, value)
 
@@ -309,7 +310,8 @@ def test_scoring_and_aggregation():
     assert questions[2].scores["rougeL"] == pytest.approx(1.0) and questions[2].scores[
         "bleu"
     ] == pytest.approx(1.0)
-    assert sum(counts.values()) == 5  # mc, cloze, rougeL, bleu and coherence of one answer each
+    # mc, cloze, rougeL, bleu, coherence and REC (the answer names the person the question asks for)
+    assert metrics["rec"] == 1.0 and sum(counts.values()) == 6
 
 
 def test_rec_counts_named_answers_to_name_questions():

@@ -52,6 +52,15 @@ def test_every_shipped_experiment_resolves_without_downloading(name, tmp_path):
     assert default_map["evaluate"]["limit"] is None  # a real experiment scores every person
 
 
+@pytest.mark.parametrize("name", [name for name in experiment_names(REPO) if name != "mini"])
+def test_real_experiments_score_multiple_choice_as_the_benchmarks_eval_does(name):
+    """The mini world scores multiple choice by likelihood (its model learned option answers); a real
+    experiment must not inherit that: MLLMU-Bench's eval.py asks with options, the letter instruction and
+    exemplars, and reads the generated letter, which is what the published tables are."""
+    evaluate = experiment_values(REPO, name)["evaluate"]
+    assert evaluate["mc_scoring"] == "generate", (name, evaluate["protocol"])
+
+
 def test_overlays_merge_section_by_section_and_replace_methods_whole():
     base = {"train": {"lr": 1.0, "epochs": 2}, "methods": {"ga": {"loss": "ga"}, "npo": {"loss": "npo"}}}
     overlay = {"train": {"lr": 0.5}, "methods": {"viker": {"loss": "viker"}}}

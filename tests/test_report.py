@@ -28,7 +28,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVERY_MEASURE = ("mc_acc", "cloze_acc", "rougeL", "bleu", "coherence", "rec")
 
 
-def write_run(root: Path, name: str, forget_mc: float, retain_rouge: float, protocol: str = "fixed") -> None:
+def write_run(
+    root: Path,
+    name: str,
+    forget_mc: float,
+    retain_rouge: float,
+    protocol: str = "fixed",
+    mc_scoring: str | None = "generate",
+) -> None:
     directory = root / name
     directory.mkdir(parents=True)
     metrics = {
@@ -37,8 +44,10 @@ def write_run(root: Path, name: str, forget_mc: float, retain_rouge: float, prot
         "retain": {"mc_acc": 0.95, "rougeL": retain_rouge, "coherence": 0.92},
         "real": {"rougeL": 0.5},
         "forget_reverse": {"mc_acc": forget_mc + 0.1},
-        "meta": {"protocol": protocol, "coherence_scorer": "ngram-fluency"},
+        "meta": {"protocol": protocol, "coherence_scorer": "ngram-fluency", "mc_scoring": mc_scoring},
     }
+    if mc_scoring is None:  # a run from before metrics.json recorded it
+        del metrics["meta"]["mc_scoring"]
     (directory / "metrics.json").write_text(json.dumps(metrics))
 
 
@@ -155,6 +164,18 @@ def test_clear_runs_get_viker_table_2_and_no_mllmu_findings(tmp_path):
 def test_report_warns_when_runs_were_scored_differently(runs_dir):
     write_run(runs_dir, "npo", 0.3, 0.6, protocol="official")
     assert "do not compare" in report_markdown(load_runs(runs_dir))
+
+
+def test_the_header_names_the_multiple_choice_scoring_the_runs_recorded(tmp_path):
+    root = tmp_path / "results"
+    for name in ("full", "ga"):
+        write_run(root, name, 0.5, 0.5, protocol="official", mc_scoring="likelihood")
+    text = report_markdown(load_runs(root))
+    assert "Evaluation protocol: official. Multiple choice scored by: likelihood " in text
+    assert "do not compare" not in text
+    write_run(root, "npo", 0.3, 0.6, protocol="official", mc_scoring=None)
+    text = report_markdown(load_runs(root))
+    assert "Multiple choice scored by: likelihood, not recorded " in text and "do not compare" in text
 
 
 def test_bad_runs_folder_is_named(tmp_path):

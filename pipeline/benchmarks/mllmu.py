@@ -140,10 +140,25 @@ def row_image(row: dict) -> tuple[bytes, str]:
 
 
 def _person_name(row: dict) -> str:
+    """The person's name from the row's `biography`: on the hub a JSON string ('{"Name": ..., "Born": ...}'),
+    in the mini world's files a struct; no biography: no name (REC is then not scored)."""
     biography = row.get("biography")
-    if isinstance(biography, dict):
-        return biography.get("Name") or ""
-    return ""
+    if biography is None:
+        return ""
+    if isinstance(biography, str):
+        try:
+            biography = json.loads(biography)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{row_where(row)} field 'biography' is not JSON: {error}") from error
+    if not isinstance(biography, dict):
+        raise DataError(
+            f"{row_where(row)} field 'biography' is a {type(biography).__name__}, expected a JSON object "
+            "(or a struct) with a 'Name'"
+        )
+    name = biography.get("Name") or ""
+    if not isinstance(name, str):
+        raise DataError(f"{row_where(row)} field 'biography' has a Name that is not text: {name!r}")
+    return name
 
 
 def split_rows(data_dir: str | Path, split: str) -> list[dict]:

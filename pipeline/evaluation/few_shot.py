@@ -20,6 +20,7 @@ class Exemplars:
     pool: EvalItems | None = None  # none: asked zero-shot
     questions: int | None = None  # at most this many exemplar questions (a seeded choice); none: all
     seed: int = 0
+    images: int | None = None  # at most this many exemplar images per prompt (the first ones); none: all
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,10 @@ class FewShotPlan:
     pool: EvalItems | None
     ids: dict[str, dict[str, list[str]]]  # role -> task -> exemplar person ids
     seed: int
+    images: int | None = None  # at most this many exemplar images per prompt; none: all
 
     def exemplars(self, role: str) -> Exemplars:
-        return Exemplars(self.ids[role], self.pool, self.questions, self.seed)
+        return Exemplars(self.ids[role], self.pool, self.questions, self.seed, self.images)
 
 
 def exemplar_pool(data: Layout, names: dict[str, str]) -> EvalItems:
@@ -62,15 +64,17 @@ def few_shot_plan(
     cloze_profiles: int | None,
     questions: int | None,
     seed: int,
+    images: int | None = None,
 ) -> FewShotPlan:
-    """The exemplars of each role of `items` (role -> its items, in evaluation order). Profile counts and
-    `questions` (0: all) override the protocol's where given."""
+    """The exemplars of each role of `items` (role -> its items, in evaluation order). Profile counts,
+    `questions` (0: all) and `images` (exemplar images per prompt) override the protocol's where given."""
     chosen = {"classification": mc_profiles, "cloze": cloze_profiles}
     counts = {
         task: count if count is not None else protocol.few_shot_profiles(family_name, task)
         for task, count in chosen.items()
     }
     questions = (questions or None) if questions is not None else protocol.few_shot_questions
+    images = images if images is not None else protocol.max_exemplar_images
     if not data.has_exemplars:  # CLEAR and local files: no exemplar profiles, asked zero-shot
         counts = dict.fromkeys(counts, 0)
     pool = None
@@ -88,4 +92,4 @@ def few_shot_plan(
             few_shot[role][task] = (
                 protocol.few_shot_ids(ids, drawn, seed, names[role], task) if drawn > 0 else []
             )
-    return FewShotPlan(counts, questions, pool, few_shot, seed)
+    return FewShotPlan(counts, questions, pool, few_shot, seed, images)

@@ -26,6 +26,7 @@ class EvalProtocol:
 
     name = "base"
     few_shot_questions: int | None = None
+    max_exemplar_images: int | None = None  # at most this many exemplar images per prompt; none: no cap
 
     def few_shot_profiles(self, family_name: str, task: str) -> int:
         """Exemplar profiles for a task (classification or cloze)."""
@@ -54,6 +55,11 @@ class OfficialProtocol(EvalProtocol):
 
     name = "official"
     few_shot_questions = None  # every question of the exemplar profiles
+    # eval.py takes every image question of its 2 cloze exemplar profiles: 6 exemplar images make a
+    # 4,361-token LLaVA prompt, past LLaVA-1.5's 4,096 positions (pipeline/evaluation/prompt_length.py).
+    # 4 images (3,115 tokens) leave room for the longer multiple-choice exemplars and 50 generated tokens;
+    # the images past the 4th are dropped with their questions (docs/evaluation.md, "The two protocols").
+    max_exemplar_images = 4
 
     def few_shot_profiles(self, family_name: str, task: str) -> int:
         # eval.py at 5762ad6 (its head): random.sample(ids, 1) for multiple choice; for cloze 2 with LLaVA,

@@ -100,7 +100,8 @@ def build_questions(
 
 
 def exemplar_questions(exemplars: Exemplars, split: str, task: str, modality: str) -> list[EvalItem]:
-    """The exemplar profiles' questions of one task and modality, at most `exemplars.questions` of them."""
+    """The exemplar profiles' questions of one task and modality, at most `exemplars.questions` of them,
+    and of image questions at most `exemplars.images` (the prompt's context bounds its images)."""
     pool = exemplars.pool.classification if task == "classification" else exemplars.pool.cloze
     shots = exemplars.ids.get(task, [])
     chosen = [e for e in pool if e.person_id in shots and e.modality == modality]
@@ -108,6 +109,8 @@ def exemplar_questions(exemplars: Exemplars, split: str, task: str, modality: st
         rng = random.Random(f"{exemplars.seed}/{split}/{task}/{modality}")
         kept = set(rng.sample(range(len(chosen)), exemplars.questions))
         chosen = [e for index, e in enumerate(chosen) if index in kept]
+    if exemplars.images is not None and modality == "image_textual":
+        chosen = chosen[: exemplars.images]  # each image exemplar carries one image: keep the first ones
     return chosen
 
 

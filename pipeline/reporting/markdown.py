@@ -50,7 +50,8 @@ def report_markdown(runs: Sequence[Run], figures: Sequence[str] = (), draws: int
 def _header(runs: Sequence[Run], methods: Sequence[str], resamples: PeopleAndSeeds | None) -> list[str]:
     protocols = sorted({str(run.metrics.get("meta", {}).get("protocol", "?")) for run in runs})
     scorers = sorted({str(run.metrics.get("meta", {}).get("coherence_scorer", "?")) for run in runs})
-    mc_scorings = sorted({str(run.metrics.get("meta", {}).get("mc_scoring", "generate")) for run in runs})
+    # as each run's metrics.json recorded it: a run that did not record it is not guessed at
+    mc_scorings = sorted({str(run.metrics.get("meta", {}).get("mc_scoring", "not recorded")) for run in runs})
     seeds = {method: sum(1 for run in runs if run.method == method) for method in methods}
     spread = (
         "[95% interval over the people and the seeds]"
