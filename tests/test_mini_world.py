@@ -20,7 +20,7 @@ from pipeline.mini_world.people import ATTRIBUTE_VOCABULARY
 from pipeline.mini_world.world import build_world, forget_size, write_world
 
 FIXTURES = Path(__file__).parent / "fixtures"
-OFFICIAL_FIELDS = ("ID", "image", "Classification_Task", "Mask_Task", "Generation_Task")
+OFFICIAL_FIELDS = ("ID", "image", "biography", "Classification_Task", "Mask_Task", "Generation_Task")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_schema_matches_the_official_field_types(written):
         for name in OFFICIAL_FIELDS:
             assert ours.field(name).type == official.field(name).type, (folder, name)
     ours_test = pq.read_schema(data_dir / "Test_Set" / SPLIT_FILE)
-    for name in ("ID", "images", "Classification_Task", "Mask_Task", "Generation_Task"):
+    for name in ("ID", "images", "biography", "Classification_Task", "Mask_Task", "Generation_Task"):
         assert ours_test.field(name).type == official_test.field(name).type, name
     assert "image" not in ours_test.names
 

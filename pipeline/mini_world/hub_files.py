@@ -26,22 +26,11 @@ CLASSIFICATION_TYPE = pa.struct(
     [("Image_Textual_Questions", pa.list_(MC_TYPE)), ("Pure_Text_Questions", pa.list_(MC_TYPE))]
 )
 TYPED_ITEM_TYPE = pa.struct([("Type", pa.string()), ("Question", pa.string()), ("Ground_Truth", pa.string())])
-BIOGRAPHY_TYPE = pa.struct(
-    [
-        ("Name", pa.string()),
-        ("Born", pa.string()),
-        ("Birth_Year", pa.string()),
-        ("Employment", pa.string()),
-        ("Education", pa.string()),
-        ("Hobby", pa.string()),
-        ("Favorite_Color", pa.string()),
-    ]
-)
 PERSON_SCHEMA = pa.schema(
     [
         ("ID", pa.string()),
         ("image", IMAGE_TYPE),
-        ("biography", BIOGRAPHY_TYPE),
+        ("biography", pa.string()),  # a JSON object as text, as on the hub
         ("Classification_Task", CLASSIFICATION_TYPE),
         ("Mask_Task", pa.list_(TYPED_ITEM_TYPE)),
         ("Generation_Task", pa.list_(TYPED_ITEM_TYPE)),
@@ -52,7 +41,7 @@ TEST_SCHEMA = pa.schema(
     [
         ("ID", pa.string()),
         ("images", pa.list_(IMAGE_TYPE)),
-        ("biography", BIOGRAPHY_TYPE),
+        ("biography", pa.string()),  # a JSON object as text, as on the hub
         ("Classification_Task", CLASSIFICATION_TYPE),
         ("Mask_Task", pa.list_(TYPED_ITEM_TYPE)),
         ("Generation_Task", pa.list_(TYPED_ITEM_TYPE)),
@@ -64,7 +53,7 @@ _VALUE = {"dtype": "string", "_type": "Value"}
 _MC_FEATURE = {"Question": _VALUE, "Options": {k: _VALUE for k in "ABCD"}, "Correct_Answer": _VALUE}
 _TYPED_FEATURE = {"Type": _VALUE, "Question": _VALUE, "Ground_Truth": _VALUE}
 _COMMON_FEATURES = {
-    "biography": {key: _VALUE for key in BIOGRAPHY_TYPE.names},
+    "biography": _VALUE,
     "Classification_Task": {"Image_Textual_Questions": [_MC_FEATURE], "Pure_Text_Questions": [_MC_FEATURE]},
     "Mask_Task": [_TYPED_FEATURE],
     "Generation_Task": [_TYPED_FEATURE],
@@ -73,16 +62,19 @@ PERSON_FEATURES = {"ID": _VALUE, "image": {"_type": "Image"}, **_COMMON_FEATURES
 TEST_FEATURES = {"ID": _VALUE, "images": [{"_type": "Image"}], **_COMMON_FEATURES}
 
 
-def _biography(profile: Profile) -> dict:
-    return {
-        "Name": profile.name,
-        "Born": profile.birthplace,
-        "Birth_Year": profile.birth_year,
-        "Employment": profile.occupation,
-        "Education": profile.education,
-        "Hobby": profile.hobby,
-        "Favorite_Color": profile.favourite_colour,
-    }
+def _biography(profile: Profile) -> str:
+    return json.dumps(
+        {
+            "Name": profile.name,
+            "Born": profile.birthplace,
+            "Birth_Year": profile.birth_year,
+            "Employment": profile.occupation,
+            "Education": profile.education,
+            "Hobby": profile.hobby,
+            "Favorite_Color": profile.favourite_colour,
+        },
+        ensure_ascii=False,
+    )
 
 
 def person_row(person: Person) -> dict:

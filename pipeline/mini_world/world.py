@@ -411,7 +411,7 @@ rows of the current forget set's ids, as the official `eval.py` does.
   `Correct_Answer` (a letter)}}]}},
 - `Mask_Task` [{{`Type` ("Image_Textual" | "Pure_Text"), `Question` (blank written `__`), `Ground_Truth`}}],
 - `Generation_Task` [{{`Type`, `Question`, `Ground_Truth`}}],
-- extras the loaders do not need on real data: `biography` (the profile) and `metadata` (JSON list of
+- `biography` (the profile as a JSON object in a string, as on the hub; REC reads its `Name`) and `metadata` (JSON list of
   {{`Question`, `Answer`}}, the fine-tuning pairs, as in the official `ft_Data` / `baseline_train_split` rows).
 
 Image questions say "this person"; pure-text questions name the person. Examples for {person.profile.name}:
