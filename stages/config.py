@@ -38,6 +38,11 @@ class ModelOptions:
         None,
         "The family's prompt format: llava | mllmu-bench (LLaVA), chat (Qwen); none: the family's first.",
     )
+    processor_from: str | None = param(
+        None,
+        "Folder or hub id whose tokenizer and processor go with --model's weights, for a checkpoint saved "
+        "without them (MLLMU-Bench's fine-tuned LLaVA: llava-hf/llava-1.5-7b-hf's); none: --model's own.",
+    )
 
     def loading(self) -> dict[str, Any]:
         """pipeline.models.load_model's keyword arguments."""
@@ -48,6 +53,7 @@ class ModelOptions:
             "trust_remote_code": self.trust_remote_code,
             "close_answers": self.close_answers,
             "prompt_template": self.prompt_template,
+            "processor_from": self.processor_from,
         }
 
 
