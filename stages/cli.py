@@ -23,6 +23,7 @@ from stages.config import (
     SECTIONS,
     SHARED_SECTIONS,
     EvaluateConfig,
+    FinetuneConfig,
     PrecomputeConfig,
     PrepareConfig,
     RelearnConfig,
@@ -34,7 +35,7 @@ offline_by_default()
 
 # params.yaml's keys beside the command sections: the training seeds DVC runs, the teachers and methods,
 # and the name of the experiment the values came from (pipeline experiment use).
-OTHER_KEYS = ("seeds", "teachers", "methods", "experiment")
+OTHER_KEYS = ("seeds", "teachers", "methods", "experiment", "finetunes")
 
 
 def load_sections(params_file: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -155,6 +156,17 @@ def prepare_mini_command(context: click.Context, **values) -> None:
 
     figures = running(context, lambda: run(build(PrepareConfig, values), click.echo))
     click.echo(json.dumps(figures, indent=2))
+
+
+@main.command("finetune")
+@options(FinetuneConfig)
+@click.pass_context
+def finetune_command(context: click.Context, **values) -> None:
+    """Fine-tune --origin on every person of the benchmark (MLLMU-Bench's finetune.py) into the full model."""
+    from stages.finetune import run
+
+    config = running(context, build, FinetuneConfig, values)
+    click.echo(json.dumps(running(context, run, config)["splits"]))
 
 
 @main.command("precompute")
