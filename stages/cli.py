@@ -253,10 +253,13 @@ def project_root() -> Path:
 def check_params(path) -> None:
     """A params file every command accepts: its sections fit the schema, every teacher entry its teacher's
     arguments, every method its loss and names teacher entries the file holds."""
+    from pipeline.experiments import full_model_learned
     from pipeline.unlearning.methods import resolve_method
     from pipeline.unlearning.teachers import resolve_teacher
 
     _, params = load_sections(str(path))
+    if params.get("experiment"):  # an experiment's file: its full model learned the people it unlearns
+        full_model_learned(params)
     teachers, where = params["teachers"], params["_where"]
     for name in teachers:
         resolve_teacher(name, teachers, where=where)
