@@ -112,6 +112,10 @@ def test_the_finetune_stage_makes_the_full_model_every_later_stage_loads(project
     assert "finetune@full" in _dvc("dag", "precompute@viker-0", cwd=project).stdout
     assert "finetune@full" in _dvc("dag", "train@ga", cwd=project).stdout
     assert "evaluate-origin@full" in _dvc("dag", "report", cwd=project).stdout
+    output = _dvc("repro", "evaluate-origin@full", cwd=project).stdout
+    assert "Running stage 'finetune@full'" not in output  # the origin's evaluation needs no fine-tune
+    metrics = json.loads((project / "results/runs/origin/metrics.json").read_text())
+    assert 0.0 <= metrics["forget"]["rougeL"] <= 1.0
     _run([sys.executable, "-m", "stages", "experiment", "use", "tiny-qwen2vl-clear"], project)
     assert "finetune@" not in _dvc("stage", "list", cwd=project).stdout  # its full model is declared
 
