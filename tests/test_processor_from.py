@@ -61,3 +61,15 @@ def test_processor_from_the_base_model_counts_one_token_per_feature(
     tokens = list(encoded["input_ids"][0]).count(loaded.model.config.image_token_index)
     assert tokens == (size // vision.patch_size) ** 2  # the "default" strategy drops CLS
     assert loaded.model_fingerprint == load_model(str(tiny_model_dir)).model_fingerprint
+
+
+def test_a_processor_config_counting_one_token_short_is_refused_with_both_counts(tiny_model_dir, tmp_path):
+    """num_additional_image_tokens 0 where the CLS feature is dropped: LLaVA-1.5-7B's 575 tokens against
+    576 features, here 15 against 16."""
+    model_dir = tmp_path / "vanilla"
+    saved_by_another_saver(tiny_model_dir, model_dir, drop_processor_files=False)
+    path = model_dir / "processor_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "patch_size": 8, "num_additional_image_tokens": 0}))
+    with pytest.raises(ValueError, match="gives 15 image tokens per image, the vision tower 16 features"):
+        load_model(str(model_dir))

@@ -30,7 +30,7 @@ class LlavaFamily(ModelFamily):
     base_model_hint = "llava-hf/llava-1.5-7b-hf"
     # transformers 5's LlavaProcessor counts an image's tokens from these processor_config.json fields;
     # without them it raises a TypeError, or counts one token fewer than the vision tower's features.
-    PROCESSOR_FIELDS = ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy")
+    PROCESSOR_FIELDS = ("patch_size", "num_additional_image_tokens")  # the rest: the count check below
 
     def check_processor(self, processor: Any, config: Any, processor_dir: str, embedding_rows: int) -> None:
         """Also: processor_config.json names the fields the image-token count is computed from, and the
