@@ -12,6 +12,7 @@ saved with its tokenizer and processor, so it loads like any hub checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from dataclasses import fields
@@ -84,6 +85,8 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
     partial = out.with_name(out.name + ".partial")
     adapter_dir = partial / ADAPTER
     training = train.run(train_config(config, adapter_dir), resolve_method("finetune", {}))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the first process merges and saves
+        return {"origin": config.origin, "splits": learned_splits(config), "training": training}
     print(f"finetune: merging {adapter_dir} into {config.origin}", file=sys.stderr)
     save_merged(config, adapter_dir, partial)
     meta = {"origin": config.origin, "splits": learned_splits(config), "training": training}
