@@ -22,7 +22,9 @@ import yaml
 
 BASE = "mini"
 FOLDER = "experiments"
-REPLACED_WHOLE = ("methods", "sources")  # mappings an overlay replaces instead of merging into
+# mappings an overlay replaces instead of merging into
+REPLACED_WHOLE = ("methods", "sources", "finetunes", "fine_tuned")
+FINETUNED = "work/finetuned"  # where dvc.yaml's finetune@<entry> writes the full model: FINETUNED/<entry>
 
 
 class ExperimentError(ValueError):
@@ -126,6 +128,39 @@ def select(root: Path, name: str, params_path: Path, check: Callable[[Path], Non
         raise
     aside.replace(params_path)
     return text
+
+
+def full_model_learned(values: dict[str, Any]) -> str:
+    """How the experiment's full model (model.model) learned the people it unlearns: made by the finetune
+    stage (its `finetunes` entry, written to work/finetuned/<entry>), or a checkpoint its `experiment.
+    fine_tuned` declares fine-tuned on the benchmark (path -> by whom, on what). Anything else unlearns a
+    model that never saw the people, which is refused naming the two ways out."""
+    model = str((values.get("model") or {}).get("model"))
+    finetunes = values.get("finetunes") or {}
+    name = (values.get("experiment") or {}).get("name", "?")
+    if len(finetunes) > 1:
+        raise ExperimentError(
+            f"experiment {name}: `finetunes` holds {len(finetunes)} entries; one full model"
+        )
+    for entry, settings in finetunes.items():
+        if model != f"{FINETUNED}/{entry}":
+            raise ExperimentError(
+                f"experiment {name}: finetunes.{entry} writes {FINETUNED}/{entry}, but model.model is {model}"
+            )
+        if not (values.get("data") or {}).get("train_data"):
+            raise ExperimentError(
+                f"experiment {name}: finetunes.{entry} needs data.train_data, the rows it learns"
+            )
+        return f"{FINETUNED}/{entry}: the finetune stage from {(settings or {}).get('origin')}"
+    declared = (values.get("experiment") or {}).get("fine_tuned") or {}
+    if model in declared:
+        return f"{model}: {declared[model]}"
+    raise ExperimentError(
+        f"experiment {name}: its full model {model} is neither made by the finetune stage (a `finetunes` "
+        f"entry, model.model {FINETUNED}/<entry>) nor declared fine-tuned on the benchmark "
+        f"(experiment.fine_tuned: {{{model}: by whom, on what}}): unlearning a model that never saw the "
+        "people measures nothing"
+    )
 
 
 def sources(values: dict[str, Any]) -> dict[str, dict[str, str]]:

@@ -23,6 +23,7 @@ from stages.config import (
     SECTIONS,
     SHARED_SECTIONS,
     EvaluateConfig,
+    FinetuneConfig,
     PrecomputeConfig,
     PrepareConfig,
     RelearnConfig,
@@ -34,7 +35,7 @@ offline_by_default()
 
 # params.yaml's keys beside the command sections: the training seeds DVC runs, the teachers and methods,
 # and the name of the experiment the values came from (pipeline experiment use).
-OTHER_KEYS = ("seeds", "teachers", "methods", "experiment")
+OTHER_KEYS = ("seeds", "teachers", "methods", "experiment", "finetunes")
 
 
 def load_sections(params_file: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -157,6 +158,17 @@ def prepare_mini_command(context: click.Context, **values) -> None:
     click.echo(json.dumps(figures, indent=2))
 
 
+@main.command("finetune")
+@options(FinetuneConfig)
+@click.pass_context
+def finetune_command(context: click.Context, **values) -> None:
+    """Fine-tune --origin on every person of the benchmark (MLLMU-Bench's finetune.py) into the full model."""
+    from stages.finetune import run
+
+    config = running(context, build, FinetuneConfig, values)
+    click.echo(json.dumps(running(context, run, config)["splits"]))
+
+
 @main.command("precompute")
 @options(PrecomputeConfig)
 @click.pass_context
@@ -241,10 +253,13 @@ def project_root() -> Path:
 def check_params(path) -> None:
     """A params file every command accepts: its sections fit the schema, every teacher entry its teacher's
     arguments, every method its loss and names teacher entries the file holds."""
+    from pipeline.experiments import full_model_learned
     from pipeline.unlearning.methods import resolve_method
     from pipeline.unlearning.teachers import resolve_teacher
 
     _, params = load_sections(str(path))
+    if params.get("experiment"):  # an experiment's file: its full model learned the people it unlearns
+        full_model_learned(params)
     teachers, where = params["teachers"], params["_where"]
     for name in teachers:
         resolve_teacher(name, teachers, where=where)

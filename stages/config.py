@@ -38,6 +38,11 @@ class ModelOptions:
         None,
         "The family's prompt format: llava | mllmu-bench (LLaVA), chat (Qwen); none: the family's first.",
     )
+    processor_from: str | None = param(
+        None,
+        "Folder or hub id whose tokenizer and processor go with --model's weights, for a checkpoint saved "
+        "without them (MLLMU-Bench's fine-tuned LLaVA: llava-hf/llava-1.5-7b-hf's); none: --model's own.",
+    )
 
     def loading(self) -> dict[str, Any]:
         """pipeline.models.load_model's keyword arguments."""
@@ -48,6 +53,7 @@ class ModelOptions:
             "trust_remote_code": self.trust_remote_code,
             "close_answers": self.close_answers,
             "prompt_template": self.prompt_template,
+            "processor_from": self.processor_from,
         }
 
 
@@ -189,6 +195,15 @@ class TrainConfig(ModelOptions, DataOptions, CacheOptions):
     lora_rank: int = param(8, "LoRA rank r.", low=1)
     lora_alpha: int = param(16, "LoRA alpha.", low=1)
     lora_dropout: float = param(0.05, "LoRA dropout.", low=0, high=1)
+    lora_targets: str = param(
+        "attention",
+        "What LoRA adapts in the language model: its attention projections, or every linear layer.",
+        choices=("attention", "linear"),
+    )
+    also_train_on: tuple[str, ...] = param(
+        (),
+        "Comma list of further splits trained on as the forget split is (the finetune stage's retain split).",
+    )
     init_adapter: str | None = param(
         None, "Train on from this LoRA adapter (its weights, rank and alpha); none: fresh LoRA weights."
     )
@@ -209,6 +224,39 @@ class TrainConfig(ModelOptions, DataOptions, CacheOptions):
 
         skip = {"out", "device", "checkpoint_every", "progress", "log_dir"}
         return json.loads(json.dumps({key: value for key, value in asdict(self).items() if key not in skip}))
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig(ModelOptions, DataOptions):
+    """finetune: the full model, fine-tuned from --origin on every person of the benchmark as MLLMU-Bench's
+    finetune.py does it (LoRA on the language model's linear layers, merged), saved as a whole checkpoint.
+
+    --model names what it writes (params.yaml `model`, which every later stage loads); the prompt template
+    and closing token are the full model's, so it is asked as it learned. Defaults: finetune.py and the
+    README command of MLLMU-Bench (lr 2e-5, batch 4, 5 epochs, LoRA r 16 / alpha 16 / dropout 0.05, AdamW,
+    linear decay without warmup).
+    """
+
+    origin: str = param(help="The released checkpoint fine-tuned from (folder or hub id), e.g. llava-hf's.")
+    out: str | None = param(None, "Where the merged full model goes (none: --model).")
+    splits: tuple[str, ...] = param(
+        (),
+        "Comma list of the training data's splits learned (none: the forget split and its retain split, "
+        "every fictitious person of MLLMU-Bench's training rows).",
+    )
+    sample_kinds: tuple[str, ...] = param(("qa",), "Comma list of sample kinds: qa, generation, mc, cloze.")
+    lr: float = param(2e-5, "AdamW learning rate.", low=0, low_open=True)
+    batch_size: int = param(4, "Samples per optimizer step.", low=1)
+    epochs: int = param(5, "Passes over the samples.", low=1)
+    lora_rank: int = param(16, "LoRA rank r.", low=1)
+    lora_alpha: int = param(16, "LoRA alpha.", low=1)
+    lora_dropout: float = param(0.05, "LoRA dropout.", low=0, high=1)
+    lora_targets: str = param(
+        "linear", "What LoRA adapts in the language model.", choices=("attention", "linear")
+    )
+    seed: int = param(0, "Seeds LoRA's initialisation, dropout and the data order.")
+    checkpoint_every: int = param(0, "Optimizer steps between checkpoints; 0: never.", low=0)
+    progress: bool = param(False, "Print each step's log row.")
 
 
 @dataclass(kw_only=True)
@@ -320,6 +368,7 @@ SHARED_SECTIONS: dict[str, type] = {"model": ModelOptions, "data": DataOptions, 
 # The params.yaml section of each command.
 SECTIONS: dict[str, type] = {
     "prepare-mini": PrepareConfig,
+    "finetune": FinetuneConfig,
     "precompute": PrecomputeConfig,
     "train": TrainConfig,
     "relearn": RelearnConfig,

@@ -109,7 +109,11 @@ def load_setup(
     needs = set(loss_inputs(method.loss))
     loaded = load_model(config.model, **{**config.loading(), "device": str(device)})
     data = config.training_layout()
-    forget_samples = chosen_people(data.unlearning_samples(config.forget_split, config.sample_kinds), config)
+    trained = [config.forget_split, *config.also_train_on]
+    forget_samples = chosen_people(
+        [sample for split in trained for sample in data.unlearning_samples(split, config.sample_kinds)],
+        config,
+    )
     retain_samples = (
         data.unlearning_samples(config.split_names()["retain"], config.sample_kinds)
         if "retain" in needs
@@ -149,8 +153,9 @@ def optimization(
         peft_model = load_adapter(setup.loaded, config.init_adapter, trainable=True)
     else:
         peft_model = add_lora(
-            setup.loaded, config.lora_rank, config.lora_alpha, config.lora_dropout, config.seed
-        )
+            setup.loaded, config.lora_rank, config.lora_alpha, config.lora_dropout, config.seed,
+            config.lora_targets,
+        )  # fmt: skip
     for provider in providers:
         provider.adapt(peft_model)
     peft_model.train()

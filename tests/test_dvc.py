@@ -88,6 +88,7 @@ def repo(tmp_path_factory) -> Path:
 # The CLI command of each dvc.yaml stage -> the module under stages/ it runs.
 STAGE_MODULES = {
     "prepare-mini": "prepare",
+    "finetune": "finetune",
     "precompute": "precompute",
     "train": "train",
     "relearn": "relearn",

@@ -16,6 +16,7 @@ from pipeline.experiments import (
     experiment_values,
     fetch,
     for_params,
+    full_model_learned,
     merged,
     params_text,
 )
@@ -25,6 +26,8 @@ from pipeline.unlearning.teachers import TeacherError
 from stages.cli import check_params, load_sections, main
 
 REPO = Path(__file__).resolve().parents[1]
+# The released checkpoints, which never saw a benchmark's fictitious people.
+RELEASED = ("work/hub/llava-1.5-7b-hf", "work/hub/Qwen2.5-VL-3B-Instruct")
 
 
 def test_params_yaml_is_the_mini_experiment_verbatim():
@@ -46,7 +49,11 @@ def test_every_shipped_experiment_resolves_without_downloading(name, tmp_path):
     if name == "mini":
         return
     sources = values["experiment"]["sources"]
-    assert default_map["train"]["model"] in sources and default_map["train"]["data"] in sources
+    origins = [entry["origin"] for entry in values.get("finetunes", {}).values()]
+    assert (origins or [default_map["train"]["model"]])[0] in sources and default_map["train"][
+        "data"
+    ] in sources
+    assert default_map["train"].get("processor_from") in (None, *sources)
     assert all(source["repo"].count("/") == 1 for source in sources.values())
     assert default_map["evaluate"]["data_format"] in ("mllmu", "clear")  # named, not detected
     assert default_map["evaluate"]["limit"] is None  # a real experiment scores every person
@@ -153,3 +160,34 @@ def test_a_method_reading_a_teacher_entry_the_file_lacks_is_refused(tmp_path):
     params.write_text("teachers: {viker: {teacher: viker, args: {sigma: 0.4}}}\n")
     with pytest.raises(TeacherError, match=r"teacher 'viker' takes no argument 'sigma'; it accepts: k,"):
         check_params(params)
+
+
+@pytest.mark.parametrize("name", experiment_names(REPO))
+def test_no_shipped_experiment_unlearns_a_model_that_never_saw_its_people(name):
+    """Each experiment's full model is the finetune stage's output (from an origin it downloads), or a
+    checkpoint it declares fine-tuned on the benchmark; llava-hf's or Qwen's released ones are neither."""
+    values = experiment_values(REPO, name)
+    learned = full_model_learned(values)
+    model = values["model"]["model"]
+    assert model not in RELEASED, (name, learned)
+    finetunes = values.get("finetunes") or {}
+    if finetunes:
+        assert model == "work/finetuned/full" and finetunes["full"]["origin"] in RELEASED
+    else:
+        assert model in values["experiment"]["fine_tuned"]
+
+
+def test_an_experiment_on_a_released_checkpoint_is_refused_naming_both_ways_out(tmp_path):
+    values = experiment_values(REPO, "llava-mllmu-10-viker")
+    values["model"]["model"] = "work/hub/llava-1.5-7b-hf"
+    with pytest.raises(
+        ExperimentError, match="neither made by the finetune stage .* nor declared fine-tuned"
+    ):
+        full_model_learned(values)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(for_params(values)))
+    with pytest.raises(ExperimentError, match="never saw the people"):
+        check_params(params)
+    values["finetunes"] = {"full": {"origin": "work/hub/llava-1.5-7b-hf"}}
+    with pytest.raises(ExperimentError, match="finetunes.full writes work/finetuned/full"):
+        full_model_learned(values)

@@ -86,6 +86,40 @@ def check_runs(project: Path, roles: tuple[str, ...], measure: str) -> dict:
     return json.loads((project / "results/runs/full/meta.json").read_text())
 
 
+def weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {
+        name: tensor for path in model_dir.glob("*.safetensors") for name, tensor in load_file(path).items()
+    }
+
+
+def test_the_finetune_stage_makes_the_full_model_every_later_stage_loads(project):
+    """finetune@full through `dvc repro`: the tiny random LLaVA (the origin) fine-tuned on the fixtures'
+    people into work/finetuned/full, merged (no LoRA module), loadable, and upstream of precompute; the
+    origin is evaluated as the report's Origin row."""
+    import torch
+
+    from pipeline.models import load_model
+
+    _run([sys.executable, "-m", "stages", "experiment", "use", "tiny-llava-mllmu"], project)
+    output = _dvc("repro", "finetune@full", cwd=project).stdout
+    assert "Running stage 'finetune@full'" in output and "Running stage 'prepare'" not in output
+    full, origin = weights(project / "work/finetuned/full"), weights(project / "work/tiny/llava")
+    assert set(full) == set(origin) and not any("lora" in name for name in full)
+    assert any(not torch.equal(full[name], origin[name]) for name in origin)
+    load_model(str(project / "work/finetuned/full"))
+    assert "finetune@full" in _dvc("dag", "precompute@viker-0", cwd=project).stdout
+    assert "finetune@full" in _dvc("dag", "train@ga", cwd=project).stdout
+    assert "evaluate-origin@full" in _dvc("dag", "report", cwd=project).stdout
+    output = _dvc("repro", "evaluate-origin@full", cwd=project).stdout
+    assert "Running stage 'finetune@full'" not in output  # the origin's evaluation needs no fine-tune
+    metrics = json.loads((project / "results/runs/origin/metrics.json").read_text())
+    assert 0.0 <= metrics["forget"]["rougeL"] <= 1.0
+    _run([sys.executable, "-m", "stages", "experiment", "use", "tiny-qwen2vl-clear"], project)
+    assert "finetune@" not in _dvc("stage", "list", cwd=project).stdout  # its full model is declared
+
+
 @pytest.mark.slow
 def test_tiny_llava_on_mllmu_bench_then_qwen2_vl_on_clear_then_back(project):
     output = select_and_run(project, "tiny-llava-mllmu")
@@ -95,6 +129,9 @@ def test_tiny_llava_on_mllmu_bench_then_qwen2_vl_on_clear_then_back(project):
     assert meta["few_shot_profiles"] == {"classification": 1, "cloze": 2}  # eval.py at its head
     report = (project / "results/report.md").read_text()
     assert "ViKeR" in report and "Forget" in report
+    assert report.index("| Origin |") < report.index(
+        "| Full |"
+    )  # the origin row first, as the papers' tables
     assert not (project / "work/mini").exists()
     diff = _dvc("params", "diff", cwd=project).stdout
     assert "model.model" in diff and "work/tiny/llava" in diff  # against the committed mini params

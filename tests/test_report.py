@@ -238,3 +238,11 @@ def test_the_report_loads_no_model(runs_dir, tmp_path):
     assert result.stdout.strip() == "[]"
     assert (tmp_path / "out" / "token_probs.png").read_bytes()[:8] == PNG_MAGIC
     assert "![token_probs](token_probs.png)" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_origin_run_is_the_first_row_before_full_as_in_the_papers_tables(runs_dir):
+    """evaluate-origin@<entry> writes results/runs/origin: the released checkpoint before the finetune stage."""
+    write_run(runs_dir, "origin", 0.25, 0.3)
+    text = report_markdown(load_runs(runs_dir))
+    table = text[text.index("(ViKeR Table 1)") :]
+    assert table.index("| Origin |") < table.index("| Full |") < table.index("| ViKeR |")

@@ -41,6 +41,8 @@ class ModelFamily:
     # The prompt formats a family can write, by name; the first is its default. A checkpoint is asked in
     # the format it was trained on (e.g. MLLMU-Bench's fine-tuned LLaVA: "mllmu-bench").
     template_names: tuple[str, ...] = ("default",)
+    # Where a checkpoint saved without its processor files finds them (named in the error that says so).
+    base_model_hint = "the hub id of the model it was fine-tuned from"
 
     def __init__(self, config: Any = None, template: str | None = None) -> None:
         # The model's config (load_model passes it): token ids some families need, e.g. Qwen's image pad.
@@ -56,6 +58,16 @@ class ModelFamily:
         from transformers import AutoProcessor
 
         return AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+    def check_processor(self, processor: Any, config: Any, processor_dir: str, embedding_rows: int) -> None:
+        """Refuse a processor that does not fit the weights, naming the file to fix: here a tokenizer with
+        ids past the embedding matrix (a processor taken from another folder, model.processor_from)."""
+        size = len(processor.tokenizer)
+        if size > embedding_rows:
+            raise ValueError(
+                f"the tokenizer of {processor_dir} has {size} tokens, the model's embedding only "
+                f"{embedding_rows} rows: take the tokenizer files of the model these weights came from"
+            )
 
     def build_prompt(
         self, question: str, has_image: bool, instruction: str | None = None, exemplars: str = ""

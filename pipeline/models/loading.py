@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,18 +45,22 @@ class LoadedModel:
 PREPROCESSING_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
-def model_fingerprint(path: str | Path) -> str:
+def model_fingerprint(path: str | Path, processor_path: str | Path | None = None) -> str:
     """sha256 over config.json, the weight files and the image preprocessing configs, so a cache can name
     the exact model (and preprocessing) it came from."""
-    return fingerprinted_model(path)[0]
+    return fingerprinted_model(path, processor_path)[0]
 
 
-def fingerprinted_model(path: str | Path) -> tuple[str, dict[str, dict[str, str]]]:
+def fingerprinted_model(
+    path: str | Path, processor_path: str | Path | None = None
+) -> tuple[str, dict[str, dict[str, str]]]:
     """model_fingerprint, and its parts: {"config" | "weights" | "preprocessing": {file name: sha256}}, so a
-    refusal can name what differs (the fingerprint itself is unchanged: old caches still match)."""
+    refusal can name what differs (the fingerprint itself is unchanged: old caches still match). The
+    preprocessing files are those of `processor_path` where the processor comes from another folder."""
     path = Path(path)
     weights = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"} and p.is_file())
-    preprocessing = [path / name for name in PREPROCESSING_FILES if (path / name).is_file()]
+    processor_dir = Path(processor_path or path)
+    preprocessing = [processor_dir / name for name in PREPROCESSING_FILES if (processor_dir / name).is_file()]
     files = [path / "config.json", *weights, *preprocessing]
     for file in files:
         if not file.exists():
@@ -109,11 +114,14 @@ def load_model(
     trust_remote_code: bool = False,
     close_answers: bool = True,
     prompt_template: str | None = None,
+    processor_from: str | None = None,
 ) -> LoadedModel:
     """Load a vision-language model and its processor, frozen and in eval mode.
 
     attn_implementation: None keeps transformers' choice. trust_remote_code runs code shipped with a hub
-    checkpoint, so it is off unless a stage's config asks for it.
+    checkpoint, so it is off unless a stage's config asks for it. processor_from: the folder or hub id
+    whose tokenizer and processor go with these weights (a checkpoint saved without them, e.g.
+    MLLMU-Bench's fine-tuned LLaVA: llava-hf's); None: the model's own.
     """
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -130,9 +138,16 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(local_dir, **kwargs).to(device).eval()
     model.requires_grad_(False)
-    processor = family.load_processor(local_dir, trust_remote_code=trust_remote_code)
+    processor_dir = resolve_model_dir(processor_from) if processor_from else local_dir
+    if processor_from:
+        print(
+            f"model {path}: tokenizer and processor from {processor_from} (model.processor_from)",
+            file=sys.stderr,
+        )
+    processor = checked_processor(family, config, processor_dir, processor_from, trust_remote_code)
+    family.check_processor(processor, config, processor_dir, model.get_input_embeddings().num_embeddings)
     processor.tokenizer.padding_side = "left"
-    fingerprint, parts = fingerprinted_model(local_dir)
+    fingerprint, parts = fingerprinted_model(local_dir, processor_dir)
     return LoadedModel(
         model=model,
         processor=processor,
@@ -143,6 +158,23 @@ def load_model(
         close_answers=close_answers,
         model_parts=parts,
     )
+
+
+def checked_processor(
+    family: ModelFamily, config, processor_dir: str, processor_from: str | None, trust_remote_code: bool
+):
+    """The family's processor from processor_dir; a folder without one (weights saved alone) is an error
+    that says where to take it from."""
+    try:
+        return family.load_processor(processor_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        if processor_from:
+            raise
+        raise ValueError(
+            f"model {processor_dir}: no usable tokenizer/processor files ({type(error).__name__}: {error}); "
+            f"a checkpoint saved without them (e.g. MLLMU-Bench's fine-tuned LLaVA) takes its base model's: "
+            f"set model.processor_from to it (e.g. {family.base_model_hint})"
+        ) from error
 
 
 def decoder_layers(model) -> int:
