@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from stages.config import PrepareConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Kept weight hashes (pipeline.hashing.cached_files_sha256_each) go to the session's own folder, not ~/.cache.
+os.environ.setdefault("PIPELINE_HASH_CACHE", tempfile.mkdtemp(prefix="file-hashes-"))
 
 import torch  # noqa: E402
 

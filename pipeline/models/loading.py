@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from pipeline.hashing import files_sha256_each, sha256_hex
+from pipeline.hashing import cached_files_sha256_each, sha256_hex
 from pipeline.models.family import FAMILIES, ModelFamily
 from pipeline.models.llava import LlavaFamily
 from pipeline.models.qwen2_vl import Qwen2VLFamily
@@ -52,7 +52,10 @@ def model_fingerprint(path: str | Path) -> str:
 
 def fingerprinted_model(path: str | Path) -> tuple[str, dict[str, dict[str, str]]]:
     """model_fingerprint, and its parts: {"config" | "weights" | "preprocessing": {file name: sha256}}, so a
-    refusal can name what differs (the fingerprint itself is unchanged: old caches still match)."""
+    refusal can name what differs (the fingerprint itself is unchanged: old caches still match).
+
+    Read once per model: the result is kept by each file's path, size and times (pipeline.hashing), so
+    the ~35 stage processes of a run hash a 14 GB checkpoint once, not each."""
     path = Path(path)
     weights = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"} and p.is_file())
     preprocessing = [path / name for name in PREPROCESSING_FILES if (path / name).is_file()]
@@ -60,7 +63,7 @@ def fingerprinted_model(path: str | Path) -> tuple[str, dict[str, dict[str, str]
     for file in files:
         if not file.exists():
             raise FileNotFoundError(f"model directory {path} has no {file.name}")
-    fingerprint, each = files_sha256_each(files, with_names=True)
+    fingerprint, each = cached_files_sha256_each(files)
     groups = {"config": files[:1], "weights": weights, "preprocessing": preprocessing}
     return fingerprint, {
         part: {file.name: each[file.name] for file in group} for part, group in groups.items()
@@ -128,7 +131,11 @@ def load_model(
     }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(local_dir, **kwargs).to(device).eval()
+    kwargs.update(placement(device))
+    model = AutoModelForImageTextToText.from_pretrained(local_dir, **kwargs)
+    if "device_map" not in kwargs:
+        model = model.to(device)
+    model.eval()
     model.requires_grad_(False)
     processor = family.load_processor(local_dir, trust_remote_code=trust_remote_code)
     processor.tokenizer.padding_side = "left"
@@ -143,6 +150,18 @@ def load_model(
         close_answers=close_answers,
         model_parts=parts,
     )
+
+
+def placement(device: str) -> dict[str, Any]:
+    """from_pretrained's keyword for where the weights go: an accelerator's weights load straight onto it
+    (a 7B model in bf16 would otherwise sit in 14 GB of host RAM first, per process under torchrun); on
+    the CPU, nothing (transformers' plain load)."""
+    target = torch.device(device)
+    if target.type == "cpu":
+        return {}
+    if target.index is None and target.type == "cuda":
+        target = torch.device("cuda", torch.cuda.current_device())  # "cuda" means the current device
+    return {"device_map": {"": str(target)}}
 
 
 def decoder_layers(model) -> int:
