@@ -52,7 +52,7 @@ def files_sha256_each(paths: Iterable[Path], with_names: bool = False) -> tuple[
 
 # A file's content is taken as unchanged while its inode, size, mtime and ctime are: any write moves
 # mtime and ctime, and ctime cannot be set back (`touch -d` and `rsync -t` set mtime only). A file
-# modified within RACY_SECONDS of its hashing may change again inside the timestamps' granularity (whole
+# changed (mtime or ctime) within RACY_SECONDS of its hashing may change again inside the timestamps' granularity (whole
 # seconds on some network file systems), so such a hash is not kept (git's "racy clean" rule).
 RACY_SECONDS = 2.0
 
@@ -87,7 +87,7 @@ def cached_files_sha256_each(paths: Iterable[Path]) -> tuple[str, dict[str, str]
         pass
     started = time.time()
     together, each = files_sha256_each(paths, with_names=True)
-    settled = all(state[4] / 1e9 < started - RACY_SECONDS for state in states)
+    settled = all(max(state[4], state[5]) / 1e9 < started - RACY_SECONDS for state in states)
     if settled and [_file_state(path) for path in paths] == states:  # unchanged while it was read
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)

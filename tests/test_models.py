@@ -186,7 +186,7 @@ def test_the_llava_family_writes_mllmu_benchs_prompt_when_asked():
 
 
 def _settled_copy(model_dir, target):
-    """A copy of a model folder whose files were last written an hour ago (old enough to keep a hash of)."""
+    """A copy of a model folder whose files were last written an hour ago."""
     import os
     import shutil
     import time
@@ -206,6 +206,9 @@ def test_the_fingerprint_is_read_once_per_unchanged_model(tiny_model_dir, tmp_pa
     from pipeline.models.loading import fingerprinted_model
 
     monkeypatch.setenv("PIPELINE_HASH_CACHE", str(tmp_path / "hashes"))
+    monkeypatch.setattr(
+        pipeline.hashing, "RACY_SECONDS", -60.0
+    )  # files changed a moment ago count as settled
     model_dir = _settled_copy(tiny_model_dir, tmp_path / "model")
     reads = []
     original = pipeline.hashing.files_sha256_each
@@ -235,7 +238,7 @@ def test_a_fresh_file_s_hash_is_not_kept(tiny_model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setenv("PIPELINE_HASH_CACHE", str(tmp_path / "hashes"))
     model_dir = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model_dir)
+    shutil.copytree(tiny_model_dir, model_dir, copy_function=shutil.copy)  # written now
     reads = []
     original = pipeline.hashing.files_sha256_each
     monkeypatch.setattr(
