@@ -57,12 +57,16 @@ def files_sha256_each(paths: Iterable[Path], with_names: bool = False) -> tuple[
 RACY_SECONDS = 2.0
 
 
+# Where kept file hashes live; None: the user's cache folder (tests point it at a folder of their own).
+HASH_CACHE_DIR: Path | None = None
+
+
 def hash_cache_dir() -> Path:
-    """Where kept file hashes live: $PIPELINE_HASH_CACHE, else the user's cache folder (XDG); a user's, not
+    """Where kept file hashes live: the user's cache folder ($XDG_CACHE_HOME, else ~/.cache); a user's, not
     the model folder's (often read-only: the HF cache, shared storage) nor a stage's outputs (each stage
     has its own, so every stage would hash again)."""
-    if os.environ.get("PIPELINE_HASH_CACHE"):
-        return Path(os.environ["PIPELINE_HASH_CACHE"])
+    if HASH_CACHE_DIR is not None:
+        return HASH_CACHE_DIR
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "mllm-unlearn-pipeline" / "file-hashes"
 

@@ -16,10 +16,13 @@ from stages.config import PrepareConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Kept weight hashes (pipeline.hashing.cached_files_sha256_each) go to the session's own folder, not ~/.cache.
-os.environ.setdefault("PIPELINE_HASH_CACHE", tempfile.mkdtemp(prefix="file-hashes-"))
 
 import torch  # noqa: E402
+
+import pipeline.hashing  # noqa: E402
+
+# Kept weight hashes (pipeline.hashing.cached_files_sha256_each) go to the session's own folder, not ~/.cache.
+pipeline.hashing.HASH_CACHE_DIR = Path(tempfile.mkdtemp(prefix="file-hashes-"))
 
 # Tiny models gain nothing from more threads, and tests that start two processes (DDP) would
 # oversubscribe a 2-core machine.

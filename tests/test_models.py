@@ -205,7 +205,7 @@ def test_the_fingerprint_is_read_once_per_unchanged_model(tiny_model_dir, tmp_pa
     import pipeline.hashing
     from pipeline.models.loading import fingerprinted_model
 
-    monkeypatch.setenv("PIPELINE_HASH_CACHE", str(tmp_path / "hashes"))
+    monkeypatch.setattr(pipeline.hashing, "HASH_CACHE_DIR", tmp_path / "hashes")
     monkeypatch.setattr(
         pipeline.hashing, "RACY_SECONDS", -60.0
     )  # files changed a moment ago count as settled
@@ -236,7 +236,7 @@ def test_a_fresh_file_s_hash_is_not_kept(tiny_model_dir, tmp_path, monkeypatch):
     import pipeline.hashing
     from pipeline.models.loading import fingerprinted_model
 
-    monkeypatch.setenv("PIPELINE_HASH_CACHE", str(tmp_path / "hashes"))
+    monkeypatch.setattr(pipeline.hashing, "HASH_CACHE_DIR", tmp_path / "hashes")
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir, copy_function=shutil.copy)  # written now
     reads = []

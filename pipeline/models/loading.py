@@ -112,8 +112,11 @@ def load_model(
     trust_remote_code: bool = False,
     close_answers: bool = True,
     prompt_template: str | None = None,
+    max_pixels: int | None = None,
 ) -> LoadedModel:
     """Load a vision-language model and its processor, frozen and in eval mode.
+
+    max_pixels: resize no image beyond this area (dynamic-resolution families; None: the checkpoint's).
 
     attn_implementation: None keeps transformers' choice. trust_remote_code runs code shipped with a hub
     checkpoint, so it is off unless a stage's config asks for it.
@@ -139,6 +142,7 @@ def load_model(
     model.requires_grad_(False)
     processor = family.load_processor(local_dir, trust_remote_code=trust_remote_code)
     processor.tokenizer.padding_side = "left"
+    family.cap_pixels(processor, max_pixels)
     fingerprint, parts = fingerprinted_model(local_dir)
     return LoadedModel(
         model=model,
