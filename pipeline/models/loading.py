@@ -159,7 +159,8 @@ def load_model(
 def placement(device: str) -> dict[str, Any]:
     """from_pretrained's keyword for where the weights go: an accelerator's weights load straight onto it
     (a 7B model in bf16 would otherwise sit in 14 GB of host RAM first, per process under torchrun); on
-    the CPU, nothing (transformers' plain load)."""
+    the CPU, nothing (transformers' plain load). transformers needs accelerate for device_map (a dependency,
+    and peft's)."""
     target = torch.device(device)
     if target.type == "cpu":
         return {}
