@@ -18,8 +18,9 @@ class VisionFeatureCache:
     tensor per image) and Qwen2-VL / Qwen2.5-VL (all images' patches packed in one tensor, each image's
     t * h * w rows named by its image_grid_thw row, which stays in the inputs for the 3-D positions: its
     670M vision tower attends within each image only, so an image's features do not depend on the others
-    in the batch); for others it steps aside and the model encodes as usual. Bounded by size (LLaVA-1.5-7B: 576 x 4096 values, 4.7 MB per image in bf16, kept
-    on the model's device); once full it keeps what it holds and encodes other images at every use, as
+    in the batch); for others it steps aside and the model encodes as usual. Bounded by size (LLaVA-1.5-7B:
+    576 x 4096 values, 4.7 MB per image in bf16; Qwen2.5-VL-3B at max_pixels 1,003,520: at most 1,280 x
+    2048, 5.2 MB; kept on the model's device); once full it keeps what it holds and encodes other images at every use, as
     EncodedSamples does, for the same reason (an epoch is a shuffled scan).
     """
 
