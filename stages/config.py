@@ -43,6 +43,15 @@ class ModelOptions:
         "Folder or hub id whose tokenizer and processor go with --model's weights, for a checkpoint saved "
         "without them (MLLMU-Bench's fine-tuned LLaVA: llava-hf/llava-1.5-7b-hf's); none: --model's own.",
     )
+    # Qwen's checkpoints allow 12,845,056 px (16,384 image tokens): one 3000 x 2000 photo is 7,597 tokens
+    # and pads its whole batch. transformers' own Qwen2VLImageProcessor default, and the Qwen2.5-VL card's
+    # suggestion, is 1280 x 28 x 28 = 1,003,520 px (1,280 tokens); the Qwen experiments set it.
+    max_pixels: int | None = param(
+        None,
+        "Largest image area in pixels after resizing (Qwen2-VL / Qwen2.5-VL; 784 px a token); none: the "
+        "checkpoint's preprocessor_config.",
+        low=1,
+    )
 
     def loading(self) -> dict[str, Any]:
         """pipeline.models.load_model's keyword arguments."""
@@ -54,6 +63,7 @@ class ModelOptions:
             "close_answers": self.close_answers,
             "prompt_template": self.prompt_template,
             "processor_from": self.processor_from,
+            "max_pixels": self.max_pixels,
         }
 
 

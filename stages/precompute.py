@@ -206,6 +206,8 @@ def cache_header(
         "num_samples": len(samples),
         "dataset_fingerprint": samples_fingerprint(samples),
     }
+    if config.max_pixels is not None:  # the images' resizing; unset, the header stays as before
+        header["max_pixels"] = config.max_pixels
     if context.reference_pool is not None:
         pool = [[image_id, sha256_hex(data)] for image_id, data in context.reference_pool]
         header["reference_pool_fingerprint"] = sha256_hex(repr(pool).encode())

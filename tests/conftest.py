@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,6 +18,11 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+
+import pipeline.hashing  # noqa: E402
+
+# Kept weight hashes (pipeline.hashing.cached_files_sha256_each) go to the session's own folder, not ~/.cache.
+pipeline.hashing.HASH_CACHE_DIR = Path(tempfile.mkdtemp(prefix="file-hashes-"))
 
 # Tiny models gain nothing from more threads, and tests that start two processes (DDP) would
 # oversubscribe a 2-core machine.

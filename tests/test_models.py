@@ -183,3 +183,83 @@ def test_the_llava_family_writes_mllmu_benchs_prompt_when_asked():
         ValueError, match="prompt template 'chat' is not one of the llava family's: llava, mllmu-bench"
     ):
         LlavaFamily(template="chat")
+
+
+def _settled_copy(model_dir, target):
+    """A copy of a model folder whose files were last written an hour ago."""
+    import os
+    import shutil
+    import time
+
+    shutil.copytree(model_dir, target)
+    for file in target.iterdir():
+        os.utime(file, (time.time() - 3600, time.time() - 3600))
+    return target
+
+
+def test_the_fingerprint_is_read_once_per_unchanged_model(tiny_model_dir, tmp_path, monkeypatch):
+    """A second fingerprint of the same files reads no file; a rewritten or touched weight file is read
+    again, and new content gives a new fingerprint (issue 29, item 10)."""
+    import os
+
+    import pipeline.hashing
+    from pipeline.models.loading import fingerprinted_model
+
+    monkeypatch.setattr(pipeline.hashing, "HASH_CACHE_DIR", tmp_path / "hashes")
+    monkeypatch.setattr(
+        pipeline.hashing, "RACY_SECONDS", -60.0
+    )  # files changed a moment ago count as settled
+    model_dir = _settled_copy(tiny_model_dir, tmp_path / "model")
+    reads = []
+    original = pipeline.hashing.files_sha256_each
+    monkeypatch.setattr(
+        pipeline.hashing, "files_sha256_each", lambda paths, **kw: reads.append(1) or original(paths, **kw)
+    )
+    first = fingerprinted_model(model_dir)
+    assert first == fingerprinted_model(model_dir) and len(reads) == 1  # the second read nothing
+    weights = sorted(model_dir.glob("*.safetensors"))[0]
+    os.utime(weights)  # touched: read again, the same content and fingerprint
+    assert fingerprinted_model(model_dir) == first and len(reads) == 2
+    content = bytearray(weights.read_bytes())
+    content[-1] ^= 0xFF  # the same size, another byte
+    weights.write_bytes(bytes(content))
+    os.utime(weights, (0, os.stat(weights).st_mtime))  # even with the old mtime put back
+    changed = fingerprinted_model(model_dir)
+    assert changed[0] != first[0] and changed[1]["weights"] != first[1]["weights"]
+    assert len(reads) == 3
+
+
+def test_a_fresh_file_s_hash_is_not_kept(tiny_model_dir, tmp_path, monkeypatch):
+    """A file written a moment ago may change again within its timestamps' granularity: hashed every time."""
+    import shutil
+
+    import pipeline.hashing
+    from pipeline.models.loading import fingerprinted_model
+
+    monkeypatch.setattr(pipeline.hashing, "HASH_CACHE_DIR", tmp_path / "hashes")
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir, copy_function=shutil.copy)  # written now
+    reads = []
+    original = pipeline.hashing.files_sha256_each
+    monkeypatch.setattr(
+        pipeline.hashing, "files_sha256_each", lambda paths, **kw: reads.append(1) or original(paths, **kw)
+    )
+    assert fingerprinted_model(model_dir) == fingerprinted_model(model_dir) and len(reads) == 2
+
+
+def test_an_accelerator_load_places_the_weights_on_it(tiny_model_dir, monkeypatch):
+    """On a GPU, from_pretrained gets the device (weights never sit in host RAM); on the CPU, nothing."""
+    from transformers import AutoModelForImageTextToText
+
+    calls = []
+    original = AutoModelForImageTextToText.from_pretrained
+
+    def recording(path, **kwargs):
+        calls.append(kwargs)
+        return original(path, **{key: value for key, value in kwargs.items() if key != "device_map"})
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", recording)
+    load_model(str(tiny_model_dir), device="cuda:1")
+    assert calls[-1]["device_map"] == {"": "cuda:1"}
+    load_model(str(tiny_model_dir), device="cpu")
+    assert "device_map" not in calls[-1]

@@ -23,7 +23,7 @@ from pipeline.benchmarks import DataError, load_reference_pool
 from pipeline.benchmarks.mllmu import load_unlearning_samples
 from pipeline.mini_world.config import TinyLlavaConfig, WorldConfig
 from pipeline.mini_world.world import write_world
-from pipeline.models import PromptedSample, VisionFeatureCache, answer_logits, encode_answers
+from pipeline.models import PromptedSample, VisionFeatureCache, answer_logits, encode_answers, load_model
 from pipeline.runtime import keep_freed_memory
 from pipeline.samples import QASample
 from pipeline.unlearning.extractor import TeacherExtractor
@@ -272,6 +272,46 @@ def test_vision_feature_cache_changes_no_logit(world, tiny_model):
     torch.testing.assert_close(cached_probs.double(), reference, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(again, cached_probs, rtol=1e-5, atol=1e-7)
     assert not VisionFeatureCache(torch.nn.Linear(2, 2)).enabled
+
+
+def test_each_reference_image_is_preprocessed_once_per_run(world, tiny_model_dir, tmp_path, monkeypatch):
+    """Over several batches and shards every image is resized and normalised once (issue 29, item 9),
+    and the shards are byte-identical to those of preprocessing every image at every batch."""
+    import pipeline.unlearning.extractor as extractor_module
+    from pipeline.hashing import sha256_hex
+    from pipeline.models import encode_answers
+
+    image_processor_class = type(load_model(str(tiny_model_dir)).processor.image_processor)
+    processed = []
+    original_call = image_processor_class.__call__
+
+    def counting(self, images, *args, **kwargs):
+        processed.extend(
+            sha256_hex(image.tobytes()) for image in (images if isinstance(images, list) else [images])
+        )
+        return original_call(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(image_processor_class, "__call__", counting)
+    kept = tmp_path / "kept"
+    run(config(world, tiny_model_dir, kept, num_shards=2, batch_size=2))
+    drawn = {source for record in read_manifest(kept).samples for source in record["image_sources"]}
+    samples = read_manifest(kept).samples
+    assert len(samples) > 4 and sum(len(record["image_sources"]) for record in samples) > len(drawn)
+    # each image once: the drawn references, and the samples' own images (the student-aware pass)
+    assert len(processed) == len(set(processed)) >= len(drawn)
+
+    every_batch = tmp_path / "every-batch"
+    monkeypatch.setattr(
+        extractor_module,
+        "encode_keyed_answers",
+        lambda loaded, variants, keys, kept: encode_answers(loaded, variants),
+    )
+    run(config(world, tiny_model_dir, every_batch, num_shards=2, batch_size=2))
+    for shard in sorted(kept.glob("shard-*.json")):
+        assert (
+            json.loads(shard.read_text())["sha256"]
+            == json.loads((every_batch / shard.name).read_text())["sha256"]
+        )
 
 
 # ---------------------------------------------------------------- sharding and resuming

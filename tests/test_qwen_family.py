@@ -370,3 +370,52 @@ def test_cli_loading_options_reach_load_model(qwen_dir, tmp_path, monkeypatch):
         assert result.exit_code == 0, result.output
     assert seen[0] == ("eager", True)
     assert seen[1] == ("sdpa", False)  # unset: transformers' default kernel, and no remote code
+
+
+def test_the_vision_feature_cache_encodes_each_qwen_image_once(qwen):
+    """Qwen's packed patches are split per image by image_grid_thw: each keyed image goes through the
+    vision tower once, and the logits equal those of the model encoding every image (issue 29, item 11)."""
+    from pipeline.models import VisionFeatureCache
+
+    samples = _samples(qwen.family)
+    keys = ["red", "green", "green", "red"]  # the batch's images in order (the 4th sample: exemplar, query)
+    encoded_grids = []
+    hook = qwen.model.model.visual.register_forward_hook(
+        lambda module, args, kwargs, output: encoded_grids.append(len(kwargs["grid_thw"])), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            plain = answer_logits(qwen.model, encode_answers(qwen, samples))
+            assert encoded_grids == [4]
+            cache = VisionFeatureCache(qwen.model)
+            assert cache.enabled
+            for _ in range(2):
+                batch = encode_answers(qwen, samples)
+                kwargs = cache.model_kwargs(batch.inputs, keys)
+                assert "pixel_values" not in batch.inputs and "image_grid_thw" in batch.inputs
+                torch.testing.assert_close(
+                    answer_logits(qwen.model, batch, **kwargs), plain, atol=1e-5, rtol=0
+                )
+    finally:
+        hook.remove()
+    assert encoded_grids == [4, 2]  # red and green once, then every image from the cache
+    assert (cache.encoded, cache.reused) == (2, 6)
+
+
+def test_max_pixels_caps_a_large_photo_s_image_tokens(qwen_dir, tiny_model_dir):
+    """A 3000 x 2000 photo becomes at most max_pixels / 8² tokens of the tiny model (4 px patches, 2 x 2
+    merged; the real models: 28² px a token), whatever the checkpoint's own cap; a fixed-size family
+    refuses the option by name (issue 29, item 11)."""
+    photo = Image.new("RGB", (3000, 2000), (120, 80, 40))
+    pad = "<|image_pad|>"
+    tokens_at = {}
+    for max_pixels in (None, 256, 4096):
+        loaded = load_model(str(qwen_dir), max_pixels=max_pixels)
+        prompt = loaded.family.build_prompt("Who is it?", True)
+        batch = encode_answers(loaded, [PromptedSample(prompt, photo, "A")])
+        tokens = int(batch.inputs["input_ids"].eq(loaded.tokenizer.convert_tokens_to_ids(pad)).sum())
+        tokens_at[max_pixels] = tokens
+    assert tokens_at[None] <= 32 * 32 // 64  # the tiny checkpoint's own cap: 32 x 32 px
+    assert tokens_at[256] <= 256 // 64 and 32 * 32 // 64 < tokens_at[4096] <= 4096 // 64
+    with pytest.raises(ValueError, match="max_pixels"):
+        load_model(str(tiny_model_dir), max_pixels=4096)

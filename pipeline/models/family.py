@@ -3,6 +3,7 @@ how answers end and which modules LoRA targets. Families register under the conf
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,16 +85,45 @@ class ModelFamily:
         """Tokens that close an answer (appended when teacher forcing)."""
         return [tokenizer.eos_token_id]
 
-    def encode_prompts(self, processor, prompts: list[str], images: list[Image.Image]) -> dict[str, Any]:
+    def encode_prompts(
+        self,
+        processor,
+        prompts: list[str],
+        images: list[Image.Image],
+        processed: list[dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, Any]:
         """Tokenize prompts (image placeholders expanded) and preprocess images, unpadded.
 
-        Returns {"input_ids": list[list[int]], plus image tensors such as "pixel_values"}.
+        `processed`: the images' tensors from preprocess_images, one entry per image, used instead of
+        preprocessing them again (ProcessedImages keeps them). Returns {"input_ids": list[list[int]], plus
+        image tensors such as "pixel_values"}.
         """
+        if processed is not None and images:
+            processor = _with_processed_images(processor, processed)
         encoded = processor(text=prompts, images=images or None, padding=False)
         result = {"input_ids": [list(ids) for ids in encoded["input_ids"]]}
         if images:
-            result["pixel_values"] = torch.as_tensor(np.stack(encoded["pixel_values"]))
+            result["pixel_values"] = (
+                torch.cat([tensors["pixel_values"] for tensors in processed])
+                if processed is not None
+                else torch.as_tensor(np.stack(encoded["pixel_values"]))
+            )
         return result
+
+    def preprocess_images(self, processor, images: list[Image.Image]) -> list[dict[str, torch.Tensor]]:
+        """Each image's tensors as encode_prompts lays them out (rows of "pixel_values"), one entry per
+        image, so that a caller can keep them (ProcessedImages)."""
+        pixels = torch.as_tensor(np.stack(processor.image_processor(images)["pixel_values"]))
+        return [{"pixel_values": pixels[index : index + 1]} for index in range(len(images))]
+
+    def cap_pixels(self, processor, max_pixels: int | None) -> None:
+        """Resize no image to more than `max_pixels` (dynamic-resolution families); None keeps the
+        checkpoint's preprocessing."""
+        if max_pixels is not None:
+            raise ValueError(
+                f"max_pixels {max_pixels}: the {self.name} family resizes every image to its fixed size; "
+                "max_pixels applies to dynamic-resolution families (qwen2_vl, qwen2_5_vl) only"
+            )
 
     def extra_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Family-specific tensors beside input_ids/attention_mask (e.g. position ids)."""
@@ -104,3 +134,29 @@ class ModelFamily:
 
 
 FAMILIES: Registry[type[ModelFamily]] = Registry("model family")
+
+
+class _KeptImageProcessor:
+    """The processor's image processor, answering with tensors computed before: the processor then expands
+    each image's placeholder from them as it would from fresh ones."""
+
+    def __init__(self, image_processor: Any, processed: list[dict[str, torch.Tensor]]) -> None:
+        self.image_processor, self.processed = image_processor, processed
+
+    def __call__(self, images: Any = None, **kwargs: Any) -> Any:
+        from transformers import BatchFeature
+
+        names = dict.fromkeys(name for tensors in self.processed for name in tensors)
+        return BatchFeature(
+            {name: torch.cat([tensors[name] for tensors in self.processed]) for name in names}
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.image_processor, name)
+
+
+def _with_processed_images(processor: Any, processed: list[dict[str, torch.Tensor]]) -> Any:
+    """A shallow copy of `processor` whose image processor returns `processed` (the original is untouched)."""
+    kept = copy.copy(processor)
+    kept.image_processor = _KeptImageProcessor(processor.image_processor, processed)
+    return kept

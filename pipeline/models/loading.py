@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from pipeline.hashing import files_sha256_each, sha256_hex
+from pipeline.hashing import cached_files_sha256_each, sha256_hex
 from pipeline.models.family import FAMILIES, ModelFamily
 from pipeline.models.llava import LlavaFamily
 from pipeline.models.qwen2_vl import Qwen2VLFamily
@@ -56,7 +56,10 @@ def fingerprinted_model(
 ) -> tuple[str, dict[str, dict[str, str]]]:
     """model_fingerprint, and its parts: {"config" | "weights" | "preprocessing": {file name: sha256}}, so a
     refusal can name what differs (the fingerprint itself is unchanged: old caches still match). The
-    preprocessing files are those of `processor_path` where the processor comes from another folder."""
+    preprocessing files are those of `processor_path` where the processor comes from another folder.
+
+    Read once per model: the result is kept by each file's path, size and times (pipeline.hashing), so
+    the ~35 stage processes of a run hash a 14 GB checkpoint once, not each."""
     path = Path(path)
     weights = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"} and p.is_file())
     processor_dir = Path(processor_path or path)
@@ -65,7 +68,7 @@ def fingerprinted_model(
     for file in files:
         if not file.exists():
             raise FileNotFoundError(f"model directory {path} has no {file.name}")
-    fingerprint, each = files_sha256_each(files, with_names=True)
+    fingerprint, each = cached_files_sha256_each(files)
     groups = {"config": files[:1], "weights": weights, "preprocessing": preprocessing}
     return fingerprint, {
         part: {file.name: each[file.name] for file in group} for part, group in groups.items()
@@ -115,8 +118,11 @@ def load_model(
     close_answers: bool = True,
     prompt_template: str | None = None,
     processor_from: str | None = None,
+    max_pixels: int | None = None,
 ) -> LoadedModel:
     """Load a vision-language model and its processor, frozen and in eval mode.
+
+    max_pixels: resize no image beyond this area (dynamic-resolution families; None: the checkpoint's).
 
     attn_implementation: None keeps transformers' choice. trust_remote_code runs code shipped with a hub
     checkpoint, so it is off unless a stage's config asks for it. processor_from: the folder or hub id
@@ -136,7 +142,11 @@ def load_model(
     }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(local_dir, **kwargs).to(device).eval()
+    kwargs.update(placement(device))
+    model = AutoModelForImageTextToText.from_pretrained(local_dir, **kwargs)
+    if "device_map" not in kwargs:
+        model = model.to(device)
+    model.eval()
     model.requires_grad_(False)
     processor_dir = resolve_model_dir(processor_from) if processor_from else local_dir
     if processor_from:
@@ -147,6 +157,7 @@ def load_model(
     processor = checked_processor(family, config, processor_dir, processor_from, trust_remote_code)
     family.check_processor(processor, config, processor_dir, model.get_input_embeddings().num_embeddings)
     processor.tokenizer.padding_side = "left"
+    family.cap_pixels(processor, max_pixels)
     fingerprint, parts = fingerprinted_model(local_dir, processor_dir)
     return LoadedModel(
         model=model,
@@ -175,6 +186,19 @@ def checked_processor(
             f"a checkpoint saved without them (e.g. MLLMU-Bench's fine-tuned LLaVA) takes its base model's: "
             f"set model.processor_from to it (e.g. {family.base_model_hint})"
         ) from error
+
+
+def placement(device: str) -> dict[str, Any]:
+    """from_pretrained's keyword for where the weights go: an accelerator's weights load straight onto it
+    (a 7B model in bf16 would otherwise sit in 14 GB of host RAM first, per process under torchrun); on
+    the CPU, nothing (transformers' plain load). transformers needs accelerate for device_map (a dependency,
+    and peft's)."""
+    target = torch.device(device)
+    if target.type == "cpu":
+        return {}
+    if target.index is None and target.type == "cuda":
+        target = torch.device("cuda", torch.cuda.current_device())  # "cuda" means the current device
+    return {"device_map": {"": str(target)}}
 
 
 def decoder_layers(model) -> int:

@@ -115,7 +115,13 @@ class Qwen2VLFamily(ModelFamily):
         self._check_chat_template(model_dir, tokenizer)
         return QwenProcessorPieces(tokenizer=tokenizer, image_processor=image_processor)
 
-    def encode_prompts(self, processor, prompts: list[str], images: list[Image.Image]) -> dict[str, Any]:
+    def encode_prompts(
+        self,
+        processor,
+        prompts: list[str],
+        images: list[Image.Image],
+        processed: list[dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, Any]:
         """Token ids with every `<|image_pad|>` repeated once per merged patch of its image, plus
         pixel_values (all images' patches, flattened) and image_grid_thw (one (t, h, w) row per image)."""
         placeholders = sum(prompt.count(IMAGE_PAD) for prompt in prompts)
@@ -128,10 +134,11 @@ class Qwen2VLFamily(ModelFamily):
         token_ids = [list(ids) for ids in tokenizer(prompts)["input_ids"]]
         if not images:
             return {"input_ids": token_ids}
-        image_processor = processor.image_processor
-        features = image_processor(images=images, return_tensors="pt")
-        grids = features["image_grid_thw"]
-        tokens_per_image = (grids.prod(-1) // image_processor.merge_size**2).numpy()
+        if processed is None:
+            processed = self.preprocess_images(processor, images)
+        grids = torch.cat([tensors["image_grid_thw"] for tensors in processed])
+        pixel_values = torch.cat([tensors["pixel_values"] for tensors in processed])
+        tokens_per_image = (grids.prod(-1) // processor.image_processor.merge_size**2).numpy()
         pad_id = _special_token_id(tokenizer, IMAGE_PAD)
         expanded, first_image = [], 0
         for ids in token_ids:
@@ -141,7 +148,31 @@ class Qwen2VLFamily(ModelFamily):
             repeats[is_pad] = tokens_per_image[first_image : first_image + int(is_pad.sum())]
             first_image += int(is_pad.sum())
             expanded.append(np.repeat(ids, repeats).tolist())
-        return {"input_ids": expanded, "pixel_values": features["pixel_values"], "image_grid_thw": grids}
+        return {"input_ids": expanded, "pixel_values": pixel_values, "image_grid_thw": grids}
+
+    def preprocess_images(self, processor, images: list[Image.Image]) -> list[dict[str, torch.Tensor]]:
+        """Each image's patches (t * h * w rows of pixel_values) and its (1, 3) grid."""
+        features = processor.image_processor(images=images, return_tensors="pt")
+        grids = features["image_grid_thw"]
+        patches = torch.split(features["pixel_values"], grids.prod(-1).tolist())
+        return [
+            {"pixel_values": rows, "image_grid_thw": grids[index : index + 1]}
+            for index, rows in enumerate(patches)
+        ]
+
+    def cap_pixels(self, processor, max_pixels: int | None) -> None:
+        """Resize no image to more than `max_pixels` pixels (about max_pixels / 784 image tokens at Qwen's
+        28 x 28 px per merged token): the checkpoints' own cap, 12,845,056 px, lets one 3000 x 2000 photo
+        become 7,597 tokens and pad its whole batch."""
+        if max_pixels is None:
+            return
+        image_processor = processor.image_processor
+        least = image_processor.size["shortest_edge"]  # Qwen's "shortest_edge" is min_pixels
+        if max_pixels < least:
+            raise ValueError(
+                f"max_pixels {max_pixels} is below the image processor's min_pixels {least} ({self.name})"
+            )
+        image_processor.size = {"shortest_edge": least, "longest_edge": max_pixels}
 
     def extra_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.config is None:

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from cache import CachedSample
 from cache.distributions import truncate_probabilities
-from pipeline.models import LoadedModel, VisionFeatureCache, answer_logits, check_lengths, encode_answers
+from pipeline.models import LoadedModel, VisionFeatureCache, answer_logits, check_lengths
+from pipeline.models.processed_images import ProcessedImages, encode_keyed_answers
 from pipeline.samples import QASample
 from pipeline.unlearning.teachers import TeacherInput
 
@@ -25,6 +26,8 @@ class TeacherExtractor:
         self.loaded = loaded
         self.top_p, self.max_support, self.tail_cost = top_p, max_support, tail_cost
         self.vision_features = VisionFeatureCache(loaded.model)
+        # A pool's reference images come back in many batches: preprocessed once (issue 29, item 9).
+        self.processed_images = ProcessedImages(loaded)
 
     def __call__(
         self,
@@ -66,9 +69,9 @@ class TeacherExtractor:
         """
         variants = [variant for teacher_input in inputs for variant in teacher_input.variants]
         owners = [index for index, teacher_input in enumerate(inputs) for _ in teacher_input.variants]
-        batch = encode_answers(self.loaded, variants)
-        check_lengths(self.loaded, batch, [samples[owner] for owner in owners])
         image_keys = [key for teacher_input in inputs for key in teacher_input.image_keys]
+        batch = encode_keyed_answers(self.loaded, variants, image_keys, self.processed_images)
+        check_lengths(self.loaded, batch, [samples[owner] for owner in owners])
         batch = batch.to(self.loaded.device)
         model_kwargs = self.vision_features.model_kwargs(batch.inputs, image_keys)
         log_probs = torch.log_softmax(answer_logits(self.loaded.model, batch, **model_kwargs).float(), dim=-1)
