@@ -61,7 +61,7 @@ from pipeline.training.checkpoints import (
     save_checkpoint,
 )
 from pipeline.training.inputs import Batch, Provider, Saliency, Setup, providers_for, warn_unread_caches
-from pipeline.training.lora import add_lora, named_trainable
+from pipeline.training.lora import add_lora, enable_gradient_checkpointing, named_trainable
 from pipeline.training.processes import Processes, start_processes
 from pipeline.training.saliency import all_reduce_gradients, backward
 from pipeline.training.streams import Cache, PairedRetain, StepPlan, sample_stream
@@ -148,6 +148,8 @@ def optimization(
         peft_model = add_lora(
             setup.loaded, config.lora_rank, config.lora_alpha, config.lora_dropout, config.seed
         )
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(setup.loaded.model)
     peft_model.train()
     trainable = [parameter for _, parameter in named_trainable(peft_model)]
     # The fused kernel updates every LoRA tensor in one call (CPU and CUDA).

@@ -3,12 +3,23 @@ collectives meet, gradient checkpointing, and a forget set's epoch permuted samp
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
 import pipeline.training.processes as processes_module
+from pipeline.experiments import experiment_names, experiment_values
+from pipeline.training.lora import add_lora
 from pipeline.training.processes import Processes, start_processes
 from pipeline.training.saliency import all_reduce_gradients, mean_over_ranks
+from stages import relearn, train
+from stages.config import RelearnConfig, TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------------------------------------------------
 # The process group of a GPU run
@@ -64,3 +75,68 @@ def test_gradients_and_saliency_sums_are_reduced_where_they_live(monkeypatch):
     all_reduce_gradients([parameter], world_size=2)
     mean_over_ranks([torch.zeros(3, device="meta")], 4, Processes(0, 2))
     assert [tensor.device.type for tensor in recorded["reduced"]] == ["meta", "meta"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gradient checkpointing
+
+DATA = Path(__file__).parent / "fixtures" / "mllmu_train"  # forget_5: 3 samples
+
+
+def counted(forward, forwards: list[int]):
+    def counting(*args, **kwargs):
+        forwards[-1] += 1
+        return forward(*args, **kwargs)
+
+    return counting
+
+
+def test_gradient_checkpointing_recomputes_every_decoder_layer_and_trains_the_same_adapter(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """On: each decoder layer's MLP runs twice per training forward (the forward, and its recomputation in the
+    backward pass); the adapter is the one trained without it (LoRA dropout on: the recomputation draws
+    the same masks)."""
+    forwards: list[int] = []
+
+    def counting_add_lora(loaded, *args):
+        forwards.append(0)
+        for layer in [m for m in loaded.model.modules() if type(m).__name__ == "LlamaDecoderLayer"]:
+            # Inside the layer (transformers checkpoints the layer's forward) and not a hook (the recomputation
+            # runs none).
+            layer.mlp.forward = counted(layer.mlp.forward, forwards)
+        return add_lora(loaded, *args)
+
+    monkeypatch.setattr(train, "add_lora", counting_add_lora)
+    outs = {}
+    for checkpointing in (False, True):
+        outs[checkpointing] = tmp_path / f"checkpointing-{checkpointing}"
+        train.run(
+            TrainConfig(
+                model=str(tiny_model_dir), data=str(DATA), out=str(outs[checkpointing]), method="ga",
+                forget_split="forget_5", lr=5e-3, batch_size=2, epochs=2, lora_dropout=0.1, seed=0,
+                gradient_checkpointing=checkpointing,
+            )
+        )  # fmt: skip
+    assert forwards[0] > 0 and forwards[1] == 2 * forwards[0]
+    plain, checkpointed = (load_file(str(outs[key] / "adapter_model.safetensors")) for key in (False, True))
+    assert sum(float(value.abs().sum()) for key, value in plain.items() if "lora_B" in key) > 0
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key])
+    logs = [json.loads((outs[key] / "train_log.json").read_text()) for key in (False, True)]
+    assert [row["loss"] for row in logs[1]] == pytest.approx([row["loss"] for row in logs[0]])
+
+
+def test_the_real_experiments_train_and_relearn_with_gradient_checkpointing_and_the_mini_world_without():
+    for name in experiment_names(REPO):
+        values = experiment_values(REPO, name)
+        expected = name != "mini"
+        assert values["train"].get("gradient_checkpointing", False) is expected, name
+        assert values["relearn"].get("gradient_checkpointing", False) is expected, name
+
+
+def test_relearn_trains_with_the_gradient_checkpointing_it_is_given():
+    config = RelearnConfig(
+        model="unused", data=str(DATA), out="unused", forget_split="retain_95", gradient_checkpointing=True
+    )
+    assert relearn.train_config(config).gradient_checkpointing is True
