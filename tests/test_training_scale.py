@@ -12,10 +12,14 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 import pipeline.training.processes as processes_module
+import pipeline.training.streams as streams
+from cache import CachedSample, ShardWriter, read_manifest, truncate_top_p
 from pipeline.experiments import experiment_names, experiment_values
+from pipeline.samples import QASample
 from pipeline.training.lora import add_lora
 from pipeline.training.processes import Processes, start_processes
 from pipeline.training.saliency import all_reduce_gradients, mean_over_ranks
+from pipeline.training.streams import Cache, sample_stream
 from stages import relearn, train
 from stages.config import RelearnConfig, TrainConfig
 
@@ -140,3 +144,53 @@ def test_relearn_trains_with_the_gradient_checkpointing_it_is_given():
         model="unused", data=str(DATA), out="unused", forget_split="retain_95", gradient_checkpointing=True
     )
     assert relearn.train_config(config).gradient_checkpointing is True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One epoch's order
+
+
+def block_cache(directory: Path, samples: int = 512, block: int = 128) -> Path:
+    """A cache of `samples` one-token samples in row groups of `block` (the writer's default)."""
+    header = {"teacher": "viker", "model_fingerprint": "m", "tokenizer_fingerprint": "t", "vocab_size": 10}
+    with ShardWriter(directory, 0, 1, header, row_group_samples=block) as writer:
+        for index in range(samples):
+            logits = torch.linspace(0, 1, 10, dtype=torch.float64)[None] * (index % 7)
+            cached = CachedSample.from_distributions(
+                f"s/{index}", torch.tensor([index % 10]), truncate_top_p(logits, 0.9, 4), torch.zeros(1)
+            )
+            writer.write(cached, {})
+    return directory
+
+
+def epoch_order(directory: Path, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    cache = Cache(str(directory), read_manifest(directory), "viker")
+    samples = [QASample(f"s/{index}", "p", "q", "a", None) for index in range(512)]
+    stream = sample_stream(samples, cache, seed, "forget", epoch, Processes(rank, world_size))
+    return [int(sample.sample_id.split("/")[1]) for sample, _ in stream]
+
+
+def same_block_pairs(order: list[int]) -> int:
+    """How many consecutive samples come from the same 128-sample row group."""
+    return sum(a // 128 == b // 128 for a, b in zip(order[:-1], order[1:], strict=True))
+
+
+def test_one_epoch_of_a_forget_cache_is_a_permutation_of_single_samples_the_same_on_every_rank(tmp_path):
+    """Consecutive samples share a 128-sample row group about as often as chance (1 in 4 here), not
+    127 times in 128 as a shuffle of row groups gives; the ranks' parts interleave into one process's
+    order, and a seed and epoch give one order (a resumed run skips into the same)."""
+    directory = block_cache(tmp_path / "cache")
+    order = epoch_order(directory, seed=3, epoch=0)
+    assert sorted(order) == list(range(512))
+    assert same_block_pairs(order) / (len(order) - 1) < 0.4
+    parts = [epoch_order(directory, 3, 0, rank, 3) for rank in range(3)]
+    assert [parts[p % 3][p // 3] for p in range(512)] == order
+    assert epoch_order(directory, 3, 0) == order != epoch_order(directory, 3, 1)
+
+
+def test_a_cache_over_the_limit_is_read_a_row_group_at_a_time(tmp_path, monkeypatch):
+    directory = block_cache(tmp_path / "cache")
+    monkeypatch.setattr(streams, "PERMUTE_WHOLE_BYTES", 0)
+    order = epoch_order(directory, seed=3, epoch=0)
+    assert sorted(order) == list(range(512))
+    assert same_block_pairs(order) == 511 - 3  # all but the 3 changes of row group
