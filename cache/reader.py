@@ -149,13 +149,15 @@ def iter_cache_permuted(
     shuffle_seed: int = 0,
     draw: int | None = None,
     verify_checksums: bool = True,
+    batch_size: int = 16,
 ) -> Iterator[CachedSample]:
     """One pass over every sample (of `draw`) in one seeded permutation of single samples, the same on
     every rank; this rank gets stream positions p with p mod world_size == rank, as iter_cache splits them.
 
     Unlike iter_cache's shuffle of row groups (blocks of 128 samples, often one person's questions), any
-    sample may follow any other. The whole cache is read once as Arrow rows, only this rank's are kept, and
-    each is decoded when its turn comes: memory is about the cache's Arrow size, not bounded by a row group.
+    sample may follow any other. The whole cache is read once as Arrow rows, only this rank's are kept (in
+    stream order), and `batch_size` of them are decoded at a time: memory is about the cache's Arrow size,
+    not bounded by a row group.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -176,5 +178,6 @@ def iter_cache_permuted(
     random.Random(shuffle_seed).shuffle(order)
     mine = rows.take(pa.array(order[rank::world_size], type=pa.int64())).combine_chunks()
     del rows, tables
-    for row in range(mine.num_rows):
-        yield _decode_batch(mine.slice(row, 1).to_batches()[0], manifest.layout)[0]
+    for start in range(0, mine.num_rows, batch_size):  # the rows in stream order: decoded a slice at a time
+        for batch in mine.slice(start, batch_size).to_batches():
+            yield from _decode_batch(batch, manifest.layout)
