@@ -194,3 +194,23 @@ def test_a_cache_over_the_limit_is_read_a_row_group_at_a_time(tmp_path, monkeypa
     order = epoch_order(directory, seed=3, epoch=0)
     assert sorted(order) == list(range(512))
     assert same_block_pairs(order) == 511 - 3  # all but the 3 changes of row group
+
+
+def test_mmunlearners_masked_term_gives_the_same_adapter_under_gradient_checkpointing(
+    tiny_model_dir, tmp_path
+):
+    """Its adapted layers' forwards are recorded for the masked gradient: not again when the backward pass
+    recomputes a checkpointed layer."""
+    weights = []
+    for checkpointing in (False, True):
+        out = tmp_path / f"checkpointing-{checkpointing}"
+        train.run(
+            TrainConfig(
+                model=str(tiny_model_dir), data=str(DATA), out=str(out), method="mmunlearner",
+                forget_split="forget_5", retain_split="retain_95", lr=5e-3, batch_size=2, epochs=1, seed=0,
+                gradient_checkpointing=checkpointing,
+            )
+        )  # fmt: skip
+        weights.append(load_file(str(out / "adapter_model.safetensors")))
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key])

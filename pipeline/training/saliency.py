@@ -114,7 +114,9 @@ class DeltaGradients:
     @staticmethod
     def recorder(recorded: list[torch.Tensor], from_input: bool) -> Callable:
         def record(module, args, output) -> None:
-            if torch.is_grad_enabled():
+            # Not in a backward pass: gradient checkpointing reruns the layer there, and the terms' graph
+            # is the first forward's.
+            if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
                 recorded.append(args[0] if from_input else output)
 
         return record
