@@ -28,7 +28,7 @@ from cache.manifest import (
     read_manifest,
     verify_cache,
 )
-from cache.reader import iter_cache
+from cache.reader import iter_cache, iter_cache_permuted
 from cache.schema import (
     DEFAULT_ROW_LAYOUT,
     SCHEMA_VERSION,
@@ -63,6 +63,7 @@ __all__ = [
     "concat_samples",
     "inspect_cache",
     "iter_cache",
+    "iter_cache_permuted",
     "quantize_probabilities",
     "read_manifest",
     "renormalize_support",

@@ -80,6 +80,20 @@ def _decode_batch(batch: pa.RecordBatch, layout: RowLayout) -> list[CachedSample
     return samples
 
 
+def _open_shard(manifest, index: int, verify_checksums: bool) -> tuple[Path, pq.ParquetFile]:
+    """Shard `index`'s parquet file, its checksum verified against the manifest first."""
+    shard = manifest.shards[index]
+    path = manifest.directory / shard.parquet_file
+    if verify_checksums and file_sha256(path) != shard.sha256:
+        raise CacheError(
+            f"{path}: sha256 differs from its manifest (corrupt or overwritten); rerun this shard"
+        )
+    try:
+        return path, pq.ParquetFile(path)
+    except Exception as error:
+        raise CacheError(f"{path}: unreadable parquet ({error})") from error
+
+
 def iter_cache(
     directory: str | Path,
     shards: Sequence[int] | None = None,
@@ -108,16 +122,7 @@ def iter_cache(
         rng.shuffle(order)
     position = 0
     for index in order:
-        shard = manifest.shards[index]
-        path = manifest.directory / shard.parquet_file
-        if verify_checksums and file_sha256(path) != shard.sha256:
-            raise CacheError(
-                f"{path}: sha256 differs from its manifest (corrupt or overwritten); rerun this shard"
-            )
-        try:
-            parquet = pq.ParquetFile(path)
-        except Exception as error:
-            raise CacheError(f"{path}: unreadable parquet ({error})") from error
+        path, parquet = _open_shard(manifest, index, verify_checksums)
         groups = list(range(parquet.num_row_groups))
         if shuffle_seed is not None:
             rng.shuffle(groups)
@@ -135,3 +140,44 @@ def iter_cache(
                 if position % world_size == rank:
                     yield sample
                 position += 1
+
+
+def iter_cache_permuted(
+    directory: str | Path,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle_seed: int = 0,
+    draw: int | None = None,
+    verify_checksums: bool = True,
+    batch_size: int = 16,
+) -> Iterator[CachedSample]:
+    """One pass over every sample (of `draw`) in one seeded permutation of single samples, the same on
+    every rank; this rank gets stream positions p with p mod world_size == rank, as iter_cache splits them.
+
+    Unlike iter_cache's shuffle of row groups (blocks of 128 samples, often one person's questions), any
+    sample may follow any other. The whole cache is read once as Arrow rows, only this rank's are kept (in
+    stream order), and `batch_size` of them are decoded at a time: memory is about the cache's Arrow size,
+    not bounded by a row group.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    manifest = read_manifest(directory)
+    tables = []
+    for index in range(manifest.num_shards):
+        path, parquet = _open_shard(manifest, index, verify_checksums)
+        try:
+            table = parquet.read()
+        except Exception as error:
+            raise CacheError(f"{path}: unreadable parquet ({error})") from error
+        if draw is not None:
+            draws = table.column("draw").to_numpy() if "draw" in table.schema.names else np.zeros(len(table))
+            table = table.filter(pa.array(draws == draw))
+        tables.append(table)
+    rows = pa.concat_tables(tables)
+    order = list(range(rows.num_rows))
+    random.Random(shuffle_seed).shuffle(order)
+    mine = rows.take(pa.array(order[rank::world_size], type=pa.int64())).combine_chunks()
+    del rows, tables
+    for start in range(0, mine.num_rows, batch_size):  # the rows in stream order: decoded a slice at a time
+        for batch in mine.slice(start, batch_size).to_batches():
+            yield from _decode_batch(batch, manifest.layout)

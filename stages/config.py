@@ -214,6 +214,9 @@ class TrainConfig(ModelOptions, DataOptions, CacheOptions):
         (),
         "Comma list of further splits trained on as the forget split is (the finetune stage's retain split).",
     )
+    gradient_checkpointing: bool = param(
+        False, "Recompute each decoder layer's activations in the backward pass instead of keeping them."
+    )
     init_adapter: str | None = param(
         None, "Train on from this LoRA adapter (its weights, rank and alpha); none: fresh LoRA weights."
     )
@@ -232,7 +235,9 @@ class TrainConfig(ModelOptions, DataOptions, CacheOptions):
         import json
         from dataclasses import asdict
 
-        skip = {"out", "device", "checkpoint_every", "progress", "log_dir"}
+        # Gradient checkpointing spends time for memory and computes the same update: a run that ran out
+        # of memory resumes with it on.
+        skip = {"out", "device", "checkpoint_every", "progress", "log_dir", "gradient_checkpointing"}
         return json.loads(json.dumps({key: value for key, value in asdict(self).items() if key not in skip}))
 
 
@@ -290,6 +295,9 @@ class RelearnConfig(ModelOptions, DataOptions):
     epochs: int = param(2, "Passes over the relearned people's samples.", low=1)
     lora_rank: int = param(8, "LoRA rank of the fresh adapter (no --adapter).", low=1)
     lora_alpha: int = param(16, "LoRA alpha of the fresh adapter (no --adapter).", low=1)
+    gradient_checkpointing: bool = param(
+        False, "Recompute each decoder layer's activations in the backward pass instead of keeping them."
+    )
     seed: int = param(0, "Seeds the data order and dropout (and a fresh adapter's initialisation).")
     progress: bool = param(False, "Print each step's log row.")
 

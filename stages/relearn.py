@@ -37,6 +37,7 @@ def train_config(config: RelearnConfig) -> TrainConfig:
         epochs=config.epochs,
         lora_rank=config.lora_rank,
         lora_alpha=config.lora_alpha,
+        gradient_checkpointing=config.gradient_checkpointing,
         init_adapter=config.adapter,
         seed=config.seed,
         progress=config.progress,

@@ -62,7 +62,7 @@ from pipeline.training.checkpoints import (
     save_checkpoint,
 )
 from pipeline.training.inputs import Batch, Provider, Saliency, Setup, providers_for, warn_unread_caches
-from pipeline.training.lora import add_lora, named_trainable
+from pipeline.training.lora import add_lora, enable_gradient_checkpointing, named_trainable
 from pipeline.training.processes import Processes, start_processes
 from pipeline.training.saliency import all_reduce_gradients, backward
 from pipeline.training.streams import Cache, PairedRetain, StepPlan, sample_stream
@@ -158,6 +158,8 @@ def optimization(
         )  # fmt: skip
     for provider in providers:
         provider.adapt(peft_model)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(setup.loaded.model)
     peft_model.train()
     trainable = [parameter for _, parameter in named_trainable(peft_model)]
     # The fused kernel updates every LoRA tensor in one call (CPU and CUDA).

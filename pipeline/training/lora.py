@@ -47,3 +47,18 @@ def add_lora(loaded, rank: int, alpha: int, dropout: float, seed: int, targets: 
         bias="none",
     )
     return get_peft_model(loaded.model, lora)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Each decoder layer keeps only its input and recomputes its activations in the backward pass
+    (transformers' checkpointing of the model's layers, PyTorch's non-reentrant kind; no KV cache)."""
+    # The reentrant kind gives a layer's LoRA weights no gradient unless the layer's input requires one,
+    # which frozen embeddings' output does not (it would need enable_input_require_grads).
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers' name from 5.2x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None:
+            config.use_cache = False

@@ -1,4 +1,5 @@
-"""The process group: one process, or torchrun's ranks (gloo on CPU, nccl on GPU)."""
+"""The process group: one process, or torchrun's ranks (gloo on CPU; on GPU nccl for CUDA tensors and gloo
+for the CPU ones, such as the step's loss totals and the objects the ranks exchange)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class Processes:
         if self.world_size == 1:
             return values
         names = sorted(values)
-        totals = torch.tensor([values[name] for name in names], dtype=torch.float64)
+        totals = torch.tensor([values[name] for name in names], dtype=torch.float64)  # on the CPU: gloo
         dist.all_reduce(totals)
         return dict(zip(names, totals.tolist(), strict=True))
 
@@ -38,8 +39,14 @@ class Processes:
             dist.destroy_process_group()
 
 
+def process_group_backend(target: torch.device) -> str:
+    """The backend of each device type a run's collectives meet: NCCL handles CUDA tensors only, so a GPU
+    run's group also gets gloo for CPU tensors ("No backend type associated with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if target.type == "cuda" else "gloo"
+
+
 def start_processes(device: str) -> tuple[Processes, torch.device]:
-    """torch.distributed from torchrun's environment (gloo on CPU, nccl on GPU); one process otherwise."""
+    """torch.distributed from torchrun's environment (process_group_backend); one process otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Processes(), torch.device(device)
@@ -50,5 +57,5 @@ def start_processes(device: str) -> tuple[Processes, torch.device]:
     else:
         target = torch.device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+        dist.init_process_group(process_group_backend(target))
     return Processes(rank, world_size, local_rank), target

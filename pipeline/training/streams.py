@@ -15,12 +15,19 @@ from dataclasses import dataclass
 from itertools import islice
 
 from cache.manifest import CacheManifest, check_compatible, read_manifest
-from cache.reader import iter_cache
+from cache.reader import iter_cache, iter_cache_permuted
 from cache.schema import CachedSample, IncompatibleCacheError
 from pipeline.models import DTYPES
 from pipeline.samples import QASample
 from pipeline.training.processes import Processes
 from pipeline.unlearning.losses import AnswerPredictions
+
+# A cache up to this size on disk is permuted whole each epoch, so that one epoch does not meet the people
+# in the blocks its row groups hold (128 samples in the split's order, a person's questions together). At
+# ~50 bytes per answer token (docs/performance.md) a forget split's cache is a few MiB and a whole
+# benchmark's tens; a larger cache, several times its size as Arrow rows in every rank's memory, keeps
+# iter_cache's bounded row-group shuffle.
+PERMUTE_WHOLE_BYTES = 1 << 30
 
 
 class TokenMismatchError(ValueError):
@@ -77,7 +84,13 @@ class Cache:
         return int(self.manifest.header.get("teacher_params", {}).get("draws", 1))
 
     def stream(self, rank: int, world_size: int, shuffle_seed: int, cycle: int = 0) -> Iterator[CachedSample]:
-        """One pass over the rows of draw `cycle mod draws` (epoch e reads draw e, Vgid's Algorithm 1)."""
+        """One pass over the rows of draw `cycle mod draws` (epoch e reads draw e, Vgid's Algorithm 1), in
+        one permutation of single samples when the cache is at most PERMUTE_WHOLE_BYTES on disk."""
+        if sum(shard.num_bytes for shard in self.manifest.shards) <= PERMUTE_WHOLE_BYTES:
+            return iter_cache_permuted(
+                self.directory, rank=rank, world_size=world_size, shuffle_seed=shuffle_seed,
+                draw=cycle % self.draws,
+            )  # fmt: skip
         return iter_cache(
             self.directory,
             rank=rank,
