@@ -250,7 +250,7 @@ class EvaluateConfig(ModelOptions, DataOptions):
         choices=("generate", "likelihood"),
     )
     max_new_tokens: int = param(50, "Greedy generation length.", low=1)
-    batch_size: int = param(8, "Questions per generation batch.", low=1)
+    batch_size: int = param(8, "Questions per batch (generated, or scored by likelihood).", low=1)
     merge_adapter: bool = param(
         True,
         "Answer with the LoRA adapter merged into the weights (no LoRA matmuls per token; the base weights "
