@@ -316,7 +316,12 @@ class EvaluateConfig(ModelOptions, DataOptions):
         choices=("generate", "likelihood"),
     )
     max_new_tokens: int = param(50, "Greedy generation length.", low=1)
-    batch_size: int = param(8, "Questions per generation batch.", low=1)
+    batch_size: int = param(8, "Questions per batch (generated, or scored by likelihood).", low=1)
+    merge_adapter: bool = param(
+        True,
+        "Answer with the LoRA adapter merged into the weights (no LoRA matmuls per token; the base weights "
+        "are restored exactly afterwards). Replies may differ from unmerged ones in the last float bits.",
+    )
     reverse_attack: bool = param(True, "Also score forget/test with Vgid's reverse prompt appended.")
     gib_model: str | None = param(None, "Local copy of the gibberish classifier (none: the offline scorer).")
     limit: int | None = param(None, "At most this many people per split.", low=1)

@@ -47,6 +47,7 @@ from pipeline.evaluation.scoring import aggregate
 from pipeline.evaluation.shared_base import SharedBase
 from pipeline.evaluation.token_probabilities import reference_images, token_probabilities, token_sample
 from pipeline.journal import Journal
+from pipeline.models.adapters import merged
 from pipeline.samples import QASample
 from stages.config import EvaluateConfig
 
@@ -173,7 +174,8 @@ def answer(
     if shard is None:
         journals.absorb_shards(journal, name)
     settings = AnswerSettings(config.max_new_tokens, config.batch_size, config.mc_scoring, config.progress)
-    answer_questions(loaded, model, protocol, questions, journal, settings, shard)
+    with merged(model, config.merge_adapter) as answering:  # the adapter is back for MIA and the token plot
+        answer_questions(loaded, answering, protocol, questions, journal, settings, shard)
     return journal
 
 

@@ -15,6 +15,7 @@ from pipeline.models.batching import (
     check_joint_tokenization,
     check_lengths,
     encode_answers,
+    prompt_token_counts,
     prompted,
 )
 from pipeline.models.encoded_samples import EncodedSamples
@@ -31,6 +32,7 @@ from pipeline.models.loading import (
     tokenizer_fingerprint,
 )
 from pipeline.models.qwen2_vl import Qwen2VLFamily, Qwen25VLFamily
+from pipeline.models.shared_prefix import continuation_log_probs
 from pipeline.models.vision_features import VisionFeatureCache
 
 __all__ = [
@@ -53,7 +55,9 @@ __all__ = [
     "answer_token_ids",
     "check_joint_tokenization",
     "check_lengths",
+    "continuation_log_probs",
     "encode_answers",
+    "prompt_token_counts",
     "prompted",
     "generate",
     "load_model",

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from pipeline.hashing import differing_parts
 from pipeline.models.masked_delta import drop_masked_deltas, load_masked_deltas
@@ -108,3 +111,36 @@ def replace_adapter(loaded, model, adapter_dir: str | Path, name: str):
         model.delete_adapter(other)
     drop_masked_deltas(model, keep=name)
     return model
+
+
+@contextmanager
+def merged(model: torch.nn.Module, merge: bool = True) -> Iterator[torch.nn.Module]:
+    """For the block, `model`'s base model with its active LoRA adapter merged into the weights and the LoRA
+    layers out of the forward pass (what PEFT's merge_and_unload gives: no extra matmul per layer and
+    token); afterwards the PeftModel is as it was, its base weights restored bit for bit from a host copy
+    (unmerging in bfloat16 would not give them back). Without an adapter, or with `merge` off: `model`."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not merge or not isinstance(model, PeftModel):
+        yield model
+        return
+    base = model.get_base_model()
+    layers = [(name, module) for name, module in base.named_modules() if isinstance(module, BaseTunerLayer)]
+    saved = {name: module.get_base_layer().weight.detach().to("cpu", copy=True) for name, module in layers}
+    try:
+        for name, module in layers:
+            module.merge()  # the active adapters, where this layer has them
+            _replace_module(base, name, module.get_base_layer())
+        yield base
+    finally:
+        for name, module in layers:
+            _replace_module(base, name, module)
+            if module.merged:
+                module.unmerge()
+            module.get_base_layer().weight.data.copy_(saved[name])
+
+
+def _replace_module(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)

@@ -37,6 +37,18 @@ def prompted(loaded: LoadedModel, sample: QASample, answer: str | None = None) -
     )
 
 
+def prompt_token_counts(loaded: LoadedModel, samples: list[PromptedSample]) -> list[int]:
+    """Each prompt's length in tokens as the model reads it: its text tokens plus its images' tokens (576
+    per image for LLaVA-1.5, size-dependent for Qwen), which characters do not show."""
+    if not samples:
+        return []
+    texts = loaded.tokenizer([sample.prompt for sample in samples])["input_ids"]
+    return [
+        len(ids) + sum(loaded.family.image_token_count(loaded.processor, image) for image in sample.images)
+        for ids, sample in zip(texts, samples, strict=True)
+    ]
+
+
 @dataclass
 class TeacherForcingBatch:
     """A left-padded batch of prompt + answer sequences and where their answer logits are.

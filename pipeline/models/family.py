@@ -44,11 +44,14 @@ class ModelFamily:
     template_names: tuple[str, ...] = ("default",)
     # Where a checkpoint saved without its processor files finds them (named in the error that says so).
     base_model_hint = "the hub id of the model it was fine-tuned from"
+    # Whether an image's token count depends on its size (Qwen's dynamic resolution) or is fixed (LLaVA).
+    image_tokens_vary = False
 
     def __init__(self, config: Any = None, template: str | None = None) -> None:
         # The model's config (load_model passes it): token ids some families need, e.g. Qwen's image pad.
         self.config = config
         self.template = template or self.template_names[0]
+        self._image_tokens: dict[tuple[int, int] | None, int] = {}
         if self.template not in self.template_names:
             raise ValueError(
                 f"prompt template {self.template!r} is not one of the {self.name} family's: "
@@ -125,12 +128,31 @@ class ModelFamily:
                 "max_pixels applies to dynamic-resolution families (qwen2_vl, qwen2_5_vl) only"
             )
 
+    def image_token_count(self, processor, image: Image.Image) -> int:
+        """The tokens an image adds to its prompt beyond its placeholder's own text tokens (computed once per
+        image size, or once where the count does not depend on the size)."""
+        key = image.size if self.image_tokens_vary else None
+        if key not in self._image_tokens:
+            expanded = self.encode_prompts(processor, [self.image_placeholder], [image])["input_ids"][0]
+            self._image_tokens[key] = len(expanded) - len(
+                processor.tokenizer(self.image_placeholder)["input_ids"]
+            )
+        return self._image_tokens[key]
+
     def extra_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Family-specific tensors beside input_ids/attention_mask (e.g. position ids)."""
         # Left padding shifts positions: give each real token the position it has unpadded,
         # so a sample's logits do not depend on what it was batched with.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return {"position_ids": position_ids}
+
+    def continuation_inputs(
+        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int
+    ) -> dict[str, torch.Tensor]:
+        """extra_inputs of the last `length` positions of a sequence whose earlier part is in `model`'s KV
+        cache (from the prefill just run)."""
+        extra = self.extra_inputs(input_ids, attention_mask)
+        return {name: value[..., -length:] for name, value in extra.items()}
 
 
 FAMILIES: Registry[type[ModelFamily]] = Registry("model family")

@@ -78,6 +78,7 @@ class Qwen2VLFamily(ModelFamily):
 
     name = "qwen2_vl"
     image_placeholder = VISION_BLOCK
+    image_tokens_vary = True  # dynamic resolution: one token per 2x2 patches of the resized image
     template_names = ("chat",)  # the Instruct checkpoints' chat template (CHAT_TEMPLATE)
     lora_target_modules = r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 
@@ -186,6 +187,18 @@ class Qwen2VLFamily(ModelFamily):
             # over the padded row. Give each token its unpadded position, as get_rope_index would.
             inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return inputs
+
+    def continuation_inputs(
+        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int
+    ) -> dict[str, torch.Tensor]:
+        """Text after a cached image prompt continues its M-RoPE positions: its unpadded index plus the
+        prefill's rope_deltas (get_rope_index's max position + 1 - unpadded length)."""
+        inputs = super().continuation_inputs(model, input_ids, attention_mask, length)
+        if "position_ids" in inputs:  # a text-only prompt: positions from the mask
+            return inputs
+        deltas = next(m.rope_deltas for m in model.modules() if getattr(m, "rope_deltas", None) is not None)
+        unpadded = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[..., -length:]
+        return {**inputs, "position_ids": unpadded + deltas.cpu().long().reshape(-1, 1)}
 
     def _check_chat_template(self, model_dir: str, tokenizer) -> None:
         """Warn when the checkpoint's own chat template renders another prompt than build_prompt."""
