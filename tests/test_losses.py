@@ -751,6 +751,11 @@ def test_the_masked_deltas_are_in_the_forward_pass_only_while_their_adapter_is_o
         bare = model(inputs).detach()
     first, second = (layer.base_layer for layer in lora_layers(model))
     torch.testing.assert_close(bare, second(torch.tanh(first(inputs))).detach())
+    from pipeline.models.adapters import merged
+
+    with merged(model) as merged_model:  # evaluation answers with the adapter merged: the deltas too
+        torch.testing.assert_close(merged_model(inputs).detach(), after)
+    torch.testing.assert_close(model(inputs).detach(), after)
     save_adapter(model, tmp_path / "adapter")
     fresh = tiny_lora(init_b=True)
     fresh.load_state_dict(model.state_dict(), strict=False)  # the LoRA weights; no deltas yet

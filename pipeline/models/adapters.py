@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline.hashing import differing_parts
-from pipeline.models.masked_delta import drop_masked_deltas, load_masked_deltas
+from pipeline.models.masked_delta import drop_masked_deltas, fold_masked_deltas, load_masked_deltas
 
 
 class AdapterMismatchError(ValueError):
@@ -131,6 +131,7 @@ def merged(model: torch.nn.Module, merge: bool = True) -> Iterator[torch.nn.Modu
     try:
         for name, module in layers:
             module.merge()  # the active adapters, where this layer has them
+            fold_masked_deltas(module)  # MMUnlearner's forget update, beside LoRA
             _replace_module(base, name, module.get_base_layer())
         yield base
     finally:

@@ -130,3 +130,11 @@ def restore_masked_deltas(peft_model: torch.nn.Module, directory: str | Path) ->
     with torch.no_grad():
         for name, delta in current.items():
             delta.copy_(saved[name])
+
+
+def fold_masked_deltas(layer: Any) -> None:
+    """Add the active adapters' deltas into the layer's base weight (a merge: the caller restores it)."""
+    weight = layer.get_base_layer().weight
+    for name in layer.active_adapters:
+        if name in getattr(layer, ATTRIBUTE, {}):
+            weight.data += getattr(layer, ATTRIBUTE)[name].detach().to(weight.dtype)
