@@ -10,6 +10,7 @@ likelihood), and an overlong one is refused naming the question.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,31 +42,13 @@ def context_length(model_config) -> int | None:
     return getattr(text_config, "max_position_embeddings", None)
 
 
-class ImageTokens:
-    """Tokens an image adds beyond its placeholder's own, as the family's encode_prompts expands it; they
-    depend on the image's size only (LLaVA: a fixed grid; Qwen: the grid of its resized size)."""
-
-    def __init__(self, loaded) -> None:
-        self.loaded = loaded
-        placeholder = loaded.family.image_placeholder
-        self.placeholder = placeholder
-        self.placeholder_tokens = len(loaded.tokenizer(placeholder)["input_ids"])
-        self._by_size: dict[tuple[int, int], int] = {}
-
-    def __call__(self, image: Image.Image) -> int:
-        if image.size not in self._by_size:
-            encoded = self.loaded.family.encode_prompts(self.loaded.processor, [self.placeholder], [image])
-            self._by_size[image.size] = len(encoded["input_ids"][0]) - self.placeholder_tokens
-        return self._by_size[image.size]
-
-
 def prompt_lengths(loaded, questions: Sequence[Question]) -> list[int]:
     """Each question's prompt in tokens as the model reads it: its text (a placeholder per image) and
     every image's tokens (the exemplars' and the query's)."""
     if not questions:
         return []
     texts = loaded.tokenizer([question.prompt for question in questions])["input_ids"]
-    image_tokens = ImageTokens(loaded)
+    image_tokens = functools.partial(loaded.family.image_token_count, loaded.processor)
     return [
         len(ids) + sum(image_tokens(image) for image in question_images(question))
         for question, ids in zip(questions, texts, strict=True)
