@@ -45,7 +45,9 @@ COUNTS = {"members", "nonmembers"}  # sizes, not measures
 
 def pipeline(scratch: Path, *arguments: str) -> None:
     """One `pipeline` command in the scratch folder, with this checkout's code."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # One thread each: on a machine shared with other jobs, two spinning threads per process cost most.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
     command = [sys.executable, "-m", "stages", *arguments]
     print(f"[{time.strftime('%H:%M:%S')}] pipeline {' '.join(arguments)}", flush=True)
     subprocess.run(command, cwd=scratch, env=env, check=True)
@@ -66,6 +68,11 @@ def build(scratch: Path, params: dict, methods: list[str], seeds: list[int]) -> 
     teachers = {params["methods"][m][slot] for m in methods for slot in ("forget_teacher", "retain_teacher")}
     for teacher in sorted(teachers - {"none"}):
         for shard in (0, 1):
+            # A shard with its manifest is complete (train verifies every checksum before its first step).
+            if (
+                scratch / params["caches"]["cache_root"] / teacher / f"shard-0000{shard}-of-00002.json"
+            ).is_file():
+                continue
             pipeline(scratch, "precompute", "--teacher", teacher, "--shard-index", str(shard), "--num-shards", "2",
                      "--no-progress")  # fmt: skip
     seed_list = ",".join(map(str, seeds))
@@ -127,9 +134,11 @@ def step_one_prediction(scratch: Path, params: dict, method: str, seeds: list[in
 
     os.chdir(scratch)
     values = {**params["model"], **params["data"], **params["caches"], **params["train"]}
-    config = TrainConfig(
-        out="unused", **{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__}
-    )
+    values = {k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__}
+    values["sample_kinds"] = tuple(
+        str(values.get("sample_kinds", "qa")).split(",")
+    )  # params.yaml's comma list
+    config = TrainConfig(out="unused", **values)
     loaded = load_model(config.model, **config.loading())
     layout = config.training_layout()
     entry = params["methods"][method]
