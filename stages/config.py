@@ -184,6 +184,12 @@ class TrainConfig(ModelOptions, DataOptions, CacheOptions):
     retain_cache: str | None = param(
         None, "Frozen-model cache of the retain split (none: <cache_root>/<the method's retain_teacher>)."
     )
+    teacher_source: str = param(
+        "cache",
+        "Where the teacher rows come from: the cache | online: the cache's teacher, its full distribution "
+        "recomputed every step from the same inputs (the cache-fidelity benchmark, docs/performance.md).",
+        choices=("cache", "online"),
+    )
     refusals: str | None = param(
         None, "Refusal sentences for IdkPO, one per line (none: pipeline/unlearning/refusals.txt)."
     )

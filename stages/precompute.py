@@ -42,12 +42,9 @@ from cache import (
     shard_name,
 )
 from pipeline.benchmarks import (
-    forget_ratio,
-    load_reference_pool,
     reference_root,
     samples_fingerprint,
 )
-from pipeline.hashing import sha256_hex
 from pipeline.models import (
     LoadedModel,
     check_joint_tokenization,
@@ -61,6 +58,8 @@ from pipeline.unlearning.teachers import (
     TeacherContext,
     TeacherEntry,
     original,
+    pool_fingerprint,
+    reference_pool,
     resolve_teacher,
 )
 from stages.config import PrecomputeConfig
@@ -160,16 +159,13 @@ def load_samples(config: PrecomputeConfig) -> list[QASample]:
 
 def teacher_context(config: PrecomputeConfig, entry: TeacherEntry, loaded: LoadedModel) -> TeacherContext:
     """The teacher's arguments and, for a teacher that draws reference images, its pool (loaded here)."""
-    pool, kind = None, ""
-    drawn = TEACHERS[entry.teacher].pool(entry.arguments)
-    if drawn is not None:
-        kind, k = drawn
+    teacher = TEACHERS[entry.teacher]
+    pool, kind = reference_pool(teacher, entry.arguments, config.references, config.data, config.split)
+    if pool is not None and len(pool) < (k := teacher.pool(entry.arguments)[1]):
         root = reference_root(config.references, config.data, kind)
-        pool = load_reference_pool(root, kind, forget_ratio(config.split))
-        if len(pool) < k:
-            raise PrecomputeError(
-                f"reference pool {kind!r} under {root} has {len(pool)} images, fewer than k={k}"
-            )
+        raise PrecomputeError(
+            f"reference pool {kind!r} under {root} has {len(pool)} images, fewer than k={k}"
+        )
     return TeacherContext(
         family=loaded.family, arguments=entry.arguments, reference_pool=pool, reference_kind=kind
     )
@@ -209,8 +205,7 @@ def cache_header(
     if config.max_pixels is not None:  # the images' resizing; unset, the header stays as before
         header["max_pixels"] = config.max_pixels
     if context.reference_pool is not None:
-        pool = [[image_id, sha256_hex(data)] for image_id, data in context.reference_pool]
-        header["reference_pool_fingerprint"] = sha256_hex(repr(pool).encode())
+        header["reference_pool_fingerprint"] = pool_fingerprint(context.reference_pool)
     return header
 
 

@@ -23,6 +23,7 @@ import torch
 from cache import concat_samples
 from pipeline.models.masked_delta import add_masked_deltas
 from pipeline.samples import QASample
+from pipeline.training.online import OnlineTeacher, teacher_rows
 from pipeline.training.processes import Processes
 from pipeline.training.reference import reference_log_probs, reference_log_probs_from_cache
 from pipeline.training.saliency import gradient_saliency, lora_layers
@@ -114,7 +115,8 @@ def providers_for(needs: list[str] | set[str]) -> list[Provider]:
 
 @provides("forget_teacher")
 class ForgetTeacher(Provider):
-    """The forget cache's rows (ViKeR's R, Vgid's pi_T), streamed with the forget samples."""
+    """The forget cache's rows (ViKeR's R, Vgid's pi_T), streamed with the forget samples; with
+    teacher_source `online`, the same samples' full distributions computed every step instead."""
 
     def setup(self, setup: Setup, config: Any) -> None:
         if not setup.method.forget_cache:
@@ -128,12 +130,16 @@ class ForgetTeacher(Provider):
                 f"samples of {config.forget_split}, e.g. {sorted(missing)[:3]}: every forget sample needs "
                 "its teacher"
             )
+        self.online = online_teacher(setup, self.cache, config)
+
+    def start(self, teacher_forced: Callable[[Pairs, Any], AnswerPredictions], step: Any) -> None:
+        if self.online is not None:
+            self.online.frozen = step.peft_model
 
     def add(self, inputs: dict[str, Any], batch: Batch) -> None:
         check_answer_tokens(inputs["forget"], batch.forget_items, self.cache.directory)
-        inputs["forget_teacher"] = concat_samples([rows for _, rows in batch.forget_items])[1].to(
-            batch.device
-        )
+        rows = teacher_rows(self.online, batch.forget_items)
+        inputs["forget_teacher"] = concat_samples(rows)[1].to(batch.device)
 
 
 @provides("retain_teacher")
@@ -146,12 +152,23 @@ class RetainTeacher(Provider):
                 f"method {setup.method.name!r} needs --retain-cache (the frozen model on the retain split)"
             )
         self.cache = setup.retain_cache = setup.cache("retain")
+        self.online = online_teacher(setup, self.cache, config)
+
+    def start(self, teacher_forced: Callable[[Pairs, Any], AnswerPredictions], step: Any) -> None:
+        if self.online is not None:
+            self.online.frozen = step.peft_model
 
     def add(self, inputs: dict[str, Any], batch: Batch) -> None:
         check_answer_tokens(inputs["retain"], batch.retain_items, self.cache.directory)
-        inputs["retain_teacher"] = concat_samples([rows for _, rows in batch.retain_items])[1].to(
-            batch.device
-        )
+        rows = teacher_rows(self.online, batch.retain_items)
+        inputs["retain_teacher"] = concat_samples(rows)[1].to(batch.device)
+
+
+def online_teacher(setup: Setup, cache: Cache, config: Any) -> OnlineTeacher | None:
+    """The cache's teacher computed online (teacher_source `online`, bench/cache_fidelity.py), else None."""
+    if config.teacher_source != "online":
+        return None
+    return OnlineTeacher(setup.loaded, cache, config.data)
 
 
 @provides("forget_reference_log_probs")

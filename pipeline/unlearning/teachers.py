@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.arguments import Range, checked_arguments, declared_arguments
-from pipeline.benchmarks import REFERENCE_KINDS
+from pipeline.benchmarks import REFERENCE_KINDS, forget_ratio, load_reference_pool, reference_root
 from pipeline.hashing import sha256_hex, stable_int
 from pipeline.models import ModelFamily, PromptedSample
 from pipeline.registry import Registry
@@ -195,6 +195,24 @@ class Teacher:
 
 
 TEACHERS: Registry[Teacher] = Registry("teacher")
+
+
+def reference_pool(
+    teacher: Teacher, arguments: dict[str, Any], references: str | None, data: str, split: str
+) -> tuple[list[tuple[str, bytes]] | None, str]:
+    """(pool, kind) of a teacher that draws reference images, loaded from `references` (none: beside
+    `data`); (None, "") for the others. Precompute and the online teacher (pipeline.training.online) read
+    the same pool through this."""
+    drawn = teacher.pool(arguments)
+    if drawn is None:
+        return None, ""
+    kind = drawn[0]
+    return load_reference_pool(reference_root(references, data, kind), kind, forget_ratio(split)), kind
+
+
+def pool_fingerprint(pool: list[tuple[str, bytes]]) -> str:
+    """The cache header's reference_pool_fingerprint: every image's id and content."""
+    return sha256_hex(repr([[image_id, sha256_hex(data)] for image_id, data in pool]).encode())
 
 
 def teacher(name: str, **declared: Any) -> Callable[[TeacherFunction], TeacherFunction]:
