@@ -68,6 +68,7 @@ def method_peaks(
         step = method_step(entry["loss"], batch, sequence_tokens, answer_tokens)
         peaks[name] = {
             "sequences": step.sequences_with_gradients + step.sequences_without,
+            "frozen_sequences": step.sequences_without,
             "peak_gib": memory.gib(memory.training_peak_bytes(shapes, step, lora_rank, False)),
             "peak_gib_checkpointing": memory.gib(memory.training_peak_bytes(shapes, step, lora_rank, True)),
         }

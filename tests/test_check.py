@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,18 @@ def test_check_flags_a_prompt_over_a_short_context(tmp_path, tiny_model_dir):
     result = CliRunner().invoke(main, ["--params", str(params), "check"])
     assert result.exit_code == 1
     assert "exceed the context of 40" in result.output and "FAIL: forget/" in result.output
+
+
+def test_performance_tables_are_the_arithmetic_of_pipeline_check():
+    """docs/performance.md's expected peaks are generated from stages.check's functions: rerun
+    `python bench/expected_performance.py` when they or an experiment change."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "expected_performance.py"
+    spec = importlib.util.spec_from_file_location("expected_performance", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    assert module.main(["--check"]) == 0
+    vgid = "\n".join(module.rows("llava-mllmu-5-vgid"))
+    assert "| train vgid (8) | 54.5 | 16.2 |" in vgid  # 4 + 4 sequences of 650 tokens, without / with
