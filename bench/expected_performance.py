@@ -5,7 +5,7 @@ from the shapes with the functions `pipeline check` uses (stages.check, pipeline
     python bench/expected_performance.py --check  # exit 1 if the file is out of date (tests/test_check.py)
 
 The memory columns are the arithmetic's; the time columns rest on the throughput assumptions below,
-stated in the generated text, until the GPU issue replaces them by measurements (bench/real_scale.py).
+stated in the generated text, until the GPU issue replaces them by measurements (python -m bench.real_scale).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The config.json of the checkpoints the shipped experiments use, written out, so that their shapes are
-known without a download: `pipeline check` falls back on them, bench/real_scale.py builds random models
+known without a download: `pipeline check` falls back on them, bench/real_scale/ builds random models
 from them, and docs/performance.md's tables are computed from them (pipeline.models.memory_estimate).
 """
 
