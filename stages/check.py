@@ -102,6 +102,12 @@ def model_shapes(model_dir: str) -> tuple[ModelShapes, dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"--model {model_dir}: no config.json (pipeline check reads no weights)")
     config = json.loads(path.read_text())
+    preprocessor = Path(model_dir) / "preprocessor_config.json"
+    if preprocessor.is_file():  # Qwen2-VL's pixel cap is the image processor's
+        processing = json.loads(preprocessor.read_text())
+        cap = processing.get("max_pixels") or (processing.get("size") or {}).get("longest_edge")
+        if cap:
+            config = {**config, "max_pixels": cap}
     return memory.shapes_from_config(model_dir, config), config
 
 

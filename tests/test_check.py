@@ -109,3 +109,14 @@ def test_performance_tables_are_the_arithmetic_of_pipeline_check():
     assert module.main(["--check"]) == 0
     vgid = "\n".join(module.rows("llava-mllmu-5-vgid"))
     assert "| train vgid (8) | 54.5 | 16.2 |" in vgid  # 4 + 4 sequences of 650 tokens, without / with
+
+
+def test_qwen_tokens_per_image_follow_the_processors_pixel_cap(tmp_path):
+    from stages.check import model_shapes, tokens_per_image
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_VL_3B))
+    shapes, config = model_shapes(str(tmp_path))
+    assert tokens_per_image(shapes, (3000, 2000), config) == 7597  # no cap: the whole photo
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"max_pixels": 1003520}))
+    shapes, config = model_shapes(str(tmp_path))
+    assert tokens_per_image(shapes, (3000, 2000), config) < 1300

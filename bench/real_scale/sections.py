@@ -243,10 +243,25 @@ def qwen_generation(bench: Bench) -> dict:
 
 def writes_world(out: Path) -> tuple[Path, list[str]]:
     """A small mini world in MLLMU-Bench's layout (data/, references/) for the stages to read, and its
-    text (the tokenizers' corpus)."""
+    text (the tokenizers' corpus). Its split files and pools as write_world writes them, without the data
+    card, whose ROUGE-L needs rouge-score (absent on the GPU machine)."""
+    from pipeline.benchmarks.rows import SPLIT_FILE
+    from pipeline.mini_world import world as mini_world
     from pipeline.mini_world.config import WorldConfig
-    from pipeline.mini_world.world import build_world, write_world
 
-    config = WorldConfig(num_people=20, num_real=4, num_reference_people=8, alt_images=1)
-    write_world(out, config)
-    return out, build_world(config).text_corpus()
+    world = mini_world.build_world(
+        WorldConfig(num_people=20, num_real=4, num_reference_people=8, alt_images=1)
+    )
+    for folder in world.splits:
+        test = folder == "Test_Set"
+        mini_world.write_rows(
+            world.rows(folder),
+            mini_world.TEST_SCHEMA if test else mini_world.PERSON_SCHEMA,
+            mini_world.TEST_FEATURES if test else mini_world.PERSON_FEATURES,
+            out / "data" / folder / SPLIT_FILE,
+        )
+    for kind, images in world.references.items():
+        (out / "references" / kind).mkdir(parents=True, exist_ok=True)
+        for image_id, data in images:
+            (out / "references" / kind / f"{image_id}.png").write_bytes(data)
+    return out, world.text_corpus()
