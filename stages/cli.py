@@ -239,6 +239,35 @@ def report_command(context: click.Context, **values) -> None:
     click.echo(f"wrote {running(context, lambda: run(build(ReportConfig, values)))}")
 
 
+@main.command("check")
+@click.option(
+    "--gpu-memory-gib", type=float, default=None, help="Flag every step expected to need more GPU memory."
+)
+@click.pass_context
+def check_command(context: click.Context, gpu_memory_gib: float | None) -> None:
+    """Check the selected experiment from its data and model config, tokenizer and processor (no weights,
+    no GPU): samples, prompt lengths against the context, images, caches, expected peak GPU memory."""
+    from stages.check import run
+
+    default_map = context.find_root().default_map or {}  # `out` set or not: check writes nothing
+    configs = {
+        name: running(context, build, config_class, {"out": "-", **default_map.get(name, {})})
+        for name, config_class in (
+            ("train", TrainConfig),
+            ("evaluate", EvaluateConfig),
+            ("precompute", PrecomputeConfig),
+        )
+    }
+    params = {**configs, "teachers": context.obj["teachers"], "methods": context.obj["methods"]}
+    report = running(context, run, params, gpu_memory_gib)
+    for line in report.lines:
+        click.echo(line)
+    if report.problems:
+        raise click.ClickException(
+            f"{len(report.problems)} problem(s): the run would fail (FAIL lines above)"
+        )
+
+
 @main.group("experiment")
 def experiment_group() -> None:
     """List the shipped experiments (experiments/*.yaml) and select one into params.yaml."""

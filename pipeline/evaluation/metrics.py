@@ -17,6 +17,7 @@ answers (see `NgramFluencyScorer` and docs/evaluation.md).
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -26,13 +27,24 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-from rouge_score import rouge_scorer
 
 from pipeline.registry import Registry
 
-_ROUGE_L = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-_BLEU_SMOOTHING = SmoothingFunction().method1
+
+# nltk and rouge-score load on the first score, so that what only asks questions (bench/real_scale/ on a
+# GPU machine that lacks them) imports the evaluation without them.
+@functools.cache
+def _rouge_l():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+@functools.cache
+def _bleu():
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    return sentence_bleu, SmoothingFunction().method1
 
 
 def question_measures(task: str, modality: str, scores: dict[str, float]) -> dict[str, float]:
@@ -51,12 +63,13 @@ def question_measures(task: str, modality: str, scores: dict[str, float]) -> dic
 
 def rouge_l_f1(prediction: str, reference: str) -> float:
     """ROUGE-L F1 (longest common subsequence of stemmed, lower-cased word tokens)."""
-    return float(_ROUGE_L.score(reference, prediction)["rougeL"].fmeasure)
+    return float(_rouge_l().score(reference, prediction)["rougeL"].fmeasure)
 
 
 def bleu(prediction: str, reference: str) -> float:
     """Sentence BLEU-4 on whitespace tokens with smoothing method1, as the official eval.py computes it."""
-    return float(sentence_bleu([reference.split()], prediction.split(), smoothing_function=_BLEU_SMOOTHING))
+    sentence_bleu, smoothing = _bleu()
+    return float(sentence_bleu([reference.split()], prediction.split(), smoothing_function=smoothing))
 
 
 def official_reply(decoded_text: str) -> str:

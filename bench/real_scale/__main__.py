@@ -1,0 +1,3 @@
+from bench.real_scale.run import main
+
+main()
