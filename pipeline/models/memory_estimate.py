@@ -13,7 +13,8 @@ The saved activations per token per layer were measured on a CPU (issue 29): a L
 in bf16 with LoRA r 8 on q/k/v/o, lora_dropout 0.05, saves 257 KiB a token without checkpointing (56% of
 it float32 copies PEFT makes per LoRA module). Other widths are scaled by hidden + intermediate, an
 assumption until measured. With non-reentrant checkpointing a layer keeps only its input (hidden x 2
-bytes a token) and one layer's activations live at a time, while it is recomputed in the backward pass.
+bytes a token: 8.0 KiB at LLaVA-7B's width, as bench/activation_memory.py measured on a real-size layer)
+and one layer's activations live at a time, while it is recomputed in the backward pass.
 """
 
 from __future__ import annotations
