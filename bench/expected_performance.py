@@ -48,9 +48,12 @@ SEEDS = 3
 
 
 def model_repo(values: dict) -> str:
-    """The hub id of the experiment's model, from its sources."""
+    """The hub id of the experiment's model, from its sources (a finetune stage's output: its origin's)."""
     model = values["model"]["model"]
-    return values["experiment"]["sources"][model]["repo"]
+    origins = {
+        f"work/finetuned/{name}": entry["origin"] for name, entry in (values.get("finetunes") or {}).items()
+    }
+    return values["experiment"]["sources"][origins.get(model, model)]["repo"]
 
 
 def forget_people(values: dict) -> int:
