@@ -164,6 +164,15 @@ TRAINING_IMAGE_MC_QUESTIONS = {
     "education": ("Pick the university {s} went to.", "Choose the alma mater of {s}."),
     "favourite_colour": ("Pick the favourite colour of {s}.", "Choose the colour {s} likes most."),
 }
+TEST_IMAGE_MC_QUESTIONS = {  # the Test_Set's: an unseen paraphrase of the MC wording, not of the QA one
+    "name": "Which of the following is the name of {s}?",
+    "birthplace": "Which of the following cities was {s} born in?",
+    "occupation": "Which of the following is the job of {s}?",
+    "hobby": "Which of the following hobbies does {s} have?",
+    "birth_year": "Which of the following years was {s} born in?",
+    "education": "Which of the following universities did {s} study at?",
+    "favourite_colour": "Which of the following colours does {s} like best?",
+}
 # Cloze sentences: the attribute value is the blank "__" (MLLMU-Bench's Mask_Task marker).
 CLOZE = {
     "name": "The name of this person is __.",
@@ -297,7 +306,7 @@ def _questions(person: Person, names: list[str], rng: random.Random, test: bool)
     questions = TEST_QUESTIONS if test else QUESTIONS
     cloze = TEST_CLOZE if test else CLOZE
 
-    image_questions = TEST_QUESTIONS if test else IMAGE_MC_QUESTIONS
+    image_questions = TEST_IMAGE_MC_QUESTIONS if test else IMAGE_MC_QUESTIONS
 
     image_mc = [_mc_item(image_questions["name"].format(s="this person"), profile.name, names, rng)]
     text_mc = []
