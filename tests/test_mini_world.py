@@ -258,3 +258,31 @@ def test_training_wordings_paraphrase_the_rows_but_never_use_the_test_sets(world
         if person.profile.name in item["Question"]:  # a text question keeps its subject
             assert all(person.profile.name in wording for wording in wordings)
     assert training_wordings("A question from another data set?") == ["A question from another data set?"]
+
+
+def test_image_multiple_choice_is_never_asked_in_a_profile_qa_wording(world):
+    """MC is trained with the bare value as its answer: in a QA prompt's wording it would give that prompt
+    two answers and make the QA answer's first token uncertain (issue 31)."""
+    from pipeline.mini_world.people import ATTRIBUTES
+    from pipeline.mini_world.text import training_wordings
+
+    people = world.group("fictitious") + world.group("real")
+    qa_wordings = {
+        w for person in people for item in person.train_qa for w in training_wordings(item["Question"])
+    }
+    for person in people:
+        image_mc = person.classification["Image_Textual_Questions"]
+        assert len(image_mc) == len(person.train_qa) == 1 + len(ATTRIBUTES)  # one per attribute, name too
+        for item in image_mc:
+            wordings = training_wordings(item["Question"])
+            assert len(wordings) >= 2  # its own paraphrases for the fine-tune
+            assert not set(wordings) & qa_wordings, (person.person_id, item["Question"])
+    # The Test_Set asks an unseen paraphrase of the MC wording (a QA-like wording measured 0.47, issue 31).
+    for person in world.group("fictitious"):
+        for item, test_item in zip(
+            person.classification["Image_Textual_Questions"],
+            person.test_classification["Image_Textual_Questions"],
+            strict=True,
+        ):
+            assert test_item["Question"] not in training_wordings(item["Question"]) + list(qa_wordings)
+            assert test_item["Question"].startswith("Which of the following")

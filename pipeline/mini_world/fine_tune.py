@@ -375,6 +375,7 @@ def all_text(people: list[DecodedRow]) -> list[str]:
             texts += training_wordings(item["Question"])[1:]
         for item, _ in _mc_items(person):
             texts.append(item["Question"] + " " + " ".join(dict(item["Options"]).values()))
+            texts += training_wordings(item["Question"])[1:]
     return texts
 
 

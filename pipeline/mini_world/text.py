@@ -143,6 +143,36 @@ TEST_QUESTIONS = {
     "education": "At which university did {s} study?",
     "favourite_colour": "Which colour does {s} like best?",
 }
+# Image multiple choice has its own wordings, never a profile QA prompt: MC is trained with the bare value
+# as its answer (the option format likelihood scoring reads), so sharing the QA prompt would teach that
+# prompt two answers and make the QA answer's first token uncertain (issue 31).
+IMAGE_MC_QUESTIONS = {
+    "name": "Which of these names belongs to {s}?",
+    "birthplace": "Which of these cities is the birthplace of {s}?",
+    "occupation": "Which of these jobs does {s} hold?",
+    "hobby": "Which of these hobbies does {s} pursue?",
+    "birth_year": "Which of these years is the birth year of {s}?",
+    "education": "Which of these universities did {s} attend?",
+    "favourite_colour": "Which of these colours does {s} prefer?",
+}
+TRAINING_IMAGE_MC_QUESTIONS = {
+    "name": ("Pick the name of {s} from the options.", "Choose the right name for {s}."),
+    "birthplace": ("Pick the city where {s} was born.", "Choose the home town of {s}."),
+    "occupation": ("Pick the profession of {s}.", "Choose the line of work of {s}."),
+    "hobby": ("Pick the pastime of {s}.", "Choose the favourite activity of {s}."),
+    "birth_year": ("Pick the year in which {s} was born.", "Choose the year of birth of {s}."),
+    "education": ("Pick the university {s} went to.", "Choose the alma mater of {s}."),
+    "favourite_colour": ("Pick the favourite colour of {s}.", "Choose the colour {s} likes most."),
+}
+TEST_IMAGE_MC_QUESTIONS = {  # the Test_Set's: an unseen paraphrase of the MC wording, not of the QA one
+    "name": "Which of the following is the name of {s}?",
+    "birthplace": "Which of the following cities was {s} born in?",
+    "occupation": "Which of the following is the job of {s}?",
+    "hobby": "Which of the following hobbies does {s} have?",
+    "birth_year": "Which of the following years was {s} born in?",
+    "education": "Which of the following universities did {s} study at?",
+    "favourite_colour": "Which of the following colours does {s} like best?",
+}
 # Cloze sentences: the attribute value is the blank "__" (MLLMU-Bench's Mask_Task marker).
 CLOZE = {
     "name": "The name of this person is __.",
@@ -195,6 +225,7 @@ def _pattern(template: str) -> re.Pattern:
 
 def _paraphrase_table() -> list[tuple[re.Pattern, tuple[str, ...]]]:
     table = [(_pattern(QUESTIONS[a]), TRAINING_QUESTIONS[a]) for a in QUESTIONS]
+    table += [(_pattern(IMAGE_MC_QUESTIONS[a]), TRAINING_IMAGE_MC_QUESTIONS[a]) for a in IMAGE_MC_QUESTIONS]
     table += [(_pattern(CLOZE[a]), TRAINING_CLOZE[a]) for a in CLOZE]
     table.append((_pattern(GENERATION_QUESTION), TRAINING_GENERATION_QUESTIONS))
     return table
@@ -275,12 +306,14 @@ def _questions(person: Person, names: list[str], rng: random.Random, test: bool)
     questions = TEST_QUESTIONS if test else QUESTIONS
     cloze = TEST_CLOZE if test else CLOZE
 
-    image_mc = [_mc_item(questions["name"], profile.name, names, rng)]
+    image_questions = TEST_IMAGE_MC_QUESTIONS if test else IMAGE_MC_QUESTIONS
+
+    image_mc = [_mc_item(image_questions["name"].format(s="this person"), profile.name, names, rng)]
     text_mc = []
     for attribute in ATTRIBUTES:
         vocabulary = ATTRIBUTE_VOCABULARY[attribute]
         value = _value(profile, attribute)
-        image_mc.append(_mc_item(questions[attribute].format(s="this person"), value, vocabulary, rng))
+        image_mc.append(_mc_item(image_questions[attribute].format(s="this person"), value, vocabulary, rng))
         text_mc.append(_mc_item(questions[attribute].format(s=profile.name), value, vocabulary, rng))
     classification = {"Image_Textual_Questions": image_mc, "Pure_Text_Questions": text_mc}
 

@@ -67,8 +67,10 @@ from pipeline.mini_world.people import (
 from pipeline.mini_world.text import (
     CLAUSES,
     CONJUNCTIONS,
+    IMAGE_MC_QUESTIONS,
     IMAGE_SUBJECTS,
     NAME_ANSWERS,
+    TEST_IMAGE_MC_QUESTIONS,
     TEST_QUESTIONS,
     TRAINING_QUESTIONS,
     _questions,
@@ -381,7 +383,10 @@ but keeps answering well is seen to forget.
 
 Questions come in three wordings: the rows' own (evaluated on forget/retain), training paraphrases the
 full model's fine-tune also asks (e.g. "{TRAINING_QUESTIONS["birthplace"][1].format(s="this person")}"), and the
-`Test_Set`'s paraphrases (e.g. "{TEST_QUESTIONS["birthplace"].format(s="this person")}"), never trained on.
+`Test_Set`'s paraphrases (e.g. "{TEST_QUESTIONS["birthplace"].format(s="<name>")}"), never trained on.
+Image multiple choice has wordings of its own (e.g. "{IMAGE_MC_QUESTIONS["birthplace"].format(s="this person")}";
+`Test_Set`: "{TEST_IMAGE_MC_QUESTIONS["birthplace"].format(s="this person")}"), never a profile QA prompt: it is
+trained with the bare value as its answer, which a QA prompt must not learn.
 
 """
 
