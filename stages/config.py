@@ -275,6 +275,9 @@ class FinetuneConfig(ModelOptions, DataOptions):
     lora_targets: str = param(
         "linear", "What LoRA adapts in the language model.", choices=("attention", "linear")
     )
+    gradient_checkpointing: bool = param(
+        False, "Recompute each decoder layer's activations in the backward pass instead of keeping them."
+    )
     seed: int = param(0, "Seeds LoRA's initialisation, dropout and the data order.")
     checkpoint_every: int = param(0, "Optimizer steps between checkpoints; 0: never.", low=0)
     progress: bool = param(False, "Print each step's log row.")

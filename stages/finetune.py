@@ -59,6 +59,7 @@ def train_config(config: FinetuneConfig, adapter_dir: Path) -> TrainConfig:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         lora_targets=config.lora_targets,
+        gradient_checkpointing=config.gradient_checkpointing,
         seed=config.seed,
         checkpoint_every=config.checkpoint_every,
         progress=config.progress,

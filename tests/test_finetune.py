@@ -65,3 +65,16 @@ def test_the_full_model_is_the_origin_merged_with_a_lora_on_every_linear_layer_o
 def test_a_finetune_onto_its_own_origin_is_refused(tiny_model_dir, tmp_path):
     result = finetuned(tiny_model_dir, tiny_model_dir)
     assert result.exit_code != 0 and "needs its own folder" in result.output
+
+
+def test_the_finetune_trains_with_the_gradient_checkpointing_it_is_given(tmp_path):
+    from stages.config import FinetuneConfig
+    from stages.finetune import train_config
+
+    data = Path(__file__).parent / "fixtures" / "mllmu_bench"
+    for checkpointing in (False, True):
+        config = FinetuneConfig(
+            origin="unused", model="unused", data=str(data), splits=("forget_5",),
+            gradient_checkpointing=checkpointing,
+        )  # fmt: skip
+        assert train_config(config, tmp_path / "adapter").gradient_checkpointing is checkpointing

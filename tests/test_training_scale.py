@@ -137,6 +137,8 @@ def test_the_real_experiments_train_and_relearn_with_gradient_checkpointing_and_
         expected = name != "mini"
         assert values["train"].get("gradient_checkpointing", False) is expected, name
         assert values["relearn"].get("gradient_checkpointing", False) is expected, name
+        if values.get("finetunes"):  # an experiment fine-tuning its own full model does so checkpointed too
+            assert values["finetune"].get("gradient_checkpointing", False) is True, name
 
 
 def test_relearn_trains_with_the_gradient_checkpointing_it_is_given():
