@@ -197,3 +197,32 @@ def fetch(root: Path, values: dict[str, Any], echo: Callable[[str], None]) -> li
             ) from error
         fetched.append(target)
     return fetched
+
+
+RUNS = Path("results/runs")
+
+
+def declared_runs(root: Path) -> set[str]:
+    """The run folders under results/runs that dvc.yaml's stages write with the current params.yaml."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        paths = [Path(out.fs_path).resolve() for stage in repo.index.stages for out in stage.outs]
+    runs = (root / RUNS).resolve()
+    return {path.relative_to(runs).parts[0] for path in paths if path.is_relative_to(runs)}
+
+
+def drop_unselected_runs(root: Path, declared: set[str]) -> list[str]:
+    """Remove the run folders no stage of the selected experiment writes (another experiment's: the report
+    reads every folder there, and would mix the two). Their files are DVC outputs kept in its cache, so
+    selecting that experiment again restores them without recomputing."""
+    import shutil
+
+    stale = (
+        sorted(d.name for d in (root / RUNS).iterdir() if d.is_dir() and d.name not in declared)
+        if (root / RUNS).is_dir()
+        else []
+    )
+    for name in stale:
+        shutil.rmtree(root / RUNS / name)
+    return stale

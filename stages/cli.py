@@ -321,12 +321,16 @@ def experiment_list(context: click.Context) -> None:
 @click.pass_context
 def experiment_use(context: click.Context, name: str, fetch: bool) -> None:
     """Write params.yaml from experiments/NAME.yaml (checked first); `dvc repro` then runs it."""
+    from pipeline.experiments import declared_runs, drop_unselected_runs, select
     from pipeline.experiments import fetch as fetch_sources
-    from pipeline.experiments import select
 
     root = project_root()
     running(context, select, root, name, root / "params.yaml", check_params)
     click.echo(f"params.yaml: experiment {name} (dvc params diff shows what changed)")
+    for stale in drop_unselected_runs(root, running(context, declared_runs, root)):
+        click.echo(
+            f"results/runs/{stale}: no run of {name}, removed (DVC's cache restores it on reselecting)"
+        )
     if fetch:
         values = read_params(root / "params.yaml")
         running(context, fetch_sources, root, values, click.echo)

@@ -191,3 +191,15 @@ def test_an_experiment_on_a_released_checkpoint_is_refused_naming_both_ways_out(
     values["finetunes"] = {"full": {"origin": "work/hub/llava-1.5-7b-hf"}}
     with pytest.raises(ExperimentError, match="finetunes.full writes work/finetuned/full"):
         full_model_learned(values)
+
+
+def test_selecting_an_experiment_drops_the_runs_it_does_not_write(tmp_path):
+    """Another experiment's runs (its origin, its methods) would be read into this one's report."""
+    from pipeline.experiments import RUNS, declared_runs, drop_unselected_runs
+
+    declared = declared_runs(Path(__file__).resolve().parents[1])  # the committed mini experiment
+    assert {"full", "viker-s0", "vgid-s2"} <= declared and "origin" not in declared
+    for name in ("full", "origin", "viker-s0"):
+        (tmp_path / RUNS / name).mkdir(parents=True)
+    assert drop_unselected_runs(tmp_path, declared) == ["origin"]
+    assert sorted(path.name for path in (tmp_path / RUNS).iterdir()) == ["full", "viker-s0"]
