@@ -321,13 +321,14 @@ def experiment_list(context: click.Context) -> None:
 @click.pass_context
 def experiment_use(context: click.Context, name: str, fetch: bool) -> None:
     """Write params.yaml from experiments/NAME.yaml (checked first); `dvc repro` then runs it."""
-    from pipeline.experiments import declared_runs, drop_unselected_runs, select
+    from pipeline.experiments import RUNS, declared_runs, drop_unselected_runs, select
     from pipeline.experiments import fetch as fetch_sources
 
     root = project_root()
     running(context, select, root, name, root / "params.yaml", check_params)
     click.echo(f"params.yaml: experiment {name} (dvc params diff shows what changed)")
-    for stale in drop_unselected_runs(root, running(context, declared_runs, root)):
+    runs = [path for path in (root / RUNS).glob("*") if path.is_dir()]  # none: no DVC index to read
+    for stale in drop_unselected_runs(root, running(context, declared_runs, root)) if runs else []:
         click.echo(
             f"results/runs/{stale}: no run of {name}, removed (DVC's cache restores it on reselecting)"
         )
